@@ -1,0 +1,67 @@
+"""One exception hierarchy for the scModelForge data layer.
+
+Every error raised on purpose by ``scmf_loader`` or ``scmf_shards`` derives from
+:class:`ScmfError`, itself a :class:`ValueError`. Subclasses also derive from the builtin a
+caller would naturally catch (``FileNotFoundError``, ``FileExistsError``, ...). Messages say
+what was found, what was expected and what to do; the offending file is named in the message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumMismatchError",
+    "DatasetExistsError",
+    "DatasetLockedError",
+    "FormatVersionError",
+    "InvalidInputError",
+    "ManifestError",
+    "ManifestNotFoundError",
+    "ScmfError",
+    "ShardNotFoundError",
+    "ShardSizeError",
+    "VocabularyError",
+]
+
+
+class ScmfError(ValueError):
+    """Base class of every error raised on purpose by scmf_loader and scmf_shards."""
+
+
+class ManifestError(ScmfError):
+    """A manifest exists but is malformed or inconsistent."""
+
+
+class ManifestNotFoundError(ScmfError, FileNotFoundError):
+    """A directory has no ``manifest.json``: it is not (or not yet) a dataset."""
+
+
+class FormatVersionError(ManifestError):
+    """The manifest's ``format`` or ``format_version`` is not one this code can read."""
+
+
+class ShardNotFoundError(ScmfError, FileNotFoundError):
+    """A shard or one of its array files listed in the manifest is missing."""
+
+
+class ShardSizeError(ScmfError, OSError):
+    """A shard array file has a different size than the manifest says (e.g. truncated)."""
+
+
+class ChecksumMismatchError(ScmfError, OSError):
+    """A file's checksum differs from the one recorded in the manifest."""
+
+
+class VocabularyError(ScmfError):
+    """A gene vocabulary is malformed, or inputs do not overlap with it."""
+
+
+class InvalidInputError(ScmfError):
+    """An input file is missing, unreadable, or holds data that cannot be converted."""
+
+
+class DatasetExistsError(ScmfError, FileExistsError):
+    """The output directory already holds something else and ``overwrite`` was not given."""
+
+
+class DatasetLockedError(ScmfError, BlockingIOError):
+    """Another conversion holds the lock on the output directory."""

@@ -1,0 +1,86 @@
+"""Gene alignment: map a source's gene columns onto vocabulary ids (pure functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from scmf_loader.errors import InvalidInputError, VocabularyError
+from scmf_loader.vocab import UNK_ID, GeneVocab
+
+__all__ = ["GeneAlignment", "align_rows", "build_alignment"]
+
+
+@dataclass(frozen=True)
+class GeneAlignment:
+    """How one source's columns map onto a vocabulary.
+
+    ``keep_columns``: source column numbers kept, ordered by their vocabulary id;
+    ``vocab_ids``: the vocabulary id of each kept column (strictly increasing, int32).
+    """
+
+    keep_columns: np.ndarray
+    vocab_ids: np.ndarray
+    n_source_genes: int
+
+    @property
+    def n_matched(self) -> int:
+        """Number of source genes found in the vocabulary."""
+        return int(self.keep_columns.size)
+
+    @property
+    def n_dropped(self) -> int:
+        """Number of source genes outside the vocabulary (dropped)."""
+        return self.n_source_genes - self.n_matched
+
+    @property
+    def is_identity_order(self) -> bool:
+        """True when kept columns already appear in vocabulary order (no re-sort needed)."""
+        return bool(np.all(np.diff(self.keep_columns) > 0))
+
+
+def build_alignment(genes: Sequence[str], vocab: GeneVocab, source: str) -> GeneAlignment:
+    """Align gene names to ``vocab``. Duplicate genes (after stripping Ensembl versions and
+    resolving symbol aliases) are an error; so is a source with no gene in the vocabulary."""
+    ids = vocab.encode(genes)
+    seen: dict[int, int] = {}
+    for col, gid in enumerate(ids.tolist()):
+        if gid == UNK_ID:
+            continue
+        if gid < 4:
+            raise InvalidInputError(f"{source}: gene {genes[col]!r} is a reserved special token")
+        if gid in seen:
+            raise InvalidInputError(
+                f"{source}: duplicate gene ids: columns {seen[gid]} ({genes[seen[gid]]!r}) and "
+                f"{col} ({genes[col]!r}) both map to vocabulary token {vocab.decode([gid])[0]!r}"
+            )
+        seen[gid] = col
+    if not seen:
+        raise VocabularyError(
+            f"{source}: none of its {len(genes)} genes is in the vocabulary {vocab.name!r} "
+            f"(first genes: {list(genes[:3])}); check --gene-column and --vocab"
+        )
+    order = sorted(seen)
+    return GeneAlignment(
+        keep_columns=np.fromiter((seen[g] for g in order), dtype=np.int64, count=len(order)),
+        vocab_ids=np.asarray(order, dtype=np.int32),
+        n_source_genes=len(genes),
+    )
+
+
+def align_rows(matrix: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
+    """Restrict a CSR chunk over source genes to the kept columns and renumber them to
+    vocabulary ids. The result has sorted, vocabulary-id indices in every row and explicit
+    zeros removed; its column count is the largest vocabulary id + 1."""
+    sub = matrix[:, alignment.keep_columns]
+    if not isinstance(sub, sp.csr_matrix):
+        sub = sp.csr_matrix(sub)
+    sub.sum_duplicates()  # sorts indices in place, canonical form
+    sub.eliminate_zeros()
+    n_cols = int(alignment.vocab_ids[-1]) + 1
+    return sp.csr_matrix(
+        (sub.data, alignment.vocab_ids[sub.indices], sub.indptr), shape=(sub.shape[0], n_cols)
+    )

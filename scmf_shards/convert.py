@@ -1,0 +1,538 @@
+"""Orchestration of a conversion: sources → aligned, shuffled shards → manifest.
+
+Two stages of independent tasks (run in-process, on a local dask cluster, or on a remote
+scheduler; see :class:`~scmf_shards.executor.TaskRunner`):
+
+1. *scatter*: one task per read chunk reads rows of one source, validates them, aligns them
+   to the vocabulary, and writes them grouped by destination shard into a bucket directory
+   under ``DIR/.scmf-tmp/buckets`` (renamed into place when complete);
+2. *gather*: one task per shard collects its rows from every bucket, applies the in-shard
+   permutation, and writes the shard (temporary name, then rename).
+
+Memory per task is bounded by the chunk size and the shard size, never the dataset size.
+The driver writes ``vocab.json`` and finally ``manifest.json``. A killed conversion re-run
+with the same inputs and options reuses complete buckets and shards that verify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scmf_loader.errors import (
+    DatasetExistsError,
+    DatasetLockedError,
+    InvalidInputError,
+    ManifestError,
+    ScmfError,
+)
+from scmf_loader.format import (
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    VOCAB_NAME,
+    ArrayEntry,
+    Manifest,
+    ObsColumn,
+    ShardEntry,
+    SourceEntry,
+    compute_dataset_id,
+    read_manifest,
+    sha256_file,
+    shard_relpath,
+    write_manifest,
+)
+from scmf_loader.vocab import GeneVocab, normalize_gene_id
+from scmf_shards.align import GeneAlignment, align_rows, build_alignment
+from scmf_shards.executor import TaskRunner
+from scmf_shards.options import ConvertOptions
+from scmf_shards.plan import (
+    ReadChunk,
+    assignment_table,
+    chunk_destinations,
+    plan_chunks,
+    shard_permutation,
+    shard_sizes,
+)
+from scmf_shards.sources.h5ad import H5adSource, source_fingerprint
+from scmf_shards.write import write_shard
+
+__all__ = ["convert_h5ad", "resolve_vocab"]
+
+TMP_DIR = ".scmf-tmp"
+LOCK_NAME = ".scmf-lock"
+CELL_STATS = ("library_size",)
+_FLOAT32_EXACT = 2**24
+
+
+def _created_by() -> str:
+    try:
+        return f"scmodelforge-data {version('scmodelforge-data')}"
+    except PackageNotFoundError:  # running from a source tree
+        return "scmodelforge-data (source tree)"
+
+
+def resolve_vocab(spec: str | GeneVocab, sources: Sequence[H5adSource]) -> GeneVocab:
+    """``"human_protein_coding"``, ``"union"`` (of the sources' genes) or a vocabulary file."""
+    if isinstance(spec, GeneVocab):
+        return spec
+    if spec == "human_protein_coding":
+        return GeneVocab.human_protein_coding()
+    if spec == "union":
+        return GeneVocab.union([[normalize_gene_id(g) for g in s.genes] for s in sources])
+    return GeneVocab.from_file(spec)
+
+
+def _source_names(paths: Sequence[str]) -> list[str]:
+    base = [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+    counts: dict[str, int] = {}
+    out = []
+    for b in base:
+        counts[b] = counts.get(b, 0) + 1
+        out.append(b if counts[b] == 1 else f"{b}#{counts[b]}")
+    return out
+
+
+# ---- tasks ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScatterTask:
+    """Everything one scatter task needs (small and picklable)."""
+
+    chunk: ReadChunk
+    source: Any  # a picklable reader with .path, .n_genes and .read_rows (e.g. H5adSource)
+    matrix: str
+    keep_columns: np.ndarray
+    vocab_ids: np.ndarray
+    obs_columns: tuple[str, ...]
+    categories: Mapping[str, Sequence[str]]
+    counts: np.ndarray
+    seed: int
+    shuffle: bool
+    dtype: str
+    bucket_dir: str
+
+
+@dataclass(frozen=True)
+class GatherTask:
+    """Everything one gather task needs (small and picklable)."""
+
+    shard: int
+    out_dir: str
+    tmp_dir: str
+    chunks: tuple[int, ...]
+    n_genes: int
+    obs_columns: tuple[str, ...]
+    categories: Mapping[str, Sequence[str]]
+    seed: int
+    shuffle: bool
+    dtype: str
+
+
+def _bucket_path(tmp_dir: str, chunk: int) -> Path:
+    return Path(tmp_dir) / "buckets" / f"c{chunk:06d}"
+
+
+def _codes(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(categories)}
+    return np.fromiter((lookup[v] if v is not None else -1 for v in values), dtype=np.int32, count=len(values))
+
+
+def _check_values(data: np.ndarray, task: ScatterTask) -> None:
+    where = f"{task.source.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise InvalidInputError(f"{where} hold NaN or infinite values")
+    if data.size and data.min() < 0:
+        raise InvalidInputError(f"{where} hold negative values (min {data.min()})")
+    if task.dtype == "float32" and data.size and data.dtype.kind in "iu" and data.max() > _FLOAT32_EXACT:
+        raise InvalidInputError(
+            f"{where} hold counts above 2^24 that float32 cannot store exactly; use --dtype float64"
+        )
+
+
+def run_scatter(task: ScatterTask) -> int:
+    """Scatter task: read, validate and align one chunk; write it grouped by shard."""
+    out = Path(task.bucket_dir)
+    if out.is_dir():
+        return int(np.load(out / "offsets.npy").shape[0])  # complete from an earlier run
+    src = task.source
+    rows = src.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns)
+    raw = rows.matrix
+    _check_values(raw.data, task)
+    library_size = np.asarray(raw.sum(axis=1, dtype=np.float64)).ravel()
+    alignment = GeneAlignment(task.keep_columns, task.vocab_ids, src.n_genes)
+    aligned = align_rows(raw, alignment)
+    dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
+    order = np.argsort(dest, kind="stable")
+    aligned = aligned[order]
+    offsets = np.concatenate([[0], np.cumsum(task.counts)]).astype(np.int64)
+    if task.obs_columns:
+        codes = np.stack([_codes(rows.obs[c], task.categories[c])[order] for c in task.obs_columns], axis=1)
+    else:
+        codes = np.zeros((len(order), 0), dtype=np.int32)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "data.npy", aligned.data.astype(task.dtype, copy=False))
+    np.save(tmp / "indices.npy", aligned.indices.astype(np.int32, copy=False))
+    np.save(tmp / "indptr.npy", aligned.indptr.astype(np.int64, copy=False))
+    np.save(tmp / "cells.npy", np.asarray(rows.cell_ids[order], dtype=str))
+    np.save(tmp / "library_size.npy", library_size[order])
+    np.save(tmp / "codes.npy", codes)
+    np.save(tmp / "offsets.npy", offsets)
+    os.replace(tmp, out)
+    return len(offsets)
+
+
+def run_gather(task: GatherTask) -> dict[str, Any]:
+    """Gather task: collect one shard's rows from every bucket, permute, write the shard."""
+    out_dir = Path(task.out_dir)
+    relpath = shard_relpath(task.shard)
+    record = Path(task.tmp_dir) / "shards" / f"{task.shard:06d}.json"
+    final = out_dir / relpath
+    if record.is_file() and final.is_dir():
+        entry = _shard_entry_from_dict(json.loads(record.read_text()))
+        if _shard_verifies(out_dir, entry):
+            return asdict_entry(entry)
+    pieces = []  # (data mmap, indices mmap, row starts, row stops, cells, lib, codes, source)
+    for c in task.chunks:
+        b = _bucket_path(task.tmp_dir, c)
+        offsets = np.load(b / "offsets.npy")
+        lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
+        if hi == lo:
+            continue
+        indptr = np.load(b / "indptr.npy", mmap_mode="r")[lo : hi + 1]
+        pieces.append(
+            (
+                np.load(b / "data.npy", mmap_mode="r"),
+                np.load(b / "indices.npy", mmap_mode="r"),
+                np.asarray(indptr[:-1]),
+                np.asarray(indptr[1:]),
+                np.load(b / "cells.npy", mmap_mode="r")[lo:hi],
+                np.load(b / "library_size.npy", mmap_mode="r")[lo:hi],
+                np.load(b / "codes.npy", mmap_mode="r")[lo:hi],
+                _chunk_source(task.tmp_dir, c),
+            )
+        )
+    piece_of = np.concatenate([np.full(len(p[2]), i, dtype=np.int64) for i, p in enumerate(pieces)]) if pieces else np.zeros(0, np.int64)
+    starts = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.int64)
+    stops = np.concatenate([p[3] for p in pieces]) if pieces else np.zeros(0, np.int64)
+    n = len(starts)
+    perm = shard_permutation(n, task.seed, task.shard, task.shuffle)
+    lengths = (stops - starts)[perm]
+    indptr_out = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr_out[1:])
+    nnz = int(indptr_out[-1])
+    data_out = np.empty(nnz, dtype=task.dtype)
+    indices_out = np.empty(nnz, dtype=np.int32)
+    pos = 0
+    for k in perm.tolist():
+        p = pieces[piece_of[k]]
+        a, b = int(starts[k]), int(stops[k])
+        m = b - a
+        data_out[pos : pos + m] = p[0][a:b]
+        indices_out[pos : pos + m] = p[1][a:b]
+        pos += m
+    cells = np.concatenate([np.asarray(p[4]) for p in pieces])[perm] if pieces else np.zeros(0, str)
+    library_size = np.concatenate([np.asarray(p[5]) for p in pieces])[perm] if pieces else np.zeros(0)
+    codes = (
+        np.concatenate([np.asarray(p[6]) for p in pieces])[perm]
+        if pieces
+        else np.zeros((0, len(task.obs_columns)), np.int32)
+    )
+    source_codes = np.concatenate([np.full(len(p[2]), p[7], dtype=np.int32) for p in pieces])[perm] if pieces else np.zeros(0, np.int32)
+    obs_codes = {"source": source_codes}
+    obs_codes.update({c: codes[:, j] for j, c in enumerate(task.obs_columns)})
+    entry = write_shard(
+        final,
+        relpath,
+        data=data_out,
+        indices=indices_out,
+        indptr=indptr_out,
+        n_genes=task.n_genes,
+        cell_ids=cells,
+        obs_codes=obs_codes,
+        obs_categories={"source": task.categories["source"], **{c: task.categories[c] for c in task.obs_columns}},
+        var_names=_vocab_tokens(task.tmp_dir),
+        numeric_obs={"library_size": library_size},
+    )
+    d = asdict_entry(entry)
+    tmp_record = record.with_name(record.name + ".tmp")
+    tmp_record.write_text(json.dumps(d))
+    os.replace(tmp_record, record)
+    return d
+
+
+@lru_cache(maxsize=4)
+def _vocab_tokens(tmp_dir: str) -> tuple[str, ...]:
+    return tuple(GeneVocab.from_file(Path(tmp_dir) / VOCAB_NAME).tokens)
+
+
+@lru_cache(maxsize=4)
+def _chunk_sources(tmp_dir: str) -> tuple[int, ...]:
+    return tuple(json.loads((Path(tmp_dir) / "plan.json").read_text())["chunk_sources"])
+
+
+def _chunk_source(tmp_dir: str, chunk: int) -> int:
+    return _chunk_sources(tmp_dir)[chunk]
+
+
+def asdict_entry(entry: ShardEntry) -> dict[str, Any]:
+    """A shard entry as a JSON-ready dict."""
+    return {
+        "path": entry.path,
+        "n_cells": entry.n_cells,
+        "nnz": entry.nnz,
+        "arrays": {n: asdict(a) for n, a in entry.arrays.items()},
+    }
+
+
+def _shard_entry_from_dict(d: Mapping[str, Any]) -> ShardEntry:
+    return ShardEntry(
+        path=d["path"],
+        n_cells=d["n_cells"],
+        nnz=d["nnz"],
+        arrays={n: ArrayEntry(**a) for n, a in d["arrays"].items()},
+    )
+
+
+def _shard_verifies(out_dir: Path, entry: ShardEntry) -> bool:
+    for a in entry.arrays.values():
+        f = out_dir / entry.path / a.path
+        if a.nbytes == 0:
+            continue
+        if not f.is_file() or f.stat().st_size != a.nbytes or sha256_file(f) != a.sha256:
+            return False
+    return True
+
+
+# ---- the driver ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatasetLockedError(
+                f"{out}: another conversion is writing to this directory (lock {LOCK_NAME} held); "
+                "wait for it to finish or choose another --output"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_output(out: Path, dataset_id: str, overwrite: bool) -> Manifest | None:
+    """Decide what to do with an existing output directory. Returns the existing manifest
+    when the very same dataset is already complete there."""
+    entries = {p.name for p in out.iterdir()} - {LOCK_NAME}
+    if not entries:
+        return None
+    ours = MANIFEST_NAME in entries or TMP_DIR in entries
+    if MANIFEST_NAME in entries:
+        try:
+            existing = read_manifest(out)
+        except ManifestError:
+            existing = None
+        if existing is not None and existing.dataset_id == dataset_id and not overwrite:
+            return existing
+        if not overwrite:
+            found = existing.dataset_id if existing else "an unreadable manifest"
+            raise DatasetExistsError(
+                f"{out}: already holds a different dataset ({found}); expected {dataset_id}. "
+                "Use --overwrite to replace it or choose another --output"
+            )
+    elif TMP_DIR in entries:
+        plan = out / TMP_DIR / "plan.json"
+        same = plan.is_file() and json.loads(plan.read_text()).get("dataset_id") == dataset_id
+        if same and not overwrite:
+            return None  # resume an interrupted conversion
+        if not overwrite:
+            raise DatasetExistsError(
+                f"{out}: holds an unfinished conversion of a different dataset; "
+                "use --overwrite to discard it or choose another --output"
+            )
+    elif not overwrite or not ours:
+        raise DatasetExistsError(
+            f"{out}: exists and is not empty, and is not an scmf dataset; choose an empty or "
+            "new --output (--overwrite only replaces scmf datasets)"
+        )
+    for name in entries:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return None
+
+
+def convert_h5ad(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    options: ConvertOptions | None = None,
+    **kwargs: Any,
+) -> Manifest:
+    """Convert ``.h5ad`` inputs (paths or fsspec URLs) into a dataset directory ``output``.
+
+    Options come from ``options`` or keyword arguments (see :class:`ConvertOptions`).
+    Returns the manifest written last. Raises a :class:`~scmf_loader.errors.ScmfError`
+    subclass naming the file and the problem for any bad input; no manifest is written then.
+    """
+    if options is None:
+        options = ConvertOptions(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either options or keyword arguments, not both")
+    paths = [os.fspath(p) for p in inputs]
+    if not paths:
+        raise ScmfError("no input files given")
+    if len(set(paths)) != len(paths):
+        raise ScmfError(f"the same input is given twice: {paths}")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise DatasetExistsError(f"{out}: exists and is not a directory")
+
+    sources = [H5adSource(p, matrix=options.matrix, gene_column=options.gene_column) for p in paths]
+    for s in sources:
+        s.check_obs_columns(options.obs_columns)
+    vocab = resolve_vocab(options.vocab, sources)
+    alignments = [build_alignment(s.genes, vocab, s.path) for s in sources]
+    names = _source_names(paths)
+    categories: dict[str, list[str]] = {"source": names}
+    for col in options.obs_columns:
+        values: set[str] = set()
+        for s in sources:
+            values.update(v for v in s.obs_values(col) if v is not None)
+        categories[col] = sorted(values)
+
+    with TaskRunner(options.workers, options.scheduler, options.quiet) as runner:
+        fingerprints = runner.map(source_fingerprint, paths, desc="checksum sources")
+        definition = {
+            "sources": [
+                {"name": n, "size": size, "sha256": digest, "kind": "h5ad"}
+                for n, (size, digest) in zip(names, fingerprints, strict=True)
+            ],
+            "vocab_sha256": vocab.sha256(),
+            "options": options.definition(),
+        }
+        dataset_id = compute_dataset_id(definition)
+        out.mkdir(parents=True, exist_ok=True)
+        with _locked(out):
+            existing = _prepare_output(out, dataset_id, options.overwrite)
+            if existing is not None:
+                return existing
+            manifest = _run(out, paths, names, sources, alignments, vocab, categories,
+                            fingerprints, dataset_id, options, runner)
+    return manifest
+
+
+def _run(
+    out: Path,
+    paths: list[str],
+    names: list[str],
+    sources: list[H5adSource],
+    alignments: list[GeneAlignment],
+    vocab: GeneVocab,
+    categories: dict[str, list[str]],
+    fingerprints: list[tuple[int, str]],
+    dataset_id: str,
+    options: ConvertOptions,
+    runner: TaskRunner,
+) -> Manifest:
+    tmp = out / TMP_DIR
+    (tmp / "buckets").mkdir(parents=True, exist_ok=True)
+    (tmp / "shards").mkdir(parents=True, exist_ok=True)
+    (out / SHARDS_DIR).mkdir(exist_ok=True)
+    chunks = plan_chunks([s.n_cells for s in sources], options.chunk_size)
+    n_cells = sum(s.n_cells for s in sources)
+    sizes = shard_sizes(n_cells, options.shard_size)
+    table = assignment_table([c.n_cells for c in chunks], sizes, options.seed, options.shuffle)
+    vocab.save(tmp / VOCAB_NAME)
+    plan_doc = {"dataset_id": dataset_id, "chunk_sources": [c.source for c in chunks]}
+    (tmp / "plan.json.tmp").write_text(json.dumps(plan_doc))
+    os.replace(tmp / "plan.json.tmp", tmp / "plan.json")
+
+    scatter = [
+        ScatterTask(
+            chunk=c,
+            source=sources[c.source],
+            matrix=options.matrix,
+            keep_columns=alignments[c.source].keep_columns,
+            vocab_ids=alignments[c.source].vocab_ids,
+            obs_columns=options.obs_columns,
+            categories={k: categories[k] for k in options.obs_columns},
+            counts=table[c.index],
+            seed=options.seed,
+            shuffle=options.shuffle,
+            dtype=options.dtype,
+            bucket_dir=str(_bucket_path(str(tmp), c.index)),
+        )
+        for c in chunks
+    ]
+    runner.map(run_scatter, scatter, desc="read and align")
+    gather = [
+        GatherTask(
+            shard=s,
+            out_dir=str(out),
+            tmp_dir=str(tmp),
+            chunks=tuple(int(c) for c in np.flatnonzero(table[:, s])),
+            n_genes=len(vocab),
+            obs_columns=options.obs_columns,
+            categories=categories,
+            seed=options.seed,
+            shuffle=options.shuffle,
+            dtype=options.dtype,
+        )
+        for s in range(len(sizes))
+    ]
+    shard_dicts = runner.map(run_gather, gather, desc="write shards")
+    shards = [_shard_entry_from_dict(d) for d in shard_dicts]
+
+    vocab_path = out / VOCAB_NAME
+    shutil.copyfile(tmp / VOCAB_NAME, out / (VOCAB_NAME + ".tmp"))
+    os.replace(out / (VOCAB_NAME + ".tmp"), vocab_path)
+    source_entries = [
+        SourceEntry(
+            path=p,
+            kind="h5ad",
+            n_cells=s.n_cells,
+            n_genes=s.n_genes,
+            genes_matched=a.n_matched,
+            genes_dropped=a.n_dropped,
+            size=size,
+            sha256=digest,
+            extra={"name": n, "matrix": options.matrix, "gene_column": options.gene_column,
+                   "layout": s.layout, "dtype": str(s.dtype)},
+        )
+        for p, n, s, a, (size, digest) in zip(paths, names, sources, alignments, fingerprints, strict=True)
+    ]
+    manifest = Manifest(
+        dataset_id=dataset_id,
+        created_by=_created_by(),
+        n_cells=n_cells,
+        n_genes=len(vocab),
+        nnz=sum(s.nnz for s in shards),
+        dtype=options.dtype,
+        vocab={"path": VOCAB_NAME, "sha256": vocab.sha256(), "file_sha256": sha256_file(vocab_path),
+               "name": vocab.name, "n_tokens": len(vocab)},
+        preprocessing=dict(options.preprocessing) or {"normalize": None, "log1p": False, "hvg": None},
+        sources=source_entries,
+        obs_columns=[ObsColumn(name=k, categories=tuple(v)) for k, v in categories.items()],
+        cell_stats=CELL_STATS,
+        shuffle={"enabled": options.shuffle, "seed": options.seed, "chunk_size": options.chunk_size,
+                 "shard_size": options.shard_size},
+        shards=shards,
+    )
+    write_manifest(out, manifest)
+    shutil.rmtree(tmp)
+    return manifest
