@@ -64,10 +64,10 @@ from scmf_shards.plan import (
     shard_permutation,
     shard_sizes,
 )
-from scmf_shards.sources.h5ad import H5adSource, source_fingerprint
+from scmf_shards.sources.h5ad import H5adSource
 from scmf_shards.write import write_shard
 
-__all__ = ["convert_h5ad", "resolve_vocab"]
+__all__ = ["convert_h5ad", "convert_sources", "resolve_vocab"]
 
 TMP_DIR = ".scmf-tmp"
 LOCK_NAME = ".scmf-lock"
@@ -398,11 +398,24 @@ def convert_h5ad(
         raise ScmfError("no input files given")
     if len(set(paths)) != len(paths):
         raise ScmfError(f"the same input is given twice: {paths}")
+    sources = [H5adSource(p, matrix=options.matrix, gene_column=options.gene_column) for p in paths]
+    return convert_sources(sources, output, options)
+
+
+def _fingerprint(source: Any) -> dict[str, Any]:
+    return dict(source.fingerprint())
+
+
+def convert_sources(
+    sources: Sequence[Any], output: str | os.PathLike[str], options: ConvertOptions
+) -> Manifest:
+    """Convert already-opened sources (objects like :class:`H5adSource`: ``path``, ``kind``,
+    ``n_cells``, ``n_genes``, ``genes``, ``check_obs_columns``, ``obs_values``,
+    ``read_rows``, ``fingerprint``, ``manifest_fields``; picklable) into ``output``."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise DatasetExistsError(f"{out}: exists and is not a directory")
-
-    sources = [H5adSource(p, matrix=options.matrix, gene_column=options.gene_column) for p in paths]
+    paths = [s.path for s in sources]
     for s in sources:
         s.check_obs_columns(options.obs_columns)
     vocab = resolve_vocab(options.vocab, sources)
@@ -416,12 +429,9 @@ def convert_h5ad(
         categories[col] = sorted(values)
 
     with TaskRunner(options.workers, options.scheduler, options.quiet) as runner:
-        fingerprints = runner.map(source_fingerprint, paths, desc="checksum sources")
+        fingerprints = runner.map(_fingerprint, list(sources), desc="checksum sources")
         definition = {
-            "sources": [
-                {"name": n, "size": size, "sha256": digest, "kind": "h5ad"}
-                for n, (size, digest) in zip(names, fingerprints, strict=True)
-            ],
+            "sources": [{"name": n, **fp} for n, fp in zip(names, fingerprints, strict=True)],
             "vocab_sha256": vocab.sha256(),
             "options": options.definition(),
         }
@@ -431,20 +441,19 @@ def convert_h5ad(
             existing = _prepare_output(out, dataset_id, options.overwrite)
             if existing is not None:
                 return existing
-            manifest = _run(out, paths, names, sources, alignments, vocab, categories,
+            manifest = _run(out, names, list(sources), alignments, vocab, categories,
                             fingerprints, dataset_id, options, runner)
     return manifest
 
 
 def _run(
     out: Path,
-    paths: list[str],
     names: list[str],
-    sources: list[H5adSource],
+    sources: list[Any],
     alignments: list[GeneAlignment],
     vocab: GeneVocab,
     categories: dict[str, list[str]],
-    fingerprints: list[tuple[int, str]],
+    fingerprints: list[dict[str, Any]],
     dataset_id: str,
     options: ConvertOptions,
     runner: TaskRunner,
@@ -501,21 +510,16 @@ def _run(
     vocab_path = out / VOCAB_NAME
     shutil.copyfile(tmp / VOCAB_NAME, out / (VOCAB_NAME + ".tmp"))
     os.replace(out / (VOCAB_NAME + ".tmp"), vocab_path)
-    source_entries = [
-        SourceEntry(
-            path=p,
-            kind="h5ad",
-            n_cells=s.n_cells,
-            n_genes=s.n_genes,
-            genes_matched=a.n_matched,
-            genes_dropped=a.n_dropped,
-            size=size,
-            sha256=digest,
-            extra={"name": n, "matrix": options.matrix, "gene_column": options.gene_column,
-                   "layout": s.layout, "dtype": str(s.dtype)},
+    source_entries = []
+    for n, src, a, fp in zip(names, sources, alignments, fingerprints, strict=True):
+        extra = {"name": n, **src.manifest_fields(fp)}
+        source_entries.append(
+            SourceEntry(
+                path=src.path, kind=src.kind, n_cells=src.n_cells, n_genes=src.n_genes,
+                genes_matched=a.n_matched, genes_dropped=a.n_dropped,
+                size=extra.pop("size", None), sha256=extra.pop("sha256", None), extra=extra,
+            )
         )
-        for p, n, s, a, (size, digest) in zip(paths, names, sources, alignments, fingerprints, strict=True)
-    ]
     manifest = Manifest(
         dataset_id=dataset_id,
         created_by=_created_by(),

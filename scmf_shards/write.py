@@ -22,7 +22,14 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from scmf_loader.format import ARRAY_NAMES, INDEX_DTYPE, INDPTR_DTYPE, ArrayEntry, ShardEntry, shard_array_relpath
+from scmf_loader.format import (
+    ARRAY_NAMES,
+    INDEX_DTYPE,
+    INDPTR_DTYPE,
+    ArrayEntry,
+    ShardEntry,
+    shard_array_relpath,
+)
 
 __all__ = ["write_shard"]
 

@@ -109,6 +109,8 @@ class H5adSource:
     ``"var_names"`` or a ``var`` column (of ``raw/var`` when ``matrix="raw"``).
     """
 
+    kind = "h5ad"
+
     def __init__(self, path: str, matrix: str = "X", gene_column: str = "var_names") -> None:
         self.path = str(path)
         self.matrix = matrix
@@ -205,6 +207,18 @@ class H5adSource:
         if isinstance(node, h5py.Dataset):
             return _decode(node[sl]).astype(object)
         raise self._fail(f"column {node.name!r} has unsupported encoding {enc!r}")
+
+    def fingerprint(self) -> dict[str, object]:
+        """What identifies this input's content for ``dataset_id``: size and sha256 of the
+        file, plus how it is read. Streams the whole file once."""
+        size, digest = source_fingerprint(self.path)
+        return {"kind": self.kind, "size": size, "sha256": digest, "matrix": self.matrix,
+                "gene_column": self.gene_column}
+
+    def manifest_fields(self, fingerprint: dict[str, object]) -> dict[str, object]:
+        """Extra provenance recorded for this source in the manifest."""
+        return {"size": fingerprint["size"], "sha256": fingerprint["sha256"], "matrix": self.matrix,
+                "gene_column": self.gene_column, "layout": self.layout, "dtype": str(self.dtype)}
 
     def check_obs_columns(self, columns: Sequence[str]) -> None:
         """Raise if any requested obs column is missing from this file."""

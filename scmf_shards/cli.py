@@ -1,0 +1,170 @@
+"""``scmf-convert``: a thin click layer over :mod:`scmf_shards` library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from scmf_loader.errors import ScmfError
+
+__all__ = ["main"]
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+def _explicit(ctx: click.Context, name: str) -> bool:
+    src = ctx.get_parameter_source(name)
+    return src is not None and src != click.core.ParameterSource.DEFAULT
+
+
+def _merge(ctx: click.Context, config: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """CLI values given explicitly win over the config file, which wins over defaults."""
+    merged: dict[str, Any] = {}
+    for name in names:
+        value = ctx.params.get(name)
+        if _explicit(ctx, name) or name not in config:
+            if value is not None:
+                merged[name] = value
+        else:
+            merged[name] = config[name]
+    return merged
+
+
+def _split_columns(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(c.strip() for c in value.split(",") if c.strip())
+    return tuple(str(c) for c in value)
+
+
+def _handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except ScmfError as exc:
+            _fail(exc)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="scmodelforge-data")
+def main() -> None:
+    """Convert single-cell data into vocabulary-aligned Zarr shard datasets."""
+
+
+COMMON_OPTIONS = [
+    click.option("--output", "-o", type=str, default=None, help="Dataset directory to write."),
+    click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                 help="YAML file whose data: section sets any of these options."),
+    click.option("--vocab", type=str, default=None,
+                 help="human_protein_coding (default), union, or a vocabulary file (.json/.tsv)."),
+    click.option("--obs-columns", type=str, default=None, help="Comma-separated obs columns to keep."),
+    click.option("--shard-size", type=click.IntRange(min=1), default=None, help="Cells per shard [50000]."),
+    click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+                 help="Cells read per task; bounds memory [16384]."),
+    click.option("--shuffle/--no-shuffle", default=None, help="Global seeded shuffle [on]."),
+    click.option("--seed", type=click.IntRange(min=0), default=None, help="Shuffle seed [0]."),
+    click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "int32", "uint16", "uint32"]),
+                 default=None, help="Stored value dtype [float32]."),
+    click.option("--workers", type=click.IntRange(min=1), default=None,
+                 help="Local worker processes (dask) [1: in-process]."),
+    click.option("--scheduler", type=str, default=None, help="Address of a dask.distributed scheduler."),
+    click.option("--overwrite", is_flag=True, default=None, help="Replace an existing scmf dataset."),
+    click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bars."),
+]
+
+OPTION_NAMES = ["vocab", "obs_columns", "shard_size", "chunk_size", "shuffle", "seed", "dtype",
+                "workers", "scheduler", "overwrite", "quiet"]
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply the options shared by every converting command."""
+    for opt in reversed(COMMON_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("h5ad")
+@click.argument("inputs", nargs=-1, type=str)
+@common_options
+@click.option("--gene-column", type=str, default=None, help="var column holding gene ids [var_names].")
+@click.option("--matrix", type=str, default=None, help="X (default), raw, or layer:NAME.")
+@click.pass_context
+@_handle_errors
+def h5ad_cmd(ctx: click.Context, inputs: tuple[str, ...], config_path: str | None, **_: Any) -> None:
+    """Convert one or more .h5ad files (paths or fsspec URLs) into a dataset directory."""
+    from scmf_shards.config import load_config
+    from scmf_shards.convert import convert_h5ad
+    from scmf_shards.options import ConvertOptions
+
+    config = load_config(config_path) if config_path else {}
+    if config.get("source", "local") not in ("local", "h5ad"):
+        raise ScmfError(f"{config_path}: source is {config['source']!r}; use 'scmf-convert census'")
+    paths = list(inputs) or list(config.get("inputs", []))
+    output = ctx.params["output"] if _explicit(ctx, "output") else config.get("output")
+    if not paths:
+        raise ScmfError("no input files: give INPUT... or 'paths:' in --config")
+    if not output:
+        raise ScmfError("no output directory: give --output or 'output:' in --config")
+    opts = _merge(ctx, config, [*OPTION_NAMES, "gene_column", "matrix"])
+    opts["obs_columns"] = _split_columns(opts.get("obs_columns"))
+    if "preprocessing" in config:
+        opts["preprocessing"] = config["preprocessing"]
+    options = ConvertOptions(**opts)
+    manifest = convert_h5ad(paths, output, options)
+    if not options.quiet:
+        click.echo(
+            f"wrote {output}: {manifest.n_cells:,} cells, {len(manifest.shards)} shards, "
+            f"nnz {manifest.nnz:,}, id {manifest.dataset_id}"
+        )
+
+
+@main.command("verify")
+@click.argument("directory", type=str)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify_cmd(directory: str, quiet: bool) -> None:
+    """Recompute every checksum; exit 1 with one line per problem."""
+    from tqdm.auto import tqdm
+
+    from scmf_shards.verify import verify_dataset
+
+    try:
+        from scmf_loader.format import read_manifest
+
+        total = len(read_manifest(directory).shards)
+    except ScmfError:
+        total = 0
+    with tqdm(total=total, desc="verify", unit="shard", disable=quiet or not total, leave=False) as bar:
+        problems = verify_dataset(directory, progress=bar.update)
+    if problems:
+        for p in problems:
+            click.echo(p)
+        sys.exit(1)
+    click.echo(f"OK: {directory}: {total} shard(s) verified")
+
+
+@main.command("info")
+@click.argument("directory", type=str)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")
+@_handle_errors
+def info_cmd(directory: str, as_json: bool) -> None:
+    """Summarise a dataset directory: cells, genes, nnz, sources, preprocessing, shards."""
+    from scmf_shards.verify import dataset_info, format_info
+
+    info = dataset_info(directory)
+    click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

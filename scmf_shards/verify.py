@@ -1,0 +1,112 @@
+"""Checking and describing a dataset directory (``scmf-convert verify`` / ``info``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scmf_loader.errors import ManifestError, ManifestNotFoundError
+from scmf_loader.format import Manifest, read_manifest, sha256_file
+
+__all__ = ["dataset_info", "format_info", "verify_dataset"]
+
+
+def verify_dataset(
+    directory: str | os.PathLike[str], progress: Callable[[int], Any] | None = None
+) -> list[str]:
+    """Recompute every checksum of a dataset directory. Returns one line per problem
+    (missing manifest, missing or truncated file, checksum mismatch); empty when all holds."""
+    d = Path(directory)
+    try:
+        manifest = read_manifest(d)
+    except (ManifestNotFoundError, ManifestError) as exc:
+        problems = [str(exc)]
+        shards = d / "shards"
+        if shards.is_dir():
+            done = sorted(p.name for p in shards.iterdir() if p.name.endswith(".zarr"))
+            partial = sorted(p.name for p in shards.iterdir() if p.name.endswith(".tmp"))
+            problems.append(
+                f"{d}: incomplete conversion: {len(done)} finished shard(s), "
+                f"{len(partial)} partial; re-run the same scmf-convert command to finish it"
+            )
+        return problems
+    problems: list[str] = []
+    vocab_path = d / manifest.vocab["path"]
+    if not vocab_path.is_file():
+        problems.append(f"{vocab_path}: missing vocabulary file")
+    elif "file_sha256" in manifest.vocab and sha256_file(vocab_path) != manifest.vocab["file_sha256"]:
+        problems.append(f"{vocab_path}: checksum mismatch")
+    for shard in manifest.shards:
+        sdir = d / shard.path
+        if not sdir.is_dir():
+            problems.append(f"{sdir}: missing shard")
+            if progress:
+                progress(1)
+            continue
+        for name, arr in shard.arrays.items():
+            f = sdir / arr.path
+            if arr.nbytes == 0:
+                if f.is_file() and f.stat().st_size != 0:
+                    problems.append(f"{f}: {name} should be empty, has {f.stat().st_size} bytes")
+                continue
+            if not f.is_file():
+                problems.append(f"{f}: missing {name} array file")
+                continue
+            size = f.stat().st_size
+            if size != arr.nbytes:
+                problems.append(f"{f}: truncated or resized: {size} bytes, expected {arr.nbytes}")
+                continue
+            if sha256_file(f) != arr.sha256:
+                problems.append(f"{f}: checksum mismatch in {name} (sha256 differs from manifest)")
+        if progress:
+            progress(1)
+    return problems
+
+
+def dataset_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON-ready summary of a dataset directory (reads only the manifest)."""
+    m: Manifest = read_manifest(directory)
+    sizes = [s.n_cells for s in m.shards]
+    return {
+        "path": str(directory),
+        "dataset_id": m.dataset_id,
+        "format_version": m.format_version,
+        "n_cells": m.n_cells,
+        "n_genes": m.n_genes,
+        "nnz": m.nnz,
+        "mean_genes_per_cell": (m.nnz / m.n_cells) if m.n_cells else 0.0,
+        "dtype": m.dtype,
+        "vocab": dict(m.vocab),
+        "preprocessing": dict(m.preprocessing),
+        "shuffle": dict(m.shuffle),
+        "obs_columns": {c.name: len(c.categories) for c in m.obs_columns},
+        "sources": [s.to_dict() for s in m.sources],
+        "n_shards": len(m.shards),
+        "shard_cells": {"min": min(sizes, default=0), "max": max(sizes, default=0)},
+        "bytes": sum(a.nbytes for s in m.shards for a in s.arrays.values()),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Human-readable rendering of :func:`dataset_info`."""
+    lines = [
+        f"dataset   {info['path']}",
+        f"id        {info['dataset_id']}  (format v{info['format_version']})",
+        f"cells     {info['n_cells']:,}",
+        f"genes     {info['n_genes']:,}  (vocabulary {info['vocab'].get('name')}, incl. 4 special tokens)",
+        f"nnz       {info['nnz']:,}  ({info['mean_genes_per_cell']:.1f} per cell, {info['dtype']})",
+        f"shards    {info['n_shards']}  ({info['shard_cells']['min']:,}–{info['shard_cells']['max']:,} cells each, "
+        f"{info['bytes'] / 2**20:,.1f} MiB of CSR arrays)",
+        f"shuffle   {info['shuffle']}",
+        f"preproc   {info['preprocessing']}",
+        f"obs       {info['obs_columns']}",
+        "sources:",
+    ]
+    for s in info["sources"]:
+        lines.append(
+            f"  {s['path']}: {s['n_cells']:,} cells, {s['genes_matched']:,} genes matched, "
+            f"{s['genes_dropped']:,} dropped"
+        )
+    return "\n".join(lines)
