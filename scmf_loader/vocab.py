@@ -189,7 +189,8 @@ class GeneVocab:
 
     @classmethod
     def _from_tsv(cls, text: str) -> GeneVocab:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        lines = [ln.rstrip("\r") for ln in text.split("\n")]
+        lines = [ln for ln in lines if ln.strip()]
         if not lines:
             raise VocabularyError("empty vocabulary file")
         header = lines[0].split("\t")

@@ -130,6 +130,8 @@ class GatherTask:
     out_dir: str
     tmp_dir: str
     chunks: tuple[int, ...]
+    chunk_sources: tuple[int, ...]
+    vocab_sha256: str
     n_genes: int
     obs_columns: tuple[str, ...]
     categories: Mapping[str, Sequence[str]]
@@ -204,7 +206,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         if _shard_verifies(out_dir, entry):
             return asdict_entry(entry)
     pieces = []  # (data mmap, indices mmap, row starts, row stops, cells, lib, codes, source)
-    for c in task.chunks:
+    for c, source_index in zip(task.chunks, task.chunk_sources, strict=True):
         b = _bucket_path(task.tmp_dir, c)
         offsets = np.load(b / "offsets.npy")
         lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
@@ -220,7 +222,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
                 np.load(b / "cells.npy", mmap_mode="r")[lo:hi],
                 np.load(b / "library_size.npy", mmap_mode="r")[lo:hi],
                 np.load(b / "codes.npy", mmap_mode="r")[lo:hi],
-                _chunk_source(task.tmp_dir, c),
+                source_index,
             )
         )
     piece_of = np.concatenate([np.full(len(p[2]), i, dtype=np.int64) for i, p in enumerate(pieces)]) if pieces else np.zeros(0, np.int64)
@@ -262,7 +264,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         cell_ids=cells,
         obs_codes=obs_codes,
         obs_categories={"source": task.categories["source"], **{c: task.categories[c] for c in task.obs_columns}},
-        var_names=_vocab_tokens(task.tmp_dir),
+        var_names=_vocab_tokens(task.tmp_dir, task.vocab_sha256),
         numeric_obs={"library_size": library_size},
     )
     d = asdict_entry(entry)
@@ -273,17 +275,11 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=4)
-def _vocab_tokens(tmp_dir: str) -> tuple[str, ...]:
-    return tuple(GeneVocab.from_file(Path(tmp_dir) / VOCAB_NAME).tokens)
-
-
-@lru_cache(maxsize=4)
-def _chunk_sources(tmp_dir: str) -> tuple[int, ...]:
-    return tuple(json.loads((Path(tmp_dir) / "plan.json").read_text())["chunk_sources"])
-
-
-def _chunk_source(tmp_dir: str, chunk: int) -> int:
-    return _chunk_sources(tmp_dir)[chunk]
+def _vocab_tokens(tmp_dir: str, vocab_sha256: str) -> tuple[str, ...]:
+    vocab = GeneVocab.from_file(Path(tmp_dir) / VOCAB_NAME)
+    if vocab.sha256() != vocab_sha256:
+        raise ScmfError(f"{tmp_dir}/{VOCAB_NAME}: vocabulary changed during the conversion")
+    return tuple(vocab.tokens)
 
 
 def asdict_entry(entry: ShardEntry) -> dict[str, Any]:
@@ -495,6 +491,8 @@ def _run(
             out_dir=str(out),
             tmp_dir=str(tmp),
             chunks=tuple(int(c) for c in np.flatnonzero(table[:, s])),
+            chunk_sources=tuple(chunks[int(c)].source for c in np.flatnonzero(table[:, s])),
+            vocab_sha256=vocab.sha256(),
             n_genes=len(vocab),
             obs_columns=options.obs_columns,
             categories=categories,

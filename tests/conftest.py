@@ -1,0 +1,82 @@
+"""Shared pytest fixtures. Add fixtures here; keep existing ones stable (other tests use them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HPC_GENES: list[str] | None = None
+
+
+def hpc_genes() -> list[str]:
+    """Gene tokens (Ensembl ids) of the shipped human protein-coding vocabulary."""
+    global HPC_GENES
+    if HPC_GENES is None:
+        from scmf_loader.vocab import GeneVocab
+
+        HPC_GENES = GeneVocab.human_protein_coding().genes
+    return HPC_GENES
+
+
+def write_counts_h5ad(
+    path: Path,
+    n_cells: int,
+    genes: Sequence[str],
+    *,
+    layout: str = "csr",
+    seed: int = 0,
+    density: float = 0.1,
+    obs: dict[str, Sequence[str]] | None = None,
+    dtype: str = "float32",
+    cell_prefix: str | None = None,
+) -> Path:
+    """Write an .h5ad of random integer counts with the given genes and matrix layout
+    (``csr``, ``csc`` or ``dense``); obs gets ``cell_type`` and ``batch`` unless given."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    X = sp.random(
+        n_cells, len(genes), density=density, format="csr", random_state=rng,
+        data_rvs=lambda k: rng.integers(1, 30, k),
+    ).astype(dtype)
+    if obs is None:
+        obs = {
+            "cell_type": rng.choice(["T cell", "B cell", "NK cell", "monocyte"], n_cells).tolist(),
+            "batch": rng.choice(["b1", "b2", "b3"], n_cells).tolist(),
+        }
+    prefix = cell_prefix if cell_prefix is not None else path.stem
+    frame = pd.DataFrame(
+        {k: pd.Categorical(v) for k, v in obs.items()},
+        index=[f"{prefix}-cell{i}" for i in range(n_cells)],
+    )
+    matrix = {"csr": X, "csc": X.tocsc(), "dense": X.toarray()}[layout]
+    ad.AnnData(X=matrix, obs=frame, var=pd.DataFrame(index=list(genes))).write_h5ad(path)
+    return path
+
+
+@pytest.fixture
+def make_h5ad(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_h5ad(name, n_cells, genes, layout=..., seed=...) -> Path``."""
+
+    def factory(name: str, n_cells: int, genes: Sequence[str], **kwargs: object) -> Path:
+        return write_counts_h5ad(tmp_path / name, n_cells, genes, **kwargs)  # type: ignore[arg-type]
+
+    return factory
+
+
+@pytest.fixture
+def three_sources(make_h5ad: Callable[..., Path]) -> list[Path]:
+    """Three inputs with different gene orders and layouts (CSR, CSC, dense) and genes outside
+    the human protein-coding vocabulary."""
+    genes = hpc_genes()
+    a = make_h5ad("a.h5ad", 700, genes[:400], layout="csr", seed=1)
+    b = make_h5ad(
+        "b.h5ad", 450, [*reversed(genes[200:500]), "NOT_A_GENE_1", "NOT_A_GENE_2"], layout="csc", seed=2
+    )
+    c = make_h5ad("c.h5ad", 300, [f"{g}.7" for g in genes[::50][:300]], layout="dense", seed=3)
+    return [a, b, c]
