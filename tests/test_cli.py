@@ -1,0 +1,104 @@
+"""scmf-convert: the CLI commands, config files, verify and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from scmf_shards.cli import main
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def dataset(three_sources: list[Path], tmp_path: Path) -> Path:
+    out = tmp_path / "ds"
+    code, text = _run("h5ad", *map(str, three_sources), "--output", str(out), "--shard-size", "500",
+                      "--obs-columns", "cell_type,batch", "--quiet")
+    assert code == 0, text
+    return out
+
+
+def test_h5ad_info_verify(dataset: Path) -> None:
+    code, text = _run("info", str(dataset))
+    assert code == 0 and "1,450" in text and "a.h5ad" in text
+    code, text = _run("info", str(dataset), "--json")
+    info = json.loads(text)
+    assert info["n_cells"] == 1450 and info["n_shards"] == 3
+    assert info["obs_columns"] == {"source": 3, "cell_type": 4, "batch": 3}
+    code, text = _run("verify", str(dataset), "--quiet")
+    assert code == 0 and "3 shard(s) verified" in text
+
+
+@pytest.mark.parametrize("array", ["data", "indices", "indptr"])
+def test_verify_catches_a_single_flipped_byte(dataset: Path, array: str) -> None:
+    target = dataset / "shards" / "000001.zarr" / "X" / array / "c" / "0"
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    target.write_bytes(bytes(raw))
+    code, text = _run("verify", str(dataset), "--quiet")
+    assert code == 1
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and "checksum mismatch" in lines[0] and str(target) in lines[0]
+
+
+def test_verify_catches_truncation_and_missing(dataset: Path) -> None:
+    target = dataset / "shards" / "000000.zarr" / "X" / "data" / "c" / "0"
+    target.write_bytes(target.read_bytes()[:-4])
+    import shutil
+
+    shutil.rmtree(dataset / "shards" / "000002.zarr")
+    code, text = _run("verify", str(dataset), "--quiet")
+    assert code == 1
+    assert "truncated" in text and "missing shard" in text
+    (dataset / "manifest.json").unlink()
+    code, text = _run("verify", str(dataset), "--quiet")
+    assert code == 1 and "no manifest" in text and "incomplete conversion" in text
+
+
+def test_errors_exit_non_zero_with_one_line(tmp_path: Path) -> None:
+    code, text = _run("h5ad", str(tmp_path / "nope.h5ad"), "-o", str(tmp_path / "o"))
+    assert code == 1
+    assert text.strip().splitlines() == [f"error: {tmp_path / 'nope.h5ad'}: no such file"]
+    code, text = _run("info", str(tmp_path))
+    assert code == 1 and "no manifest" in text
+    code, text = _run("h5ad", "-o", str(tmp_path / "o"))
+    assert code == 1 and "no input files" in text
+
+
+def test_config_file_sets_options_and_cli_wins(three_sources: list[Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(
+        "data:\n"
+        "  source: local\n"
+        f"  paths: [{', '.join(p.name for p in three_sources)}]\n"
+        "  output: from_config\n"
+        "  gene_vocab: human_protein_coding\n"
+        "  obs_columns: [cell_type]\n"
+        "  shard_size: 1000\n"
+        "  seed: 5\n"
+        "  max_genes: 2048\n"
+        "  num_workers: 4\n"
+    )
+    code, text = _run("h5ad", "--config", str(cfg), "--shard-size", "300", "--quiet")
+    assert code == 0, text
+    info = json.loads(_run("info", str(tmp_path / "from_config"), "--json")[1])
+    assert info["shuffle"]["seed"] == 5 and info["shuffle"]["shard_size"] == 300
+    assert info["n_shards"] == 5 and "cell_type" in info["obs_columns"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  shard_sise: 3\n")
+    code, text = _run("h5ad", "--config", str(bad), "-o", str(tmp_path / "x"), str(three_sources[0]))
+    assert code == 1 and "unknown key(s) ['shard_sise']" in text
+
+
+def test_console_script_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "scmf_shards.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "h5ad" in out.stdout and "verify" in out.stdout
