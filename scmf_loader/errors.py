@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ChecksumMismatchError",
+    "ConfigurationError",
     "DatasetExistsError",
     "DatasetLockedError",
     "FormatVersionError",
@@ -65,3 +66,8 @@ class DatasetExistsError(ScmfError, FileExistsError):
 
 class DatasetLockedError(ScmfError, BlockingIOError):
     """Another conversion holds the lock on the output directory."""
+
+
+class ConfigurationError(ScmfError):
+    """A loader argument is out of range or inconsistent (``rank >= world_size``,
+    ``max_genes < 1``, a resume state taken with other settings, ...)."""

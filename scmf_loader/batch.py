@@ -1,0 +1,239 @@
+"""CSR mini-batches: assembly from shard rows, and converters for models.
+
+:func:`gather_rows` builds the CSR arrays of a batch from runs of consecutive rows. When the
+batch is one run of one shard, ``indices`` and ``values`` are views of the memory map (zero
+copy); otherwise each run is copied once into a fresh array. :class:`CSRBatch` wraps the
+arrays as torch tensors and converts them to a ``torch.sparse_csr_tensor``, a dense matrix or
+padded token batches for transformer models.
+
+Tensors that view a memory map are read-only: write into :meth:`CSRBatch.clone` (or into
+the output of a converter), never into ``batch.values`` itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from scmf_loader.errors import ConfigurationError
+from scmf_loader.vocab import CLS_ID, PAD_ID
+
+__all__ = ["CSRBatch", "as_tensor", "gather_rows"]
+
+TRUNCATIONS = ("top", "random")
+_readonly_warned = False
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` that also takes read-only arrays (views of a memory map).
+
+    torch warns once per process that writing through such a tensor is undefined; the
+    warning is silenced on that first call only (later calls do not warn), so the hot
+    path pays nothing for it.
+    """
+    global _readonly_warned
+    if a.flags.writeable or _readonly_warned:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(a)
+    _readonly_warned = True
+    return t
+
+
+def gather_rows(
+    pieces: Sequence[tuple[Any, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays ``(indptr, indices, data)`` of the rows ``[start, stop)`` of each run.
+
+    ``pieces`` holds, in output order, ``(arrays, starts, stops)`` with ``arrays`` a shard's
+    ``(indptr, indices, data)`` and ``starts``/``stops`` int arrays of local row ranges.
+    One run in total gives views of ``indices`` and ``data`` (zero copy) and a rebased copy
+    of ``indptr``; several runs are concatenated (one copy of each byte).
+    """
+    if len(pieces) == 1 and len(pieces[0][1]) == 1:
+        (ip, idx, data), starts, stops = pieces[0]
+        a, b = int(starts[0]), int(stops[0])
+        rows = ip[a : b + 1]
+        lo = rows[0]
+        return rows - lo, idx[lo : rows[-1]], data[lo : rows[-1]]
+    idx_parts: list[np.ndarray] = []
+    data_parts: list[np.ndarray] = []
+    len_parts: list[np.ndarray] = []
+    for (ip, idx, data), starts, stops in pieces:
+        n = stops - starts
+        local = np.repeat(starts - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+        len_parts.append(ip[local + 1] - ip[local])
+        for lo, hi in zip(ip[starts].tolist(), ip[stops].tolist(), strict=True):
+            idx_parts.append(idx[lo:hi])
+            data_parts.append(data[lo:hi])
+    lengths = np.concatenate(len_parts)
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return indptr, np.concatenate(idx_parts), np.concatenate(data_parts)
+
+
+class CSRBatch:
+    """A mini-batch of cells in CSR form over the gene vocabulary.
+
+    Attributes: ``indptr`` (int64, ``len + 1``, starts at 0), ``indices`` (int32 vocabulary
+    ids, sorted within each row), ``values`` (the stored dtype), ``cell_ids`` (int64 global
+    row ids), ``obs`` (int64 categorical codes per kept obs column; -1 = missing), ``stats``
+    (float64 per-cell columns such as ``library_size``) and ``n_genes`` (vocabulary size).
+    """
+
+    __slots__ = ("cell_ids", "indices", "indptr", "n_genes", "obs", "stats", "values")
+
+    def __init__(
+        self,
+        indptr: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+        cell_ids: torch.Tensor,
+        n_genes: int,
+        obs: Mapping[str, torch.Tensor] | None = None,
+        stats: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.indptr = indptr
+        self.indices = indices
+        self.values = values
+        self.cell_ids = cell_ids
+        self.n_genes = int(n_genes)
+        self.obs = dict(obs or {})
+        self.stats = dict(stats or {})
+
+    # ---- shape --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.cell_ids.shape[0])
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored non-zeros."""
+        return int(self.values.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(cells, vocabulary size)``."""
+        return (len(self), self.n_genes)
+
+    def lengths(self) -> torch.Tensor:
+        """Non-zeros per cell (int64)."""
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def __repr__(self) -> str:
+        return (
+            f"CSRBatch(cells={len(self)}, nnz={self.nnz}, n_genes={self.n_genes}, "
+            f"dtype={self.values.dtype}, obs={list(self.obs)})"
+        )
+
+    # ---- converters ---------------------------------------------------------------------
+    def _map(self, fn: Any) -> CSRBatch:
+        return CSRBatch(
+            fn(self.indptr), fn(self.indices), fn(self.values), fn(self.cell_ids), self.n_genes,
+            {k: fn(v) for k, v in self.obs.items()}, {k: fn(v) for k, v in self.stats.items()},
+        )
+
+    def clone(self) -> CSRBatch:
+        """A deep copy whose tensors own writable memory."""
+        return self._map(torch.clone)
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> CSRBatch:
+        """The batch with every tensor moved to ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> CSRBatch:
+        """The batch in page-locked memory; unchanged when no CUDA device is available."""
+        if not torch.cuda.is_available():
+            return self
+        return self._map(torch.Tensor.pin_memory)
+
+    def to_sparse_csr(self) -> torch.Tensor:
+        """A ``torch.sparse_csr_tensor`` of shape ``(cells, n_genes)`` sharing ``values``."""
+        if self.nnz < 2**31:
+            crow, col = self.indptr.to(torch.int32), self.indices
+        else:
+            crow, col = self.indptr, self.indices.to(torch.int64)
+        return torch.sparse_csr_tensor(crow, col, self.values, size=self.shape)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A dense ``(cells, n_genes)`` matrix (``values``' dtype unless ``dtype`` is given)."""
+        out = torch.zeros(self.shape, dtype=dtype or self.values.dtype)
+        rows = torch.repeat_interleave(torch.arange(len(self)), self.lengths())
+        out[rows, self.indices.long()] = self.values.to(out.dtype)
+        return out
+
+    def to_padded(
+        self,
+        max_genes: int | None = None,
+        add_cls: bool = True,
+        truncation: str = "top",
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Padded token batch: ``gene_indices`` (int64), ``expression`` (float32) and
+        ``attention_mask`` (bool), each ``(cells, L)``.
+
+        Genes keep their vocabulary order; padding uses the ``<pad>`` id 0 with expression 0.
+        ``L`` is ``max_genes`` when given (a fixed shape), else the longest cell; with
+        ``add_cls`` a ``<cls>`` token (id 3, expression 0) comes first and ``L`` grows by
+        one. A cell with more than ``max_genes`` genes keeps its highest-expressed ones
+        (``truncation="top"``, ties to the lower gene id) or a uniform random subset
+        (``"random"``, drawn from ``generator``).
+        """
+        if max_genes is not None and max_genes < 1:
+            raise ConfigurationError(f"max_genes must be >= 1, got {max_genes}")
+        if truncation not in TRUNCATIONS:
+            raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+        n = len(self)
+        lengths = self.lengths()
+        longest = int(lengths.max()) if n else 0
+        k = max_genes if max_genes is not None else longest
+        starts = self.indptr[:-1]
+        gene = torch.full((n, k), PAD_ID, dtype=torch.int64)
+        expr = torch.zeros((n, k), dtype=torch.float32)
+        row = torch.repeat_interleave(torch.arange(n), lengths)
+        pos = torch.arange(self.nnz) - torch.repeat_interleave(starts, lengths)
+        if longest > k:
+            keep = lengths[row] <= k  # rows that fit are scattered directly
+            gene[row[keep], pos[keep]] = self.indices[keep].long()
+            expr[row[keep], pos[keep]] = self.values[keep].float()
+            self._fill_truncated(gene, expr, lengths, k, truncation, generator)
+        else:
+            gene[row, pos] = self.indices.long()
+            expr[row, pos] = self.values.float()
+        mask = torch.arange(k).unsqueeze(0) < lengths.clamp(max=k).unsqueeze(1)
+        if add_cls:
+            gene = torch.cat([torch.full((n, 1), CLS_ID, dtype=torch.int64), gene], dim=1)
+            expr = torch.cat([torch.zeros((n, 1), dtype=torch.float32), expr], dim=1)
+            mask = torch.cat([torch.ones((n, 1), dtype=torch.bool), mask], dim=1)
+        return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
+
+    def _fill_truncated(
+        self,
+        gene: torch.Tensor,
+        expr: torch.Tensor,
+        lengths: torch.Tensor,
+        k: int,
+        truncation: str,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Fill the rows longer than ``k`` with their selected ``k`` genes, in gene order."""
+        over = torch.nonzero(lengths > k).squeeze(1)
+        width = int(lengths[over].max())
+        starts = self.indptr[:-1][over]
+        offs = torch.arange(width).unsqueeze(0)
+        valid = offs < lengths[over].unsqueeze(1)
+        flat = (starts.unsqueeze(1) + offs).clamp(max=max(self.nnz - 1, 0))
+        if truncation == "top":
+            key = self.values[flat].float()
+        else:
+            key = torch.rand(flat.shape, generator=generator)
+        key = key.masked_fill(~valid, float("-inf"))
+        chosen = torch.argsort(key, dim=1, descending=True, stable=True)[:, :k]
+        chosen = torch.sort(chosen, dim=1).values
+        src = starts.unsqueeze(1) + chosen
+        gene[over] = self.indices[src].long()
+        expr[over] = self.values[src].float()

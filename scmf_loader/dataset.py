@@ -1,0 +1,222 @@
+"""``CellDataset``: a map-style dataset over a dataset directory or AnnData inputs.
+
+``ds[i]`` returns one cell as the seed's dict; ``ds[ids]`` / ``ds.__getitems__(ids)`` return
+one :class:`~scmf_loader.batch.CSRBatch`, which is how the loader reads (whole batches at a
+time). Over a dataset directory the batch of one contiguous range of one shard views the
+memory map (zero copy). Over AnnData (the quick path for small data, see
+:mod:`scmf_loader.adata`) rows are aligned to the vocabulary on the fly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scmf_loader.batch import CSRBatch, as_tensor, gather_rows
+from scmf_loader.errors import ConfigurationError, VocabularyError
+from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, DatasetStore, open_dataset
+from scmf_loader.vocab import GeneVocab
+
+__all__ = ["CellDataset"]
+
+
+def _is_dataset_dir(source: Any) -> bool:
+    if isinstance(source, DatasetStore):
+        return True
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    p = Path(source)
+    return p.is_dir() or (not p.exists() and p.suffix != ".h5ad")
+
+
+def _apply(preprocessing: Any, batch: CSRBatch) -> CSRBatch:
+    if hasattr(preprocessing, "apply_batch"):
+        return preprocessing.apply_batch(batch)
+    return preprocessing(batch)
+
+
+class CellDataset(torch.utils.data.Dataset):
+    """Cells of a dataset directory, or of AnnData objects / ``.h5ad`` paths.
+
+    ``source``: a dataset directory (or an opened :class:`~scmf_loader.store.DatasetStore`),
+    or an AnnData, an ``.h5ad`` path, or a list of them (aligned to ``gene_vocab``, default
+    the union of their genes). ``gene_vocab`` must equal a directory's own vocabulary when
+    given. ``preprocessing`` is applied to every batch: an object with ``apply_batch(batch)``
+    (e.g. a ``PreprocessingPipeline``) or any callable ``batch -> batch``. ``max_genes``
+    truncates the genes of a single cell (``ds[i]``) to its highest-expressed ones.
+    ``obs_columns`` restricts the kept obs columns carried in batches (default: all).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        gene_vocab: GeneVocab | None = None,
+        preprocessing: Any = None,
+        max_genes: int | None = None,
+        *,
+        obs_columns: Sequence[str] | None = None,
+        gene_column: str = "var_names",
+        verify: bool = False,
+        max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
+    ) -> None:
+        if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
+            raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
+        if preprocessing is not None and not (hasattr(preprocessing, "apply_batch") or callable(preprocessing)):
+            raise ConfigurationError("preprocessing must have an apply_batch(batch) method or be callable")
+        self.max_genes = max_genes
+        self.preprocessing = preprocessing
+        if _is_dataset_dir(source):
+            store = source if isinstance(source, DatasetStore) else open_dataset(
+                source, verify=verify, max_open_shards=max_open_shards
+            )
+            if gene_vocab is not None and gene_vocab != store.vocab:
+                raise VocabularyError(
+                    f"{store.path}: the dataset was built with vocabulary {store.vocab!r}, not the "
+                    f"given {gene_vocab!r}; pass gene_vocab=None or re-convert with that vocabulary"
+                )
+            self.store: DatasetStore | None = store
+            self._source: Any = store
+        else:
+            from scmf_loader.adata import AnnDataSource
+
+            self.store = None
+            self._source = AnnDataSource(source, gene_vocab, obs_columns, gene_column)
+        self.vocab: GeneVocab = self._source.vocab
+        self.shard_offsets: np.ndarray = self._source.shard_offsets
+        all_columns = tuple(self._source.categories)
+        if obs_columns is None:
+            obs_columns = all_columns
+        unknown = [c for c in obs_columns if c not in all_columns]
+        if unknown:
+            raise ConfigurationError(f"obs column(s) {unknown} not kept in this dataset; kept: {list(all_columns)}")
+        self.obs_columns = tuple(obs_columns)
+        self.categories = {c: self._source.categories[c] for c in self.obs_columns}
+        self.cell_stats = tuple(self._source.cell_stats)
+
+    # ---- shape --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.shard_offsets[-1])
+
+    @property
+    def n_genes(self) -> int:
+        """Vocabulary size (the column space of every batch)."""
+        return len(self.vocab)
+
+    @property
+    def n_shards(self) -> int:
+        """Number of shards (inputs, on the quick path)."""
+        return len(self.shard_offsets) - 1
+
+    def obs_codes(self, shard: int, column: str) -> np.ndarray:
+        """Codes of obs ``column`` for every cell of ``shard`` (samplers use this)."""
+        return self._source.obs_codes(shard, column)
+
+    def decode(self, column: str, codes: Any) -> list[str | None]:
+        """Category names of ``codes`` of obs ``column`` (``None`` for -1 = missing)."""
+        cats = self.categories[column]
+        return [cats[c] if c >= 0 else None for c in np.asarray(codes).ravel().tolist()]
+
+    def cell_names(self, ids: Any) -> list[str]:
+        """Original cell ids of global row ids ``ids``."""
+        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+        shards = np.searchsorted(self.shard_offsets, ids, side="right") - 1
+        return [str(self._source.cell_names(s)[i - self.shard_offsets[s]]) for s, i in zip(shards.tolist(), ids.tolist(), strict=True)]
+
+    # ---- batches --------------------------------------------------------------------------
+    def __getitems__(self, ids: Any) -> CSRBatch:
+        """One :class:`~scmf_loader.batch.CSRBatch` of the cells ``ids`` (global row ids), in
+        that order, after ``preprocessing``. Zero copy when ``ids`` is one contiguous range
+        inside one shard of a dataset directory."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        if n and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"cell ids must lie in [0, {len(self)}); got [{ids.min()}, {ids.max()}]")
+        offsets = self.shard_offsets
+        if n and ids[-1] - ids[0] == n - 1 and (n == 1 or bool((np.diff(ids) == 1).all())):
+            shard = int(np.searchsorted(offsets, ids[0], side="right")) - 1
+            if ids[-1] < offsets[shard + 1]:  # one contiguous range of one shard
+                lo = int(ids[0] - offsets[shard])
+                groups = [(shard, np.array([lo]), np.array([lo + n]), slice(lo, lo + n))]
+                return self._finish(ids, groups)
+        shards = np.searchsorted(offsets, ids, side="right") - 1
+        breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
+        run_first = np.concatenate([[0], breaks]).astype(np.int64) if n else np.zeros(0, np.int64)
+        run_len = np.diff(np.append(run_first, n))
+        run_shard = shards[run_first]
+        local = ids - offsets[shards]
+        cut = np.flatnonzero(np.diff(run_shard)) + 1
+        groups = []
+        for a, b in zip(np.concatenate([[0], cut]).tolist(), np.append(cut, len(run_first)).tolist(), strict=True):
+            s = int(run_shard[a])
+            starts = local[run_first[a:b]]
+            cells = slice(int(run_first[a]), int(run_first[b - 1] + run_len[b - 1]))
+            groups.append((s, starts, starts + run_len[a:b], local[cells]))
+        return self._finish(ids, groups)
+
+    def _finish(self, ids: np.ndarray, groups: list[tuple[int, np.ndarray, np.ndarray, Any]]) -> CSRBatch:
+        """Assemble the batch from ``(shard, run starts, run stops, cell selector)`` groups."""
+        if self.store is not None:
+            indptr, indices, values = gather_rows([(self.store.csr(s), a, b) for s, a, b, _ in groups])
+        elif groups:
+            parts = [self._source.fetch(s, a, b) for s, a, b, _ in groups]
+            lengths = np.concatenate([p[0] for p in parts])
+            indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            indices = np.concatenate([p[1] for p in parts]).astype(np.int32, copy=False)
+            values = np.concatenate([p[2] for p in parts])
+        else:
+            indptr, indices, values = np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+
+        def column(get: Any) -> torch.Tensor:
+            if len(groups) == 1:
+                s, _, _, sel = groups[0]
+                return torch.from_numpy(np.array(get(s)[sel]))
+            if not groups:
+                return torch.zeros(0)
+            return torch.from_numpy(np.concatenate([get(s)[sel] for s, _, _, sel in groups]))
+
+        obs = {c: column(lambda s, c=c: self._source.obs_codes(s, c)).long() for c in self.obs_columns}
+        stats = {k: column(lambda s, k=k: self._source.cell_stat(s, k)).double() for k in self.cell_stats}
+        batch = CSRBatch(
+            as_tensor(indptr), as_tensor(indices), as_tensor(values), torch.from_numpy(ids),
+            self.n_genes, obs, stats,
+        )
+        return batch if self.preprocessing is None else _apply(self.preprocessing, batch)
+
+    def __getitem__(self, index: Any) -> Any:
+        """``ds[i]``: one cell as a dict of ``expression`` (float32), ``gene_indices`` (int64
+        vocabulary ids), ``n_genes`` and ``metadata`` (kept obs columns as strings, ``None``
+        if missing). ``ds[ids]`` with a sequence or array of ids: a :class:`CSRBatch`."""
+        if isinstance(index, (int, np.integer)):
+            i = int(index)
+            if i < 0:
+                i += len(self)
+            if not 0 <= i < len(self):
+                raise IndexError(f"cell {index} out of range for {len(self)} cells")
+            return self._cell(self.__getitems__([i]))
+        if isinstance(index, slice):
+            return self.__getitems__(np.arange(len(self))[index])
+        return self.__getitems__(index)
+
+    def _cell(self, batch: CSRBatch) -> dict[str, Any]:
+        values = batch.values.numpy().astype(np.float32)  # a copy: callers may write to it
+        genes = batch.indices.numpy().astype(np.int64)
+        if self.max_genes is not None and len(values) > self.max_genes:
+            top = np.sort(np.argsort(-values, kind="stable")[: self.max_genes])
+            values, genes = values[top], genes[top]
+        metadata = {c: self.decode(c, batch.obs[c])[0] for c in self.obs_columns}
+        return {
+            "expression": torch.from_numpy(values),
+            "gene_indices": torch.from_numpy(genes),
+            "n_genes": len(values),
+            "metadata": metadata,
+        }
+
+    def __repr__(self) -> str:
+        where = self.store.path if self.store is not None else "AnnData"
+        return f"CellDataset({str(where)!r}, n_cells={len(self)}, n_genes={self.n_genes}, obs={list(self.obs_columns)})"

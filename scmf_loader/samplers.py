@@ -1,0 +1,361 @@
+"""Batch samplers: which cells form each batch, per epoch, rank and resume point.
+
+Every sampler yields whole batches (int64 arrays of global row ids) and follows one plan:
+
+* An epoch is an ordered list of ``n_batches`` batches, reachable by random access
+  (:meth:`BatchSampler.batch`). Every batch holds ``batch_size`` cells except a final
+  partial one (kept when ``drop_last=False``), so ``n_batches`` is the same every epoch.
+* Shards are visited in an order drawn from ``(seed, epoch)``. Each shard contributes the
+  full batches that fit in it; its left-over cells (at most a batch or so per shard) join a
+  *tail stream* that is cut into batches after the last shard.
+* Ranks and DataLoader workers split the epoch by :func:`~scmf_loader.partition.partition`
+  (``DistributedSampler`` semantics on whole batches).
+* ``state_dict()`` / ``load_state_dict()`` store ``(epoch, batches_done)``; iteration
+  resumes at exactly the next batch of that epoch.
+
+Memory is O(shards) for an epoch's layout plus O(one shard's blocks) for the shard being
+read, never O(cells): no permutation of the whole dataset is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from scmf_loader.errors import ConfigurationError
+from scmf_loader.partition import Partition, partition, resolve_world
+
+__all__ = ["BatchAwareSampler", "BatchSampler", "BlockShuffleSampler", "SequentialSampler"]
+
+
+def _offsets_of(source: Any) -> np.ndarray:
+    """Cumulative shard offsets of a dataset, a store, or a plain cell count (one shard)."""
+    if isinstance(source, (int, np.integer)):
+        return np.array([0, int(source)], dtype=np.int64)
+    return np.asarray(source.shard_offsets, dtype=np.int64)
+
+
+def _rng(seed: int, epoch: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, *keys]))
+
+
+class _Layout:
+    """One epoch's layout, all O(shards): shard ``order``, ``full`` batches per shard, a
+    per-shard ``grid`` offset (the sampler's own use) and the tail stream's pieces
+    ``(shard, first global id, length)`` in stream order."""
+
+    def __init__(
+        self, order: np.ndarray, full: np.ndarray, grid: np.ndarray, tails: list[tuple[int, int, int]]
+    ) -> None:
+        self.order = order
+        self.full = full
+        self.grid = grid
+        self.first = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(full[order], out=self.first[1:])
+        tail = np.asarray(tails, dtype=np.int64).reshape(-1, 3)
+        self.tail_starts = tail[:, 1]  # global id of each tail piece's first cell
+        self.tail_cum = np.zeros(len(tail) + 1, dtype=np.int64)
+        np.cumsum(tail[:, 2], out=self.tail_cum[1:])
+
+
+class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
+    """Base of the samplers: distributed split, epochs, random access and resume.
+
+    ``dataset`` is a :class:`~scmf_loader.dataset.CellDataset`, a
+    :class:`~scmf_loader.store.DatasetStore` or a number of cells. ``rank`` and
+    ``world_size`` come from the arguments, else ``torch.distributed``, else the
+    ``RANK``/``WORLD_SIZE`` environment, else ``(0, 1)``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigurationError(f"seed must be an integer >= 0, got {seed!r}")
+        self.shard_offsets = _offsets_of(dataset)
+        self.shard_sizes = np.diff(self.shard_offsets)
+        self.n_cells = int(self.shard_offsets[-1])
+        self.batch_size = batch_size
+        self.drop_last = bool(drop_last)
+        self.seed = seed
+        self.rank, self.world_size = resolve_world(rank, world_size)
+        self.epoch = 0
+        self._start = 0
+        self._done = 0
+        self._layout_cache: tuple[int, _Layout] | None = None
+        self._shard_cache: tuple[tuple[int, int], Any] | None = None
+
+    # ---- epoch arithmetic ---------------------------------------------------------------
+    @property
+    def n_batches(self) -> int:
+        """Batches in one epoch's order, before the split over ranks (the same every epoch)."""
+        full, rest = divmod(self.n_cells, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def partition(self, num_workers: int = 0, worker_id: int = 0) -> Partition:
+        """The positions of the epoch order this rank (and worker) reads."""
+        return partition(
+            self.n_batches, self.world_size, self.rank, drop_last=self.drop_last,
+            num_workers=num_workers, worker_id=worker_id,
+        )
+
+    def __len__(self) -> int:
+        return len(self.partition())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (the shuffle is drawn from ``(seed, epoch)``). Setting the epoch a
+        resume state points at keeps the resume point."""
+        if epoch < 0:
+            raise ConfigurationError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self.epoch:
+            self._start = self._done = 0
+        self.epoch = int(epoch)
+
+    def batch(self, epoch: int, index: int) -> np.ndarray:
+        """Global row ids (int64) of batch ``index`` of the epoch order (random access)."""
+        layout = self._layout(epoch)
+        n_shard_batches = int(layout.first[-1])
+        if index < n_shard_batches:
+            i = int(np.searchsorted(layout.first, index, side="right")) - 1
+            shard = int(layout.order[i])
+            local = self._shard_batch(epoch, shard, index - int(layout.first[i]))
+            return local + self.shard_offsets[shard]
+        lo = (index - n_shard_batches) * self.batch_size
+        hi = min(lo + self.batch_size, int(layout.tail_cum[-1]))
+        return self._stream(layout, lo, hi)
+
+    def batches(self, epoch: int, start: int = 0, num_workers: int = 0, worker_id: int = 0) -> Iterator[np.ndarray]:
+        """This rank's batches of ``epoch`` from its ``start``-th on."""
+        part = self.partition(num_workers, worker_id)
+        for i in range(start, len(part)):
+            yield self.batch(epoch, part[i])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        start, self._start = self._start, 0
+        self._done = start
+        for ids in self.batches(self.epoch, start):
+            self._done += 1
+            yield ids
+
+    # ---- resume -------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": type(self).__name__, "n_cells": self.n_cells, "batch_size": self.batch_size,
+            "drop_last": self.drop_last, "seed": self.seed, "world_size": self.world_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """``epoch``, ``batches_done`` (this rank's batches yielded in that epoch) and the
+        settings a resumed sampler must share (ranks step in lockstep, so any rank's state
+        resumes every rank)."""
+        return {"epoch": self.epoch, "batches_done": self._done, **self._fingerprint()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next iteration starts at batch ``batches_done`` of ``epoch``."""
+        mine = self._fingerprint()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: state {a!r} vs sampler {b!r}" for k, (a, b) in diff.items())
+            raise ConfigurationError(f"cannot resume from a state taken with other settings ({detail})")
+        done = int(state["batches_done"])
+        if not 0 <= done <= len(self):
+            raise ConfigurationError(f"batches_done={done} is outside [0, {len(self)}]")
+        self.epoch = int(state["epoch"])
+        self._start = self._done = done
+
+    # ---- plan pieces (subclasses) -------------------------------------------------------
+    def _layout(self, epoch: int) -> _Layout:
+        if self._layout_cache is None or self._layout_cache[0] != epoch:
+            self._layout_cache = (epoch, self._make_layout(epoch))
+        return self._layout_cache[1]
+
+    def _shard_plan(self, epoch: int, shard: int) -> Any:
+        key = (epoch, shard)
+        if self._shard_cache is None or self._shard_cache[0] != key:
+            self._shard_cache = (key, self._make_shard_plan(epoch, shard))
+        return self._shard_cache[1]
+
+    def _make_layout(self, epoch: int) -> _Layout:
+        raise NotImplementedError
+
+    def _make_shard_plan(self, epoch: int, shard: int) -> Any:
+        raise NotImplementedError
+
+    def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _stream(self, layout: _Layout, lo: int, hi: int) -> np.ndarray:
+        """Global ids of cells ``[lo, hi)`` of the tail stream."""
+        cum = layout.tail_cum
+        i = int(np.searchsorted(cum, lo, side="right")) - 1
+        j = int(np.searchsorted(cum, hi, side="left"))
+        parts = []
+        for p in range(i, j):
+            a = max(lo, int(cum[p])) - int(cum[p]) + int(layout.tail_starts[p])
+            b = min(hi, int(cum[p + 1])) - int(cum[p]) + int(layout.tail_starts[p])
+            parts.append(np.arange(a, b, dtype=np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class SequentialSampler(BatchSampler):
+    """Batches of consecutive cells in dataset order, the same every epoch (for evaluation).
+    A batch crossing a shard boundary is two runs; every other batch is zero copy."""
+
+    def batch(self, epoch: int, index: int) -> np.ndarray:
+        """Global row ids of batch ``index``: ``[index * batch_size, ...)``."""
+        lo = index * self.batch_size
+        return np.arange(lo, min(lo + self.batch_size, self.n_cells), dtype=np.int64)
+
+
+class BlockShuffleSampler(BatchSampler):
+    """Shuffled batches of contiguous blocks (the default when ``shuffle=True``).
+
+    Each epoch draws from ``(seed, epoch)`` a shard order, a random grid offset per shard
+    (so block boundaries move between epochs) and an order of each shard's blocks. A batch
+    is ``batch_size // block_size`` blocks of one shard; with ``block_size == batch_size``
+    (the default) every batch is one contiguous range: a zero-copy view of the memory map.
+    Smaller blocks mix more cells per batch at the cost of one gather. The pre-shuffle of the
+    converter makes any contiguous block a near-uniform sample of the dataset.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, block_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size, **kwargs)
+        block_size = batch_size if block_size is None else block_size
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 or batch_size % block_size:
+            raise ConfigurationError(
+                f"block_size must be a positive divisor of batch_size={batch_size}, got {block_size!r}"
+            )
+        self.block_size = block_size
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {**super()._fingerprint(), "block_size": self.block_size}
+
+    def _make_layout(self, epoch: int) -> _Layout:
+        rng = _rng(self.seed, epoch, 0)
+        sizes = self.shard_sizes
+        order = rng.permutation(len(sizes))
+        offset = rng.integers(0, self.block_size, size=len(sizes))
+        full = np.maximum(sizes - offset, 0) // self.batch_size
+        offset = np.where(full > 0, offset, 0)
+        tails = []
+        for s in order.tolist():
+            base, n, o = int(self.shard_offsets[s]), int(sizes[s]), int(offset[s])
+            end = o + int(full[s]) * self.batch_size
+            if o:
+                tails.append((s, base, o))
+            if end < n:
+                tails.append((s, base + end, n - end))
+        return _Layout(order, full, offset, tails)
+
+    def _make_shard_plan(self, epoch: int, shard: int) -> np.ndarray:
+        layout = self._layout(epoch)
+        k = self.batch_size // self.block_size
+        n_full = int(layout.full[shard])
+        starts = int(layout.grid[shard]) + self.block_size * np.arange(n_full * k, dtype=np.int64)
+        starts = starts[_rng(self.seed, epoch, 1, shard).permutation(len(starts))]
+        return np.sort(starts.reshape(n_full, k), axis=1)
+
+    def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
+        starts = self._shard_plan(epoch, shard)[b]
+        if len(starts) == 1:
+            s = int(starts[0])
+            return np.arange(s, s + self.block_size, dtype=np.int64)
+        return (starts[:, None] + np.arange(self.block_size, dtype=np.int64)).ravel()
+
+
+class BatchAwareSampler(BatchSampler):
+    """Batches whose composition follows an obs column ``key`` (e.g. ``"batch"``, ``"donor"``).
+
+    ``balanced=False``: every batch holds the key's categories in proportion to its shard
+    (a systematic, stratified draw), which after the converter's pre-shuffle is the
+    proportion in the dataset; every cell is still read exactly once per epoch.
+    ``balanced=True``: every batch holds the categories present in its shard in equal
+    numbers (±1); rare categories repeat and common ones are subsampled within an epoch,
+    so per-epoch coverage is not exact. Batches are gathers (one copy per batch). Missing
+    values (code -1) form a category of their own. Left-over cells of each shard (fewer
+    than a batch) form the tail batches as in every sampler.
+    """
+
+    def __init__(self, dataset: Any, key: str = "batch", batch_size: int = 64, *, balanced: bool = False, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size, **kwargs)
+        categories = getattr(dataset, "categories", {})
+        if key not in categories:
+            raise ConfigurationError(f"obs column {key!r} is not kept in this dataset; kept: {list(categories)}")
+        self.dataset = dataset
+        self.key = key
+        self.balanced = bool(balanced)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {**super()._fingerprint(), "key": self.key, "balanced": self.balanced}
+
+    def _make_layout(self, epoch: int) -> _Layout:
+        rng = _rng(self.seed, epoch, 0)
+        sizes = self.shard_sizes
+        order = rng.permutation(len(sizes))
+        rest = sizes % self.batch_size
+        hole = (rng.random(len(sizes)) * (sizes - rest + 1)).astype(np.int64)
+        tails = [
+            (s, int(self.shard_offsets[s] + hole[s]), int(rest[s])) for s in order.tolist() if rest[s]
+        ]
+        return _Layout(order, sizes // self.batch_size, hole, tails)
+
+    def _make_shard_plan(self, epoch: int, shard: int) -> np.ndarray:
+        n, bs = int(self.shard_sizes[shard]), self.batch_size
+        lo = int(self._layout(epoch).grid[shard])
+        hi = lo + n % bs
+        cells = np.concatenate([np.arange(lo, dtype=np.int64), np.arange(hi, n, dtype=np.int64)])
+        codes = np.asarray(self.dataset.obs_codes(shard, self.key))[cells].astype(np.int64)
+        rng = _rng(self.seed, epoch, 2, shard)
+        perm = rng.permutation(len(cells))
+        cells, codes = cells[perm], codes[perm]
+        if self.balanced:
+            chosen = self._balanced(cells, codes, len(cells) // bs, rng)
+        else:
+            chosen = cells[self._stratified(codes, rng)]
+        return np.sort(chosen.reshape(-1, bs), axis=1)
+
+    @staticmethod
+    def _stratified(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Order that spreads each category evenly: cell ``i`` of a category of ``m`` cells
+        gets key ``(i + u) / m`` (``u`` uniform per category); sort by key."""
+        by_cat = np.argsort(codes, kind="stable")
+        cats, first, counts = np.unique(codes[by_cat], return_index=True, return_counts=True)
+        rank = np.empty(len(codes), dtype=np.float64)
+        rank[by_cat] = np.arange(len(codes)) - np.repeat(first, counts)
+        u = rng.random(len(cats))
+        where = np.searchsorted(cats, codes)
+        return np.argsort((rank + u[where]) / counts[where], kind="stable")
+
+    def _balanced(self, cells: np.ndarray, codes: np.ndarray, n_batches: int, rng: np.random.Generator) -> np.ndarray:
+        """``n_batches * batch_size`` cells, each batch with equal numbers (±1) of every
+        category present; each category's cells are drawn cyclically in shuffled order."""
+        bs = self.batch_size
+        cats = np.unique(codes)
+        quota = np.full((n_batches, len(cats)), bs // len(cats), dtype=np.int64)
+        extra = bs % len(cats)
+        if extra:
+            pick = np.argsort(rng.random((n_batches, len(cats))), axis=1)[:, :extra]
+            np.put_along_axis(quota, pick, bs // len(cats) + 1, axis=1)
+        batch_of, drawn = [], []
+        for j, c in enumerate(cats.tolist()):
+            pool = cells[codes == c]
+            need = int(quota[:, j].sum())
+            drawn.append(np.resize(pool, need))
+            batch_of.append(np.repeat(np.arange(n_batches), quota[:, j]))
+        order = np.argsort(np.concatenate(batch_of), kind="stable")
+        return np.concatenate(drawn)[order]
+
+    def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
+        return self._shard_plan(epoch, shard)[b]
