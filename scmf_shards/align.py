@@ -71,16 +71,41 @@ def build_alignment(genes: Sequence[str], vocab: GeneVocab, source: str) -> Gene
     )
 
 
+def column_map(alignment: GeneAlignment) -> np.ndarray:
+    """Source column -> vocabulary id (int32), ``-1`` for columns outside the vocabulary."""
+    cmap = np.full(alignment.n_source_genes, -1, dtype=np.int32)
+    cmap[alignment.keep_columns] = alignment.vocab_ids
+    return cmap
+
+
 def align_rows(matrix: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
     """Restrict a CSR chunk over source genes to the kept columns and renumber them to
-    vocabulary ids. The result has sorted, vocabulary-id indices in every row and explicit
-    zeros removed; its column count is the largest vocabulary id + 1."""
-    sub = matrix[:, alignment.keep_columns]
-    if not isinstance(sub, sp.csr_matrix):
-        sub = sp.csr_matrix(sub)
-    sub.sum_duplicates()  # sorts indices in place, canonical form
-    sub.eliminate_zeros()
+    vocabulary ids. The result has sorted, vocabulary-id indices in every row, no explicit
+    zeros and no duplicates; its column count is the largest vocabulary id + 1.
+
+    Vectorised: one gather through the column map, one mask; rows are re-sorted (scipy's
+    per-row sort) only when the source's gene order differs from the vocabulary's."""
+    n_rows = matrix.shape[0]
     n_cols = int(alignment.vocab_ids[-1]) + 1
-    return sp.csr_matrix(
-        (sub.data, alignment.vocab_ids[sub.indices], sub.indptr), shape=(sub.shape[0], n_cols)
-    )
+    if not matrix.has_canonical_format:
+        matrix = matrix.copy()
+        matrix.sum_duplicates()  # duplicates summed, indices sorted
+    new_idx = column_map(alignment)[matrix.indices]
+    keep = new_idx >= 0
+    keep &= matrix.data != 0
+    indptr = np.asarray(matrix.indptr, dtype=np.int64)
+    if keep.all():
+        data, indices = matrix.data, new_idx
+    else:
+        data, indices = matrix.data[keep], new_idx[keep]
+        dropped = np.flatnonzero(~keep)
+        rows = np.searchsorted(indptr, dropped, side="right") - 1
+        per_row = np.bincount(rows, minlength=n_rows)
+        shift = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(per_row, out=shift[1:])
+        indptr = indptr - shift
+    out = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
+    if not alignment.is_identity_order:
+        out.has_sorted_indices = False
+        out.sort_indices()
+    return out

@@ -34,11 +34,16 @@ from scmf_loader.format import (
 __all__ = ["write_shard"]
 
 
-def _raw_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
+def _raw_array(group: zarr.Group, root: Path, name: str, values: np.ndarray) -> None:
+    """Create a one-chunk, uncompressed zarr v3 array and write its chunk file directly.
+
+    The chunk file of such an array is exactly the array's little-endian bytes (the format's
+    ``raw`` layout, see docs/format.md); writing it ourselves avoids zarr's codec pipeline,
+    which was ~6x slower than a plain file write for large arrays."""
     values = np.ascontiguousarray(values)
-    if values.dtype.byteorder == ">":
+    if values.dtype.byteorder == ">" or (values.dtype.byteorder == "=" and np.little_endian is False):
         values = values.astype(values.dtype.newbyteorder("<"))
-    arr = group.create_array(
+    group.create_array(
         name,
         shape=values.shape,
         dtype=values.dtype,
@@ -48,7 +53,10 @@ def _raw_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
         fill_value=0,
     )
     if values.size:
-        arr[...] = values
+        chunk = root / "X" / shard_array_relpath(name).split("/", 1)[1]
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        with open(chunk, "wb") as f:
+            f.write(memoryview(values).cast("B"))
 
 
 def _sha256(a: np.ndarray) -> str:
@@ -105,9 +113,9 @@ def write_shard(
             g.attrs.update(
                 {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]}
             )
-            _raw_array(g, "data", data)
-            _raw_array(g, "indices", indices)
-            _raw_array(g, "indptr", indptr)
+            _raw_array(g, tmp, "data", data)
+            _raw_array(g, tmp, "indices", indices)
+            _raw_array(g, tmp, "indptr", indptr)
             return
         func(store, elem_name, elem, dataset_kwargs=dataset_kwargs)
 
