@@ -173,6 +173,9 @@ class CensusQuery:
         self._handles: tuple[Any, Any] | None = None
         self._pid = os.getpid()
         self._arrays: tuple[np.ndarray, np.ndarray, list[str]] | None = None
+        #: keep the joinid arrays when pickled (one copy per DataLoader worker) instead of
+        #: re-running the query in the new process (one copy per converter task)
+        self.pickle_arrays = False
         self.census_version = ""  # set while resolving; used in messages
         self.census_version = self._resolve()
         exp = self.experiment()
@@ -393,7 +396,8 @@ class CensusQuery:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_handles"] = None
-        state["_arrays"] = None
+        if not self.pickle_arrays:
+            state["_arrays"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

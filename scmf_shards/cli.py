@@ -130,6 +130,59 @@ def h5ad_cmd(ctx: click.Context, inputs: tuple[str, ...], config_path: str | Non
         )
 
 
+CENSUS_SOURCES = ("cellxgene_census", "census")
+
+
+@main.command("census")
+@common_options
+@click.option("--organism", type=str, default=None, help="homo_sapiens (default) or mus_musculus.")
+@click.option("--census-version", type=str, default=None,
+              help="Census release: a date (2025-11-08), or stable/latest (resolved and recorded) "
+                   "[stable; with --uri, the root's own build date].")
+@click.option("--obs-filter", type=str, default=None,
+              help="SOMA obs value filter, e.g. \"tissue in ['lung','heart'] and is_primary_data == True\".")
+@click.option("--var-filter", type=str, default=None, help="SOMA var value filter (genes to keep).")
+@click.option("--uri", type=str, default=None,
+              help="A Census-shaped SOMA root (local path or s3://) instead of the public Census.")
+@click.pass_context
+@_handle_errors
+def census_cmd(ctx: click.Context, config_path: str | None, **_: Any) -> None:
+    """Convert the cells of a CELLxGENE Census query into a dataset directory."""
+    import os
+
+    from scmf_shards.config import load_config
+    from scmf_shards.options import ConvertOptions
+    from scmf_shards.sources.census import DEFAULT_OBS_COLUMNS, convert_census
+
+    config = load_config(config_path) if config_path else {}
+    if config.get("source", CENSUS_SOURCES[0]) not in CENSUS_SOURCES:
+        raise ScmfError(f"{config_path}: source is {config['source']!r}; use 'scmf-convert h5ad'")
+    output = ctx.params["output"] if _explicit(ctx, "output") else config.get("output")
+    if not output:
+        raise ScmfError("no output directory: give --output or 'output:' in --config")
+    query = _merge(ctx, config, ["organism", "census_version", "obs_filter", "var_filter", "uri"])
+    if "uri" in query and not _explicit(ctx, "uri") and config_path:
+        uri = str(query["uri"])
+        if "://" not in uri and not os.path.isabs(uri):  # relative to the config file
+            query["uri"] = os.path.join(os.path.dirname(os.path.abspath(config_path)), uri)
+    filters = config.get("filters")
+    if filters is not None and not isinstance(filters, dict):
+        raise ScmfError(f"{config_path}: 'filters' must be a mapping of obs column -> value(s)")
+    opts = _merge(ctx, config, OPTION_NAMES)
+    opts["obs_columns"] = _split_columns(opts.get("obs_columns")) or DEFAULT_OBS_COLUMNS
+    if "preprocessing" in config:
+        opts["preprocessing"] = config["preprocessing"]
+    options = ConvertOptions(**opts)
+    manifest = convert_census(output, options, filters=filters, **query)
+    if not options.quiet:
+        src = manifest.sources[0].extra
+        click.echo(
+            f"wrote {output}: {manifest.n_cells:,} cells from Census {src.get('census_version')} "
+            f"{src.get('organism')}, {len(manifest.shards)} shards, nnz {manifest.nnz:,}, "
+            f"id {manifest.dataset_id}"
+        )
+
+
 @main.command("verify")
 @click.argument("directory", type=str)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
