@@ -74,13 +74,15 @@ def source_fingerprint(path: str) -> tuple[int, str]:
         opener: Any = fsspec.open(path, "rb")
     else:
         opener = open(_local_path(path), "rb")  # noqa: SIM115
+    buf = bytearray(8 << 20)  # one reused buffer: no per-block allocation
+    view = memoryview(buf)
     with opener as f:
         while True:
-            block = f.read(8 << 20)
-            if not block:
+            n = f.readinto(buf)
+            if not n:
                 break
-            size += len(block)
-            h.update(block)
+            size += n
+            h.update(view[:n])
     return size, h.hexdigest()
 
 
