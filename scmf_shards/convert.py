@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -73,6 +74,31 @@ TMP_DIR = ".scmf-tmp"
 LOCK_NAME = ".scmf-lock"
 CELL_STATS = ("library_size",)
 _FLOAT32_EXACT = 2**24
+FAULT_ENV = "SCMF_FAULT_AFTER"
+_fault_calls = 0
+
+
+def _fault_point(label: str) -> None:
+    """Crash-test hook, inert unless ``SCMF_FAULT_AFTER=N[:STOP]`` is set in the environment.
+
+    Called right after each file operation of a conversion (``label`` names it, for tests
+    that count the points). The N-th call in this process sends the process SIGKILL (a crash
+    at a deterministic point) or, with ``:STOP``, SIGSTOP (it holds the lock until SIGCONT).
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    global _fault_calls
+    _fault_calls += 1
+    n, _, how = spec.partition(":")
+    if _fault_calls == int(n):
+        os.kill(os.getpid(), signal.SIGSTOP if how == "STOP" else signal.SIGKILL)
+
+
+def _attempt_name(path: Path) -> Path:
+    """A temporary sibling of ``path`` unique to this attempt: a task of a killed driver that
+    still runs on a remote worker never writes into the temporary files of its re-run."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def _created_by() -> str:
@@ -181,17 +207,24 @@ def run_scatter(task: ScatterTask) -> int:
         codes = np.stack([_codes(rows.obs[c], task.categories[c])[order] for c in task.obs_columns], axis=1)
     else:
         codes = np.zeros((len(order), 0), dtype=np.int32)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _attempt_name(out)
     tmp.mkdir(parents=True)
     np.save(tmp / "data.npy", aligned.data.astype(task.dtype, copy=False))
+    _fault_point("scatter:partial")
     np.save(tmp / "indices.npy", aligned.indices.astype(np.int32, copy=False))
     np.save(tmp / "indptr.npy", aligned.indptr.astype(np.int64, copy=False))
     np.save(tmp / "cells.npy", np.asarray(rows.cell_ids[order], dtype=str))
     np.save(tmp / "library_size.npy", library_size[order])
     np.save(tmp / "codes.npy", codes)
     np.save(tmp / "offsets.npy", offsets)
-    os.replace(tmp, out)
+    _fault_point("scatter:written")
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another attempt of this task finished first: same bytes, keep its bucket
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fault_point("scatter:renamed")
     return len(offsets)
 
 
@@ -205,23 +238,27 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         entry = _shard_entry_from_dict(json.loads(record.read_text()))
         if _shard_verifies(out_dir, entry):
             return asdict_entry(entry)
-    pieces = []  # (data mmap, indices mmap, row starts, row stops, cells, lib, codes, source)
+    pieces = []  # (data, indices, row starts, row stops, cells, lib, codes, source)
     for c, source_index in zip(task.chunks, task.chunk_sources, strict=True):
         b = _bucket_path(task.tmp_dir, c)
         offsets = np.load(b / "offsets.npy")
         lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
         if hi == lo:
             continue
-        indptr = np.load(b / "indptr.npy", mmap_mode="r")[lo : hi + 1]
+        # Copy just this shard's rows out of each bucket file and let its map go: memory is
+        # bounded by the shard, and no file stays open (a dataset of thousands of chunks
+        # would otherwise hold five maps per chunk and exhaust file descriptors).
+        indptr = _rows(b / "indptr.npy", lo, hi + 1)
+        a0, a1 = int(indptr[0]), int(indptr[-1])
         pieces.append(
             (
-                np.load(b / "data.npy", mmap_mode="r").view(np.ndarray),  # plain views slice fast
-                np.load(b / "indices.npy", mmap_mode="r").view(np.ndarray),
-                np.asarray(indptr[:-1]),
-                np.asarray(indptr[1:]),
-                np.load(b / "cells.npy", mmap_mode="r")[lo:hi],
-                np.load(b / "library_size.npy", mmap_mode="r")[lo:hi],
-                np.load(b / "codes.npy", mmap_mode="r")[lo:hi],
+                _rows(b / "data.npy", a0, a1),
+                _rows(b / "indices.npy", a0, a1),
+                indptr[:-1] - a0,
+                indptr[1:] - a0,
+                _rows(b / "cells.npy", lo, hi),
+                _rows(b / "library_size.npy", lo, hi),
+                _rows(b / "codes.npy", lo, hi),
                 source_index,
             )
         )
@@ -267,11 +304,19 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         var_names=_vocab_tokens(task.tmp_dir, task.vocab_sha256),
         numeric_obs={"library_size": library_size},
     )
+    _fault_point("gather:shard")
     d = asdict_entry(entry)
-    tmp_record = record.with_name(record.name + ".tmp")
+    tmp_record = _attempt_name(record)
     tmp_record.write_text(json.dumps(d))
+    _fault_point("gather:record-tmp")
     os.replace(tmp_record, record)
+    _fault_point("gather:record")
     return d
+
+
+def _rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a ``.npy`` file, copied into memory; the file is closed."""
+    return np.array(np.load(path, mmap_mode="r")[start:stop])
 
 
 @lru_cache(maxsize=4)
@@ -342,6 +387,7 @@ def _prepare_output(out: Path, dataset_id: str, overwrite: bool) -> Manifest | N
         except ManifestError:
             existing = None
         if existing is not None and existing.dataset_id == dataset_id and not overwrite:
+            _remove_leftovers(out, entries)  # a run killed after writing its manifest
             return existing
         if not overwrite:
             found = existing.dataset_id if existing else "an unreadable manifest"
@@ -351,10 +397,12 @@ def _prepare_output(out: Path, dataset_id: str, overwrite: bool) -> Manifest | N
             )
     elif TMP_DIR in entries:
         plan = out / TMP_DIR / "plan.json"
-        same = plan.is_file() and json.loads(plan.read_text()).get("dataset_id") == dataset_id
+        planned = plan.is_file()  # written first: without it the run was killed before any work
+        same = planned and json.loads(plan.read_text()).get("dataset_id") == dataset_id
         if same and not overwrite:
+            _remove_leftovers(out, entries)
             return None  # resume an interrupted conversion
-        if not overwrite:
+        if planned and not overwrite:
             raise DatasetExistsError(
                 f"{out}: holds an unfinished conversion of a different dataset; "
                 "use --overwrite to discard it or choose another --output"
@@ -371,6 +419,16 @@ def _prepare_output(out: Path, dataset_id: str, overwrite: bool) -> Manifest | N
         else:
             p.unlink()
     return None
+
+
+def _remove_leftovers(out: Path, entries: set[str]) -> None:
+    """Delete what a killed run may leave beside its results: half-written manifest and
+    vocabulary temporaries, and the scratch directory once the manifest exists."""
+    for name in entries:
+        if name.startswith(f".{MANIFEST_NAME}.tmp") or name == VOCAB_NAME + ".tmp":
+            (out / name).unlink(missing_ok=True)
+    if MANIFEST_NAME in entries and TMP_DIR in entries:
+        shutil.rmtree(out / TMP_DIR)
 
 
 def convert_h5ad(
@@ -455,17 +513,20 @@ def _run(
     runner: TaskRunner,
 ) -> Manifest:
     tmp = out / TMP_DIR
-    (tmp / "buckets").mkdir(parents=True, exist_ok=True)
-    (tmp / "shards").mkdir(parents=True, exist_ok=True)
-    (out / SHARDS_DIR).mkdir(exist_ok=True)
     chunks = plan_chunks([s.n_cells for s in sources], options.chunk_size)
     n_cells = sum(s.n_cells for s in sources)
     sizes = shard_sizes(n_cells, options.shard_size)
     table = assignment_table([c.n_cells for c in chunks], sizes, options.seed, options.shuffle)
-    vocab.save(tmp / VOCAB_NAME)
+    tmp.mkdir(exist_ok=True)
     plan_doc = {"dataset_id": dataset_id, "chunk_sources": [c.source for c in chunks]}
     (tmp / "plan.json.tmp").write_text(json.dumps(plan_doc))
-    os.replace(tmp / "plan.json.tmp", tmp / "plan.json")
+    os.replace(tmp / "plan.json.tmp", tmp / "plan.json")  # first: marks the scratch as ours
+    _fault_point("driver:plan")
+    (tmp / "buckets").mkdir(exist_ok=True)
+    (tmp / "shards").mkdir(exist_ok=True)
+    (out / SHARDS_DIR).mkdir(exist_ok=True)
+    vocab.save(tmp / VOCAB_NAME)
+    _fault_point("driver:vocab")
 
     scatter = [
         ScatterTask(
@@ -507,7 +568,9 @@ def _run(
 
     vocab_path = out / VOCAB_NAME
     shutil.copyfile(tmp / VOCAB_NAME, out / (VOCAB_NAME + ".tmp"))
+    _fault_point("driver:vocab-tmp")
     os.replace(out / (VOCAB_NAME + ".tmp"), vocab_path)
+    _fault_point("driver:vocab-out")
     source_entries = []
     for n, src, a, fp in zip(names, sources, alignments, fingerprints, strict=True):
         extra = {"name": n, **src.manifest_fields(fp)}
@@ -536,5 +599,6 @@ def _run(
         shards=shards,
     )
     write_manifest(out, manifest)
+    _fault_point("driver:manifest")
     shutil.rmtree(tmp)
     return manifest
