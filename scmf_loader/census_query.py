@@ -311,6 +311,8 @@ class CensusQuery:
         """The open SOMA Experiment, (re)opened in this process when needed (copies of one
         query unpickled in the same process share one handle and one set of joinids)."""
         if self._handles is None or self._pid != os.getpid():
+            if self._handles is not None:  # inherited through fork: never touch, never free
+                _INHERITED.append(self._handles)
             self._handles = None
             cached = _PROCESS_CACHE.get(self._cache_key())
             if cached is not None and cached[0] == os.getpid() and cached[1] is not None:
@@ -488,6 +490,9 @@ class CensusQuery:
 #: per process: query key -> (pid, SOMA handles, (obs joinids, var joinids, genes))
 _PROCESS_CACHE: dict[tuple[Any, ...], tuple[int, Any, Any]] = {}
 _CACHE_SIZE = 4
+#: SOMA handles a forked process inherited from its parent. TileDB objects must not be
+#: used or destroyed in a forked child (that crashes), so they are kept alive, unused.
+_INHERITED: list[Any] = []
 
 
 def _remember(key: tuple[Any, ...], handles: Any, arrays: Any) -> None:
@@ -495,8 +500,12 @@ def _remember(key: tuple[Any, ...], handles: Any, arrays: Any) -> None:
     if old is not None and old[0] == os.getpid():
         handles = handles if handles is not None else old[1]
         arrays = arrays if arrays is not None else old[2]
+    elif old is not None:
+        _INHERITED.append(old[1])
     while len(_PROCESS_CACHE) >= _CACHE_SIZE:
-        del _PROCESS_CACHE[next(iter(_PROCESS_CACHE))]
+        evicted = _PROCESS_CACHE.pop(next(iter(_PROCESS_CACHE)))
+        if evicted[0] != os.getpid():
+            _INHERITED.append(evicted[1])
     _PROCESS_CACHE[key] = (os.getpid(), handles, arrays)
 
 

@@ -1,0 +1,235 @@
+"""CensusDataset, offline: batches equal the source data; every cell once per epoch across
+ranks and DataLoader workers; seeded block shuffle; the CellDataset batch and item formats;
+lazy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+
+if TYPE_CHECKING:
+    from census_fixtures import CensusRoot
+
+pytest_plugins = ["census_fixtures"]
+
+FILTER = "tissue in ['lung', 'heart'] and is_primary_data == True"
+
+
+def _mask(root: CensusRoot) -> np.ndarray:
+    obs = root.adata.obs
+    return np.asarray(obs["tissue"].isin(["lung", "heart"]) & obs["is_primary_data"], dtype=bool)
+
+
+def _dataset(root: CensusRoot, **kwargs: Any) -> Any:
+    from scmf_loader.census import CensusDataset
+
+    kwargs.setdefault("obs_filter", FILTER)
+    kwargs.setdefault("batch_size", 16)
+    return CensusDataset(uri=root.uri, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(census_root: CensusRoot) -> dict[int, dict[int, float]]:
+    """joinid -> {vocabulary id: count} over the human protein-coding vocabulary, from the
+    AnnData that was ingested (independent of the Census code)."""
+    from scmf_loader.vocab import GeneVocab
+
+    ids = GeneVocab.human_protein_coding().encode(census_root.adata.var_names)
+    x = census_root.adata.X.tocsr()
+    out = {}
+    for j in range(x.shape[0]):
+        row = x[j]
+        out[j] = {int(ids[c]): float(v) for c, v in zip(row.indices, row.data, strict=True) if ids[c] != 1}
+    return out
+
+
+def _check_batch(ds: Any, batch: Any, root: CensusRoot, reference: dict[int, dict[int, float]]) -> None:
+    from scmf_loader.batch import CSRBatch
+
+    assert isinstance(batch, CSRBatch)
+    assert batch.n_genes == len(ds.vocab)
+    indptr = batch.indptr.numpy()
+    indices = batch.indices.numpy()
+    values = batch.values.numpy()
+    assert indptr[0] == 0
+    assert indptr[-1] == len(indices) == len(values)
+    obs = root.adata.obs
+    x = root.adata.X.tocsr()
+    for r, j in enumerate(batch.cell_ids.tolist()):
+        idx, val = indices[indptr[r] : indptr[r + 1]], values[indptr[r] : indptr[r + 1]]
+        assert np.all(np.diff(idx) > 0)  # sorted vocabulary ids
+        assert dict(zip(idx.tolist(), val.tolist(), strict=True)) == reference[j]
+        assert batch.stats["library_size"][r].item() == pytest.approx(float(x[j].sum()))
+        for c in ds.obs_columns:
+            assert ds.decode(c, batch.obs[c][r : r + 1]) == [obs[c].iloc[j]]
+
+
+def test_batches_equal_the_source(census_root: CensusRoot, reference: dict[int, dict[int, float]]) -> None:
+    ds = _dataset(census_root, seed=1)
+    assert ds.census_version == census_root.build_date
+    assert ds.n_cells == int(_mask(census_root).sum())
+    seen: list[int] = []
+    for batch in ds:
+        _check_batch(ds, batch, census_root, reference)
+        seen.extend(batch.cell_ids.tolist())
+    assert len(ds) == -(-ds.n_cells // 16)
+    assert sorted(seen) == np.flatnonzero(_mask(census_root)).tolist()  # each cell once
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+def test_every_cell_once_across_ranks_and_workers(
+    census_root: CensusRoot, world_size: int, num_workers: int
+) -> None:
+    expected = np.flatnonzero(_mask(census_root)).tolist()
+    # drop_last=False: DistributedSampler semantics, the epoch padded by repeating its
+    # first batches so that every rank reads as many batches
+    per_rank: list[list[np.ndarray]] = []
+    for rank in range(world_size):
+        ds = _dataset(census_root, batch_size=10, seed=7, rank=rank, world_size=world_size)
+        ds.set_epoch(2)
+        mine = []
+        for w in range(max(num_workers, 1)):
+            mine.extend(b.cell_ids.numpy() for b in ds.batches(num_workers, w))
+        assert len(mine) == len(ds)
+        per_rank.append(mine)
+    assert len({len(m) for m in per_rank}) == 1
+    cells = np.concatenate([np.concatenate(m) for m in per_rank])
+    n_batches = -(-len(expected) // 10)
+    padding = len(per_rank[0]) * world_size - n_batches
+    unique, counts = np.unique(cells, return_counts=True)
+    assert unique.tolist() == expected
+    assert (counts > 1).sum() <= padding * 10
+    if padding == 0:
+        assert counts.max() == 1
+    # drop_last=True: no cell twice, the same number of batches on every rank
+    cells_dl: list[int] = []
+    lens = set()
+    for rank in range(world_size):
+        ds = _dataset(census_root, batch_size=10, seed=7, rank=rank, world_size=world_size, drop_last=True)
+        lens.add(len(ds))
+        for w in range(max(num_workers, 1)):
+            cells_dl.extend(c for b in ds.batches(num_workers, w) for c in b.cell_ids.tolist())
+    assert len(lens) == 1
+    assert len(cells_dl) == len(set(cells_dl)) == len(expected) // 10 // world_size * world_size * 10
+
+
+def test_dataloader_workers(census_root: CensusRoot) -> None:
+    import torch
+
+    ds = _dataset(census_root, batch_size=8, seed=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    cells = [c for b in loader for c in b.cell_ids.tolist()]
+    assert sorted(cells) == np.flatnonzero(_mask(census_root)).tolist()
+
+
+def test_seeded_block_shuffle(census_root: CensusRoot) -> None:
+    a = _dataset(census_root, seed=5, block_size=4)
+    b = _dataset(census_root, seed=5, block_size=4)
+    first = [c for batch in a for c in batch.cell_ids.tolist()]
+    assert first == [c for batch in b for c in batch.cell_ids.tolist()]
+    a.set_epoch(1)
+    second = [c for batch in a for c in batch.cell_ids.tolist()]
+    assert second != first
+    assert sorted(second) == sorted(first)
+    c = _dataset(census_root, seed=6, block_size=4)
+    assert [x for batch in c for x in batch.cell_ids.tolist()] != first
+    # a batch is batch_size // block_size runs of consecutive joinids of the query
+    joinids = np.flatnonzero(_mask(census_root))
+    pos = np.searchsorted(joinids, next(iter(a)).cell_ids.numpy())
+    assert (np.diff(pos) != 1).sum() <= 16 // 4 - 1
+    sequential = _dataset(census_root, shuffle=False)
+    assert [x for batch in sequential for x in batch.cell_ids.tolist()] == joinids.tolist()
+
+
+def test_single_cell_items(census_root: CensusRoot, reference: dict[int, dict[int, float]]) -> None:
+    ds = _dataset(census_root, batch_size=None, seed=2, max_genes=3)
+    items = list(ds)
+    assert len(items) == len(ds) == ds.n_cells
+    item = items[0]
+    assert set(item) == {"expression", "gene_indices", "n_genes", "metadata"}
+    assert item["n_genes"] == len(item["expression"]) <= 3
+    assert set(item["metadata"]) == set(ds.obs_columns)
+    full = _dataset(census_root, batch_size=None, seed=2)
+    for cell in list(full)[:20]:
+        genes = cell["gene_indices"].tolist()
+        assert genes == sorted(genes)
+        matches = [j for j, ref in reference.items() if ref == dict(zip(genes, cell["expression"].tolist(), strict=True))]
+        assert matches
+
+
+def test_same_batches_as_cell_dataset_over_the_conversion(
+    census_root: CensusRoot, tmp_path: Path
+) -> None:
+    from scmf_loader.dataset import CellDataset
+    from scmf_shards.sources.census import convert_census
+
+    out = tmp_path / "ds"
+    convert_census(out, uri=census_root.uri, obs_filter=FILTER, quiet=True, shard_size=50)
+    cell_ds = CellDataset(out)
+    census_ds = _dataset(census_root, shuffle=False, batch_size=1000)
+    (streamed,) = list(census_ds)
+    converted = cell_ds[np.arange(len(cell_ds))]
+    assert cell_ds.vocab == census_ds.vocab
+    by_name = {n: i for i, n in enumerate(cell_ds.cell_names(np.arange(len(cell_ds))))}
+    s_ptr, c_ptr = streamed.indptr.numpy(), converted.indptr.numpy()
+    for r, name in enumerate(census_ds.cell_names(streamed.cell_ids)):
+        i = by_name[name]
+        np.testing.assert_array_equal(
+            streamed.indices[s_ptr[r] : s_ptr[r + 1]].numpy(), converted.indices[c_ptr[i] : c_ptr[i + 1]].numpy())
+        np.testing.assert_array_equal(
+            streamed.values[s_ptr[r] : s_ptr[r + 1]].numpy(), converted.values[c_ptr[i] : c_ptr[i + 1]].numpy())
+        assert streamed.stats["library_size"][r].item() == converted.stats["library_size"][i].item()
+        for c in census_ds.obs_columns:
+            assert census_ds.decode(c, streamed.obs[c][r : r + 1]) == cell_ds.decode(c, converted.obs[c][i : i + 1])
+
+
+def test_preprocessing_and_errors(census_root: CensusRoot) -> None:
+    from scmf_loader.errors import ConfigurationError, InvalidInputError, VocabularyError
+
+    seen = []
+
+    def scale(batch: Any) -> Any:
+        seen.append(len(batch))
+        batch.values = batch.values * 2
+        return batch
+
+    ds = _dataset(census_root, preprocessing=scale, shuffle=False)
+    plain = _dataset(census_root, shuffle=False)
+    for a, b in zip(ds, plain, strict=True):
+        np.testing.assert_array_equal(a.values.numpy(), 2 * b.values.numpy())
+    assert sum(seen) == ds.n_cells
+    with pytest.raises(InvalidInputError, match="obs has no column"):
+        _dataset(census_root, obs_columns=["no_such_column"])
+    with pytest.raises(VocabularyError, match="none of its 2 genes"):
+        _dataset(census_root, var_filter="feature_id in ['ENSG00000999998', 'ENSG00000999999']")
+    with pytest.raises(InvalidInputError, match="selects no cells"):
+        _dataset(census_root, obs_filter="tissue == 'brain'")
+    with pytest.raises(ConfigurationError, match="rank"):
+        _dataset(census_root, rank=2, world_size=2)
+    with pytest.raises(ConfigurationError, match="epoch"):
+        ds.set_epoch(-1)
+
+
+def test_union_vocabulary(census_root: CensusRoot) -> None:
+    ds = _dataset(census_root, gene_vocab="union", shuffle=False)
+    assert len(ds.vocab) == 4 + census_root.adata.n_vars
+    batch = next(iter(ds))
+    assert batch.n_genes == len(ds.vocab)
+
+
+def test_imports_stay_lazy() -> None:
+    code = (
+        "import sys, scmf_loader\n"
+        "assert 'scmf_loader.census' not in sys.modules\n"
+        "import scmf_loader.census\n"
+        "heavy = [m for m in ('tiledbsoma', 'cellxgene_census', 'anndata', 'click', 'scipy', "
+        "'scmf_shards') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
