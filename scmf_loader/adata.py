@@ -131,7 +131,8 @@ class AnnDataSource:
         self.vocab = gene_vocab
         if obs_columns is None:
             common = set.intersection(*(set(_categorical_columns(a)) for a in adatas))
-            obs_columns = [c for c in _categorical_columns(adatas[0]) if c in common and c != "source"]
+            obs_columns = [c for c in _categorical_columns(adatas[0]) if c in common]
+        obs_columns = [c for c in obs_columns if c != "source"]  # always kept, from the input names
         for n, a in zip(names, adatas, strict=True):
             missing = [c for c in obs_columns if c not in a.obs.columns]
             if missing:

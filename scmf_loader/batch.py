@@ -25,24 +25,27 @@ from scmf_loader.vocab import CLS_ID, PAD_ID
 __all__ = ["CSRBatch", "as_tensor", "gather_rows"]
 
 TRUNCATIONS = ("top", "random")
-_readonly_warned = False
+_silenced: set[str] = set()
+
+
+def _quiet_once(message: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with torch's warn-once ``message`` silenced on the first call only
+    (torch emits it once per process, so later calls need no filter and pay nothing)."""
+    if message in _silenced:
+        return fn(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message)
+        out = fn(*args, **kwargs)
+    _silenced.add(message)
+    return out
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` that also takes read-only arrays (views of a memory map).
-
-    torch warns once per process that writing through such a tensor is undefined; the
-    warning is silenced on that first call only (later calls do not warn), so the hot
-    path pays nothing for it.
-    """
-    global _readonly_warned
-    if a.flags.writeable or _readonly_warned:
+    """``torch.from_numpy`` that also takes read-only arrays (views of a memory map)
+    without torch's warning that writing through such a tensor is undefined."""
+    if a.flags.writeable:
         return torch.from_numpy(a)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(a)
-    _readonly_warned = True
-    return t
+    return _quiet_once("The given NumPy array is not writable", torch.from_numpy, a)
 
 
 def gather_rows(
@@ -157,7 +160,11 @@ class CSRBatch:
             crow, col = self.indptr.to(torch.int32), self.indices
         else:
             crow, col = self.indptr, self.indices.to(torch.int64)
-        return torch.sparse_csr_tensor(crow, col, self.values, size=self.shape)
+        # the format guarantees the invariants (sorted, in range): skip the O(nnz) check
+        return _quiet_once(
+            "Sparse CSR tensor support is in beta state", torch.sparse_csr_tensor,
+            crow, col, self.values, size=self.shape, check_invariants=False,
+        )
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A dense ``(cells, n_genes)`` matrix (``values``' dtype unless ``dtype`` is given)."""

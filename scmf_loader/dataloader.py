@@ -1,0 +1,251 @@
+"""``CellDataLoader``: a ``torch.utils.data.DataLoader`` set up for whole-batch reads.
+
+The sampler yields whole batches (``batch_size=None`` in the DataLoader: no per-cell
+collation); a worker reads one batch per request; the DataLoader hands requests to workers
+round-robin and returns results in order, so workers split each rank's batches with no
+duplicate and no loss. Epochs, the resume point and the shuffle live in the main process
+(``set_epoch`` works with persistent workers).
+
+Moving a batch between processes costs more than building it (DESIGN.md §7), so a worker
+asked for a zero-copy CSR batch (one contiguous range of one shard, no preprocessing)
+returns only a reference and the main process views its own memory map: the worker path
+stays correct and cheap, and ``num_workers=0`` is the fast default for ``output="csr"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from scmf_loader.batch import TRUNCATIONS, CSRBatch
+from scmf_loader.dataset import CellDataset
+from scmf_loader.errors import ConfigurationError
+from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSampler
+
+__all__ = ["OUTPUTS", "CellDataLoader"]
+
+OUTPUTS = ("csr", "padded", "dense")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One batch to read: its epoch, its position in this rank's share, its cell ids."""
+
+    epoch: int
+    position: int
+    ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A worker's answer for a zero-copy batch: the main process builds the views."""
+
+    request: _Request
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Requests(torch.utils.data.Sampler[_Request]):
+    """Tags the wrapped sampler's batches of one epoch, from a start position on."""
+
+    def __init__(self, sampler: BatchSampler) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start
+
+    def __iter__(self) -> Iterator[_Request]:
+        for i, ids in enumerate(self.sampler.batches(self.epoch, self.start), start=self.start):
+            yield _Request(self.epoch, i, ids)
+
+
+class _Fetcher(torch.utils.data.Dataset):
+    """What workers run: read one requested batch and convert it to the chosen output."""
+
+    def __init__(self, dataset: CellDataset, output: str, max_genes: int | None, add_cls: bool,
+                 truncation: str, seed: int, rank: int) -> None:
+        self.dataset = dataset
+        self.output = output
+        self.max_genes = max_genes
+        self.add_cls = add_cls
+        self.truncation = truncation
+        self.seed = seed
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _zero_copy(self, ids: np.ndarray) -> bool:
+        ds = self.dataset
+        if self.output != "csr" or ds.preprocessing is not None or ds.store is None or not len(ids):
+            return False
+        if ids[-1] - ids[0] != len(ids) - 1:
+            return False
+        shard = int(np.searchsorted(ds.shard_offsets, ids[0], side="right")) - 1
+        return bool(ids[-1] < ds.shard_offsets[shard + 1] and (np.diff(ids) == 1).all())
+
+    def __getitem__(self, request: _Request) -> Any:
+        if torch.utils.data.get_worker_info() is not None and self._zero_copy(request.ids):
+            return _Ref(request)
+        return self.convert(self.dataset.__getitems__(request.ids), request)
+
+    def convert(self, batch: CSRBatch, request: _Request) -> Any:
+        """The batch in the loader's output form."""
+        if self.output == "csr":
+            return batch
+        if self.output == "dense":
+            out: dict[str, Any] = {"expression": batch.to_dense()}
+        else:
+            generator = None
+            if self.truncation == "random":
+                state = np.random.SeedSequence([self.seed, request.epoch, self.rank, request.position])
+                generator = torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
+            out = batch.to_padded(self.max_genes, self.add_cls, self.truncation, generator)
+        out["cell_ids"] = batch.cell_ids
+        out["obs"] = batch.obs
+        return out
+
+
+class CellDataLoader:
+    """Batches of a :class:`~scmf_loader.dataset.CellDataset` for training.
+
+    ``shuffle=True`` uses a :class:`~scmf_loader.samplers.BlockShuffleSampler`
+    (``block_size`` defaults to ``batch_size``: zero-copy batches; a divisor mixes
+    ``batch_size // block_size`` blocks per batch), ``shuffle=False`` a
+    :class:`~scmf_loader.samplers.SequentialSampler`; ``sampler=`` takes any
+    :class:`~scmf_loader.samplers.BatchSampler` instead (e.g. a
+    :class:`~scmf_loader.samplers.BatchAwareSampler`), whose own batch size, seed, rank
+    and ``drop_last`` then apply. ``output`` is ``"csr"`` (a
+    :class:`~scmf_loader.batch.CSRBatch`), ``"padded"`` (``CSRBatch.to_padded`` with
+    ``max_genes``, ``add_cls`` and ``truncation``, plus ``cell_ids`` and ``obs``) or
+    ``"dense"`` (``expression`` of shape ``(cells, n_genes)``, plus ``cell_ids`` and ``obs``).
+
+    Epochs advance by themselves when an iteration runs to its end; ``set_epoch`` selects
+    one explicitly. ``state_dict()`` taken after any batch and given to
+    ``load_state_dict()`` makes the next iteration yield exactly the rest of that epoch.
+    ``pin_memory`` is skipped silently without CUDA.
+    """
+
+    def __init__(
+        self,
+        dataset: CellDataset,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        pin_memory: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        block_size: int | None = None,
+        output: str = "csr",
+        max_genes: int | None = None,
+        *,
+        add_cls: bool = True,
+        truncation: str = "top",
+        sampler: BatchSampler | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        multiprocessing_context: Any = None,
+        timeout: float = 0,
+    ) -> None:
+        if output not in OUTPUTS:
+            raise ConfigurationError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if truncation not in TRUNCATIONS:
+            raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+        max_genes = dataset.max_genes if max_genes is None else max_genes
+        if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
+            raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
+        if num_workers < 0:
+            raise ConfigurationError(f"num_workers must be >= 0, got {num_workers}")
+        if sampler is None:
+            common = {"drop_last": drop_last, "seed": seed, "rank": rank, "world_size": world_size}
+            if shuffle:
+                sampler = BlockShuffleSampler(dataset, batch_size, block_size, **common)
+            else:
+                sampler = SequentialSampler(dataset, batch_size, **common)
+        if int(sampler.shard_offsets[-1]) != len(dataset):
+            raise ConfigurationError(
+                f"the sampler covers {int(sampler.shard_offsets[-1])} cells but the dataset has {len(dataset)}"
+            )
+        self.dataset = dataset
+        self.sampler = sampler
+        self.output = output
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self._epoch = 0
+        self._done = 0
+        self._resume: int | None = None
+        self._requests = _Requests(sampler)
+        self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank)
+        extra: dict[str, Any] = {}
+        if num_workers > 0:
+            extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
+                     "multiprocessing_context": multiprocessing_context}
+        self._loader = torch.utils.data.DataLoader(
+            self._fetcher, sampler=self._requests, batch_size=None, collate_fn=_identity,
+            num_workers=num_workers, pin_memory=self.pin_memory, timeout=timeout, **extra,
+        )
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads."""
+        return self._epoch
+
+    @property
+    def batch_size(self) -> int:
+        """Cells per batch (the last batch may hold fewer when ``drop_last=False``)."""
+        return self.sampler.batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read ``epoch`` next (from its start, unless a loaded state points into it)."""
+        if epoch < 0:
+            raise ConfigurationError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self._epoch:
+            self._resume = None
+        self._epoch = int(epoch)
+        self.sampler.set_epoch(self._epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self._epoch
+        start, self._resume = (self._resume or 0), None
+        self.sampler.set_epoch(epoch)
+        self._requests.epoch, self._requests.start = epoch, start
+        self._done = start
+        for item in self._loader:
+            if isinstance(item, _Ref):
+                item = self._fetcher.convert(self.dataset.__getitems__(item.request.ids), item.request)
+                if self.pin_memory:
+                    item = item.pin_memory()
+            self._done += 1
+            yield item
+        self._epoch, self._done = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume point: ``epoch`` and ``batches_done`` (batches this rank has handed
+        out in it), with the settings a resumed loader must share."""
+        return {**self.sampler.state_dict(), "epoch": self._epoch, "batches_done": self._done}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next iteration yields the rest of its epoch,
+        later ones the same epochs as an uninterrupted run."""
+        self.sampler.load_state_dict(state)
+        self._epoch = int(state["epoch"])
+        self._done = self._resume = int(state["batches_done"])
+
+    def __repr__(self) -> str:
+        return (
+            f"CellDataLoader(batches={len(self)}, batch_size={self.batch_size}, "
+            f"sampler={type(self.sampler).__name__}, output={self.output!r}, "
+            f"workers={self._loader.num_workers})"
+        )

@@ -1,0 +1,84 @@
+"""The pure rank/world/worker partition, over many world shapes, without processes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from torch.utils.data import DistributedSampler
+
+from scmf_loader.errors import ConfigurationError
+from scmf_loader.partition import partition, resolve_world
+
+WORLDS = list(itertools.product(range(1, 9), (False, True)))
+
+
+@pytest.mark.parametrize(("world", "drop_last"), WORLDS)
+def test_matches_torch_distributed_sampler(world: int, drop_last: bool) -> None:
+    for n, rank in itertools.product(range(0, 40), range(world)):
+        ours = list(partition(n, world, rank, drop_last=drop_last))
+        torch_ = list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False, drop_last=drop_last))
+        assert ours == torch_, (n, rank)
+
+
+@pytest.mark.parametrize(("world", "drop_last"), WORLDS)
+def test_workers_split_each_rank_without_duplicate_or_loss(world: int, drop_last: bool) -> None:
+    for n, rank in itertools.product(range(0, 40), range(world)):
+        whole = partition(n, world, rank, drop_last=drop_last)
+        for workers in range(1, 6):
+            shares = [partition(n, world, rank, drop_last=drop_last, num_workers=workers, worker_id=w) for w in range(workers)]
+            positions = sorted(p for s in shares for p in s.positions)
+            assert positions == list(whole.positions)
+            # a DataLoader's round-robin merge gives back the rank's order
+            merged = [shares[i % workers][i // workers] for i in range(len(whole))]
+            assert merged == list(whole)
+
+
+def test_equal_counts_and_padding_semantics() -> None:
+    for n, world in itertools.product(range(1, 60), range(1, 9)):
+        parts = [partition(n, world, r, drop_last=False) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1
+        seen = sorted(b for p in parts for b in p)
+        assert set(seen) == set(range(n))  # every batch at least once
+        assert len(seen) - n < world  # padding repeats fewer than world_size batches
+        cut = [partition(n, world, r, drop_last=True) for r in range(world)]
+        got = sorted(b for p in cut for b in p)
+        assert got == list(range(n - n % world))
+
+
+def test_constant_size_for_huge_epochs() -> None:
+    p = partition(10**12, 1024, 1023, drop_last=False, num_workers=8, worker_id=7)
+    assert isinstance(p.positions, range)
+    per_rank = -(-(10**12) // 1024)
+    assert len(p) == len(range(7, per_rank, 8))
+    assert p[len(p) - 1] < 10**12
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((10, 4, 4), "rank"), ((10, 0, 0), "world_size"), ((10, 2, -1), "rank"), ((-1, 1, 0), "n_batches")],
+)
+def test_errors(args: tuple[int, int, int], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        partition(*args, drop_last=False)
+
+
+def test_worker_id_out_of_range() -> None:
+    with pytest.raises(ConfigurationError, match="worker_id"):
+        partition(10, 1, 0, drop_last=False, num_workers=2, worker_id=2)
+
+
+def test_resolve_world(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_world() == (0, 1)
+    assert resolve_world(1, 2) == (1, 2)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert resolve_world() == (5, 8)
+    assert resolve_world(rank=0) == (0, 8)
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    with pytest.raises(ConfigurationError, match="WORLD_SIZE"):
+        resolve_world()
+    with pytest.raises(ConfigurationError, match="rank"):
+        resolve_world(2, 2)
