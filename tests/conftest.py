@@ -80,3 +80,50 @@ def three_sources(make_h5ad: Callable[..., Path]) -> list[Path]:
     )
     c = make_h5ad("c.h5ad", 300, [f"{g}.7" for g in genes[::50][:300]], layout="dense", seed=3)
     return [a, b, c]
+
+
+# ---- loader fixtures (tests/test_store.py, test_dataset.py, test_dataloader.py, ...) ----------
+LOADER_CELLS = (900, 537)  # two sources; shards of 200 cells leave uneven tails
+
+
+@pytest.fixture(scope="session")
+def loader_sources(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two small .h5ad inputs (CSR and CSC, overlapping genes in different orders)."""
+    d = tmp_path_factory.mktemp("loader_src")
+    genes = hpc_genes()
+    a = write_counts_h5ad(d / "la.h5ad", LOADER_CELLS[0], genes[:300], seed=11, density=0.08)
+    b = write_counts_h5ad(
+        d / "lb.h5ad", LOADER_CELLS[1], list(reversed(genes[150:420])), layout="csc", seed=12, density=0.08
+    )
+    return [a, b]
+
+
+@pytest.fixture(scope="session")
+def loader_dataset(loader_sources: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two loader sources converted into a dataset directory of 8 shards."""
+    from scmf_shards.convert import convert_h5ad
+
+    out = tmp_path_factory.mktemp("loader_ds") / "ds"
+    convert_h5ad(
+        loader_sources, out, shard_size=200, chunk_size=256, obs_columns=("cell_type", "batch"),
+        vocab="union", quiet=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def loader_reference(loader_sources: list[Path], loader_dataset: Path) -> dict[str, np.ndarray]:
+    """Every source cell as a dense row over the dataset's vocabulary, read with anndata
+    (independent of the loader), keyed by original cell id."""
+    import anndata as ad
+
+    from scmf_loader.vocab import GeneVocab
+
+    vocab = GeneVocab.from_file(loader_dataset / "vocab.json")
+    out: dict[str, np.ndarray] = {}
+    for p in loader_sources:
+        a = ad.read_h5ad(p)
+        dense = np.zeros((a.n_obs, len(vocab)), dtype=np.float32)
+        dense[:, vocab.encode(a.var_names)] = np.asarray(a.X.toarray(), dtype=np.float32)
+        out.update(zip(a.obs_names, dense, strict=True))
+    return out
