@@ -65,6 +65,7 @@ from scmf_shards.plan import (
     shard_permutation,
     shard_sizes,
 )
+from scmf_shards.preprocess.stats import check_preprocessing, fit_preprocessing
 from scmf_shards.sources.h5ad import H5adSource
 from scmf_shards.write import write_shard
 
@@ -146,6 +147,7 @@ class ScatterTask:
     shuffle: bool
     dtype: str
     bucket_dir: str
+    transform: Any = None  # preprocessing of the chunk (scmf_shards.preprocess.stats.ChunkTransform)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class GatherTask:
     seed: int
     shuffle: bool
     dtype: str
+    cell_stats: tuple[str, ...] = CELL_STATS
 
 
 def _bucket_path(tmp_dir: str, chunk: int) -> Path:
@@ -199,6 +202,10 @@ def run_scatter(task: ScatterTask) -> int:
     library_size = np.asarray(raw.sum(axis=1, dtype=np.float64)).ravel()
     alignment = GeneAlignment(task.keep_columns, task.vocab_ids, src.n_genes)
     aligned = align_rows(raw, alignment)
+    extra_stats: dict[str, np.ndarray] = {}
+    if task.transform is not None:  # HVG restriction, baked normalisation, size factors
+        where = f"{src.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"
+        aligned, extra_stats = task.transform.apply(raw, aligned, library_size, where)
     dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
     order = np.argsort(dest, kind="stable")
     aligned = aligned[order]
@@ -215,6 +222,8 @@ def run_scatter(task: ScatterTask) -> int:
     np.save(tmp / "indptr.npy", aligned.indptr.astype(np.int64, copy=False))
     np.save(tmp / "cells.npy", np.asarray(rows.cell_ids[order], dtype=str))
     np.save(tmp / "library_size.npy", library_size[order])
+    for stat_name, stat in extra_stats.items():
+        np.save(tmp / f"{stat_name}.npy", stat[order])
     np.save(tmp / "codes.npy", codes)
     np.save(tmp / "offsets.npy", offsets)
     _fault_point("scatter:written")
@@ -239,6 +248,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         if _shard_verifies(out_dir, entry):
             return asdict_entry(entry)
     pieces = []  # (data, indices, row starts, row stops, cells, lib, codes, source)
+    extra_parts: dict[str, list[np.ndarray]] = {k: [] for k in task.cell_stats if k != "library_size"}
     for c, source_index in zip(task.chunks, task.chunk_sources, strict=True):
         b = _bucket_path(task.tmp_dir, c)
         offsets = np.load(b / "offsets.npy")
@@ -262,6 +272,8 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
                 source_index,
             )
         )
+        for stat_name, parts in extra_parts.items():
+            parts.append(_rows(b / f"{stat_name}.npy", lo, hi))
     piece_of = np.concatenate([np.full(len(p[2]), i, dtype=np.int64) for i, p in enumerate(pieces)]) if pieces else np.zeros(0, np.int64)
     starts = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.int64)
     stops = np.concatenate([p[3] for p in pieces]) if pieces else np.zeros(0, np.int64)
@@ -302,7 +314,8 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         obs_codes=obs_codes,
         obs_categories={"source": task.categories["source"], **{c: task.categories[c] for c in task.obs_columns}},
         var_names=_vocab_tokens(task.tmp_dir, task.vocab_sha256),
-        numeric_obs={"library_size": library_size},
+        numeric_obs={"library_size": library_size, **{
+            k: np.concatenate(v)[perm] if v else np.zeros(0) for k, v in extra_parts.items()}},
     )
     _fault_point("gather:shard")
     d = asdict_entry(entry)
@@ -474,6 +487,7 @@ def convert_sources(
         s.check_obs_columns(options.obs_columns)
     vocab = resolve_vocab(options.vocab, sources)
     alignments = [build_alignment(s.genes, vocab, s.path) for s in sources]
+    check_preprocessing(options.preprocessing, sources, alignments)
     names = _source_names(paths)
     categories: dict[str, list[str]] = {"source": names}
     for col in options.obs_columns:
@@ -527,6 +541,10 @@ def _run(
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     vocab.save(tmp / VOCAB_NAME)
     _fault_point("driver:vocab")
+    prep = fit_preprocessing(  # stats pass(es) over all chunks: HVGs, scran size factors
+        options.preprocessing, sources, chunks, alignments, vocab.tokens, seed=options.seed,
+        dtype=options.dtype, matrix=options.matrix, work_dir=tmp / "preprocess", runner=runner,
+    )
 
     scatter = [
         ScatterTask(
@@ -542,6 +560,7 @@ def _run(
             shuffle=options.shuffle,
             dtype=options.dtype,
             bucket_dir=str(_bucket_path(str(tmp), c.index)),
+            transform=prep.transform_for(c.index) if prep is not None else None,
         )
         for c in chunks
     ]
@@ -560,6 +579,7 @@ def _run(
             seed=options.seed,
             shuffle=options.shuffle,
             dtype=options.dtype,
+            cell_stats=prep.cell_stats if prep is not None else CELL_STATS,
         )
         for s in range(len(sizes))
     ]
@@ -590,10 +610,11 @@ def _run(
         dtype=options.dtype,
         vocab={"path": VOCAB_NAME, "sha256": vocab.sha256(), "file_sha256": sha256_file(vocab_path),
                "name": vocab.name, "n_tokens": len(vocab)},
-        preprocessing=dict(options.preprocessing) or {"normalize": None, "log1p": False, "hvg": None},
+        preprocessing=prep.manifest_dict() if prep is not None else (
+            dict(options.preprocessing) or {"normalize": None, "log1p": False, "hvg": None}),
         sources=source_entries,
         obs_columns=[ObsColumn(name=k, categories=tuple(v)) for k, v in categories.items()],
-        cell_stats=CELL_STATS,
+        cell_stats=prep.cell_stats if prep is not None else CELL_STATS,
         shuffle={"enabled": options.shuffle, "seed": options.seed, "chunk_size": options.chunk_size,
                  "shard_size": options.shard_size},
         shards=shards,

@@ -57,6 +57,11 @@ class ConvertOptions:
             raise ScmfError(f"obs column name(s) {clash} are reserved by the format")
         if len(set(self.obs_columns)) != len(self.obs_columns):
             raise ScmfError(f"obs_columns lists a column twice: {list(self.obs_columns)}")
+        # preprocessing: validated and canonicalised (defaults filled in) before any work, so
+        # equal configurations hash to the same dataset_id
+        from scmf_shards.preprocess.stats import parse_preprocessing
+
+        object.__setattr__(self, "preprocessing", parse_preprocessing(self.preprocessing, self.dtype))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
