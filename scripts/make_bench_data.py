@@ -83,8 +83,7 @@ def make(n_cells: int, out: str | Path, seed: int = 0, quiet: bool = False) -> d
         x = f.create_group("X")
         _attrs(x, "csr_matrix", "0.1.0")
         x.attrs["shape"] = (n_cells, N_GENES)
-        data = x.create_dataset("data", (0,), dtype="float32", maxshape=(None,), chunks=(1 << 18,))
-        indices = x.create_dataset("indices", (0,), dtype="int32", maxshape=(None,), chunks=(1 << 18,))
+        spill = {k: open(tmp.with_name(tmp.name + f".{k}"), "w+b") for k in ("data", "indices")}  # noqa: SIM115
         indptr = np.zeros(n_cells + 1, dtype=np.int64)
         nnz = 0
         for s in range(0, n_cells, CHUNK):
@@ -103,11 +102,19 @@ def make(n_cells: int, out: str | Path, seed: int = 0, quiet: bool = False) -> d
             per_row = np.bincount(keys // N_GENES, minlength=e - s)
             indptr[s + 1 : e + 1] = nnz + np.cumsum(per_row)
             k = len(keys)
-            data.resize((nnz + k,))
-            indices.resize((nnz + k,))
-            data[nnz:] = counts.astype(np.float32)
-            indices[nnz:] = (keys % N_GENES).astype(np.int32)
+            counts.astype(np.float32).tofile(spill["data"])
+            (keys % N_GENES).astype(np.int32).tofile(spill["indices"])
             nnz += k
+        # contiguous datasets, as anndata writes them by default: copied from the spill files
+        for k, dt in (("data", np.float32), ("indices", np.int32)):
+            ds = x.create_dataset(k, (nnz,), dtype=dt)
+            spill[k].flush()
+            mm = np.memmap(spill[k].name, dtype=dt, mode="r", shape=(nnz,)) if nnz else np.zeros(0, dt)
+            for a in range(0, nnz, 1 << 24):
+                ds[a : a + (1 << 24)] = mm[a : a + (1 << 24)]
+            del mm
+            spill[k].close()
+            Path(spill[k].name).unlink()
         x.create_dataset("indptr", data=indptr)
         obs = f.create_group("obs")
         _attrs(obs, "dataframe", "0.2.0")
