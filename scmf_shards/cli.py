@@ -95,11 +95,57 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+# Values are validated by the library (one-line errors), not by click types.
+PREPROCESSING_OPTIONS = [
+    click.option("--normalize", type=str, default=None,
+                 help="library_size (scale cells to --target-sum), scran (pooled size factors) or "
+                      "none. Any preprocessing option turns preprocessing on [library_size]."),
+    click.option("--target-sum", type=float, default=None, help="Counts per cell after library_size "
+                 "normalisation [10000]."),
+    click.option("--log1p/--no-log1p", default=None, help="Natural log(1 + x) after normalising [on]."),
+    click.option("--hvg", "hvg_selection", type=int, default=None,
+                 help="Keep this many highly variable genes (chosen on all inputs together)."),
+    click.option("--hvg-flavor", type=str, default=None, help="seurat (default), cell_ranger or seurat_v3 "
+                 "(scanpy's flavors; seurat_v3 needs scikit-misc)."),
+    click.option("--hvg-batch-key", type=str, default=None,
+                 help="obs column: select HVGs within each batch and merge (scanpy's batch_key)."),
+    click.option("--bake/--no-bake", default=None, help="Store preprocessed values (bake) or raw counts "
+                 "plus per-cell library_size/size_factor that the loader applies per batch [no-bake]."),
+    click.option("--assume-normalized", is_flag=True, default=None,
+                 help="The input is already normalised: no counts check, no normalisation."),
+]
+PREPROCESSING_NAMES = ["normalize", "target_sum", "log1p", "hvg_selection", "hvg_flavor",
+                       "hvg_batch_key", "bake", "assume_normalized"]
+
+
+def preprocessing_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply the preprocessing options (``--normalize``, ``--hvg``, ``--bake`` ...)."""
+    for opt in reversed(PREPROCESSING_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def preprocessing_from(ctx: click.Context, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``preprocessing`` mapping: the config's ``preprocessing:`` section, overridden by
+    the preprocessing options given explicitly on the command line."""
+    from scmf_shards.preprocess.stats import PREPROCESSING_ALIASES
+
+    section = config.get("preprocessing") or {}
+    if not isinstance(section, dict):
+        raise ScmfError("the config's 'preprocessing' must be a mapping")
+    merged = {PREPROCESSING_ALIASES.get(k, k): v for k, v in section.items()}
+    for name in PREPROCESSING_NAMES:
+        if _explicit(ctx, name):
+            merged[name] = ctx.params[name]
+    return merged
+
+
 @main.command("h5ad")
 @click.argument("inputs", nargs=-1, type=str)
 @common_options
 @click.option("--gene-column", type=str, default=None, help="var column holding gene ids [var_names].")
 @click.option("--matrix", type=str, default=None, help="X (default), raw, or layer:NAME.")
+@preprocessing_options
 @click.pass_context
 @_handle_errors
 def h5ad_cmd(ctx: click.Context, inputs: tuple[str, ...], config_path: str | None, **_: Any) -> None:
@@ -119,8 +165,7 @@ def h5ad_cmd(ctx: click.Context, inputs: tuple[str, ...], config_path: str | Non
         raise ScmfError("no output directory: give --output or 'output:' in --config")
     opts = _merge(ctx, config, [*OPTION_NAMES, "gene_column", "matrix"])
     opts["obs_columns"] = _split_columns(opts.get("obs_columns"))
-    if "preprocessing" in config:
-        opts["preprocessing"] = config["preprocessing"]
+    opts["preprocessing"] = preprocessing_from(ctx, config)
     options = ConvertOptions(**opts)
     manifest = convert_h5ad(paths, output, options)
     if not options.quiet:
@@ -181,6 +226,38 @@ def census_cmd(ctx: click.Context, config_path: str | None, **_: Any) -> None:
             f"{src.get('organism')}, {len(manifest.shards)} shards, nnz {manifest.nnz:,}, "
             f"id {manifest.dataset_id}"
         )
+
+
+@main.command("preprocess")
+@click.argument("input", type=str)
+@click.option("--output", "-o", type=str, default=None, help="Processed .h5ad to write.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML file whose data: section has a preprocessing: mapping.")
+@click.option("--matrix", type=str, default=None, help="X (default), raw, or layer:NAME holding the counts.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Cells read at a time; bounds memory [16384].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of scran's pre-clustering [0].")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output file.")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bars.")
+@preprocessing_options
+@click.pass_context
+@_handle_errors
+def preprocess_cmd(ctx: click.Context, input: str, config_path: str | None, **_: Any) -> None:
+    """Write a preprocessed copy of INPUT.h5ad (config and selected genes in .uns)."""
+    from scmf_shards.config import load_config
+    from scmf_shards.preprocess.h5ad import preprocess_h5ad
+
+    config = load_config(config_path) if config_path else {}
+    output = ctx.params["output"] if _explicit(ctx, "output") else config.get("output")
+    if not output:
+        raise ScmfError("no output file: give --output OUT.h5ad")
+    prep = preprocessing_from(ctx, config)
+    prep.pop("bake", None)  # the output always holds processed values
+    opts = _merge(ctx, config, ["matrix", "chunk_size", "seed", "overwrite", "quiet"])
+    pipe = preprocess_h5ad(input, output, prep, **opts)
+    if not opts.get("quiet"):
+        n = "all genes" if pipe.hvg_genes is None else f"{len(pipe.hvg_genes)} HVGs"
+        click.echo(f"wrote {output}: {n}, normalize={pipe.normalize}, log1p={pipe.log1p}")
 
 
 @main.command("verify")

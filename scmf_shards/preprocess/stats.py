@@ -57,6 +57,7 @@ from scmf_shards.preprocess.scran import (
 )
 
 __all__ = [
+    "PREPROCESSING_ALIASES",
     "PREPROCESSING_KEYS",
     "ChunkTransform",
     "FittedPreprocessing",
@@ -71,7 +72,7 @@ __all__ = [
 #: keys of the ``preprocessing:`` config section (and ConvertOptions.preprocessing)
 PREPROCESSING_KEYS = ("normalize", "target_sum", "log1p", "hvg_selection", "hvg_flavor",
                       "hvg_batch_key", "assume_normalized", "bake")
-_ALIASES = {"hvg": "hvg_selection", "n_top_genes": "hvg_selection", "flavor": "hvg_flavor",
+PREPROCESSING_ALIASES = {"hvg": "hvg_selection", "n_top_genes": "hvg_selection", "flavor": "hvg_flavor",
             "batch_key": "hvg_batch_key"}
 DEFAULT_BAKE = False
 _FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -88,7 +89,7 @@ def parse_preprocessing(config: Mapping[str, Any] | None, dtype: str = "float32"
         raise ConfigurationError(f"preprocessing must be a mapping, got {type(config).__name__}")
     d: dict[str, Any] = {}
     for key, value in config.items():
-        name = _ALIASES.get(key, key)
+        name = PREPROCESSING_ALIASES.get(key, key)
         if name not in PREPROCESSING_KEYS:
             raise ConfigurationError(
                 f"unknown preprocessing key {key!r}; known: {list(PREPROCESSING_KEYS)}"
