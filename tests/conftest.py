@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +127,63 @@ def loader_reference(loader_sources: list[Path], loader_dataset: Path) -> dict[s
         dense[:, vocab.encode(a.var_names)] = np.asarray(a.X.toarray(), dtype=np.float32)
         out.update(zip(a.obs_names, dense, strict=True))
     return out
+
+
+# ---- a real dask.distributed cluster on loopback (tests/test_distributed.py) --------------
+def _dask_command() -> list[str]:
+    """The ``dask`` CLI of this interpreter's environment (``python -m dask`` as a fallback)."""
+    import shutil
+    import sys
+
+    exe = Path(sys.executable).parent / "dask"
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("dask")
+    return [found] if found else [sys.executable, "-m", "dask"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Address of a real ``dask scheduler`` with two ``dask worker`` processes (one thread
+    each), started as subprocesses on 127.0.0.1 and stopped at the end of the session."""
+    import subprocess
+
+    from distributed import Client
+
+    work = tmp_path_factory.mktemp("dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = _dask_command()
+    log = open(work / "cluster.log", "wb")  # noqa: SIM115 (closed in the finally below)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(subprocess.Popen(
+            [*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=work,
+        ))
+        procs.append(subprocess.Popen(
+            [*dask, "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard",
+             "--host", "127.0.0.1", "--local-directory", str(work / "workers"), "--death-timeout", "60"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=work,
+        ))
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()

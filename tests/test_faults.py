@@ -1,0 +1,245 @@
+"""Faults: conversions killed with SIGKILL at many points and re-run end byte-identical to an
+uninterrupted run, reusing the shards that verify; killed runs leave no manifest and
+``verify`` says so; a second conversion into the same output refuses (the lock); a shard
+corrupted after its record was written is redone, not reused.
+
+Kill points come from the converter's crash hook (``SCMF_FAULT_AFTER=N``: SIGKILL at the
+N-th file operation of the process, see ``scmf_shards.convert._fault_point``), so every
+point is hit deterministically; one test also kills a multi-process run at a random time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import hpc_genes, write_counts_h5ad
+from fault_harness import ForkServer
+
+from scmf_loader.errors import DatasetLockedError
+from scmf_shards import convert
+from scmf_shards.cli import main
+
+OPTS = ["--shard-size", "500", "--chunk-size", "256", "--obs-columns", "cell_type", "--seed", "3", "--quiet"]
+N_SHARDS = 3
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _args(sources: list[Path], out: Path) -> list[str]:
+    return ["h5ad", *map(str, sources), "--output", str(out), *OPTS]
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three inputs (CSR, CSC, dense; 1,450 cells): 7 read chunks, 3 shards."""
+    d = tmp_path_factory.mktemp("fault_src")
+    genes = hpc_genes()
+    return [
+        write_counts_h5ad(d / "a.h5ad", 700, genes[:400], seed=1),
+        write_counts_h5ad(d / "b.h5ad", 450, [*reversed(genes[200:500]), "NOT_A_GENE"], layout="csc", seed=2),
+        write_counts_h5ad(d / "c.h5ad", 300, genes[::50][:300], layout="dense", seed=3),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(sources: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes], list[str]]:
+    """An uninterrupted in-process run: its files, and the labels of its fault points in order
+    (the same sequence a single-process CLI run goes through)."""
+    labels: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(convert.FAULT_ENV, raising=False)
+        mp.setattr(convert, "_fault_point", labels.append)
+        out = tmp_path_factory.mktemp("fault_ref") / "ds"
+        code, text = _cli(_args(sources, out))
+    assert code == 0, text
+    return tree_bytes(out), labels
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ForkServer]:
+    """Forks ``scmf-convert`` runs from one pre-imported process (see fault_harness)."""
+    with ForkServer() as s:
+        yield s
+
+
+def _csr_mtimes(out: Path) -> dict[str, int]:
+    """mtime_ns of the CSR files of every shard that has a completion record."""
+    records = out / convert.TMP_DIR / "shards"
+    found = {}
+    for rec in sorted(records.glob("*.json")) if records.is_dir() else []:
+        shard = out / "shards" / f"{rec.stem}.zarr"
+        for f in sorted(shard.glob("X/*/c/0")):
+            found[str(f.relative_to(out))] = f.stat().st_mtime_ns
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_at_12_points_then_rerun_is_byte_identical(
+    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
+) -> None:
+    expected, labels = reference
+    n = len(labels)
+    assert n == 2 + 3 * 7 + 3 * N_SHARDS + 3
+    assert labels[-1] == "driver:manifest"
+    rng = np.random.default_rng(2024)
+    points = sorted({1, n, *(int(x) for x in rng.choice(np.arange(2, n), size=10, replace=False))})
+    assert len(points) >= 12
+    reused = 0
+    for p in points:
+        out = tmp_path / f"kill{p:03d}"
+        status = server.run(_args(sources, out), tmp_path / f"kill{p:03d}.log", fault=str(p))
+        assert status == -signal.SIGKILL, f"point {p} ({labels[p - 1]}): {status}"
+        if labels[p - 1] == "driver:manifest":  # killed after the manifest: a complete dataset
+            assert (out / "manifest.json").is_file()
+        else:  # never mistaken for a dataset; verify says what is missing
+            assert not (out / "manifest.json").exists(), labels[p - 1]
+            code, text = _cli(["verify", str(out), "--quiet"])
+            assert code == 1
+            assert "no manifest" in text
+            assert "not a complete scmf dataset" in text
+            if (out / "shards").is_dir():
+                assert "incomplete conversion" in text
+        before = _csr_mtimes(out)
+        code, text = _cli(_args(sources, out))  # the same command again
+        assert code == 0, f"rerun after point {p} ({labels[p - 1]}): {text}"
+        assert tree_bytes(out) == expected, f"point {p} ({labels[p - 1]})"
+        for f, mtime in before.items():  # completed shards that verify are reused, not rewritten
+            assert (out / f).stat().st_mtime_ns == mtime, f
+        reused += len(before) // 3
+    assert reused >= 3
+
+
+@pytest.mark.slow
+def test_repeated_kills_make_progress_and_finish(
+    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
+) -> None:
+    """Kill every run at its 9th file operation: each run keeps what the previous ones did."""
+    expected, labels = reference
+    out = tmp_path / "ds"
+    kills = 0
+    for _ in range(len(labels)):
+        status = server.run(_args(sources, out), tmp_path / "run.log", fault="9")
+        if status == 0:
+            break
+        assert status == -signal.SIGKILL, (tmp_path / "run.log").read_text()
+        kills += 1
+    assert kills >= 3
+    assert tree_bytes(out) == expected
+
+
+@pytest.mark.slow
+def test_random_time_kill_of_a_two_worker_cli_run(
+    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]]
+) -> None:
+    """SIGKILL a ``scmf-convert --workers 2`` process (local dask cluster) after a random
+    delay; its worker processes exit with it, and the same command finishes the job."""
+    import psutil
+
+    expected, _ = reference
+    out = tmp_path / "ds"
+    env = {k: v for k, v in os.environ.items() if k != convert.FAULT_ENV}
+    proc = subprocess.Popen([sys.executable, "-m", "scmf_shards.cli", *_args(sources, out), "--workers", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / convert.TMP_DIR / "plan.json").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(float(np.random.default_rng(7).uniform(0.0, 1.0)))
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"worker processes outlived their killed driver: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    code, text = _cli(_args(sources, out))
+    assert code == 0, text
+    assert tree_bytes(out) == expected
+
+
+def _label_index(labels: list[str], label: str, last: bool = False) -> int:
+    hits = [i + 1 for i, x in enumerate(labels) if x == label]
+    return hits[-1] if last else hits[0]
+
+
+def test_corrupted_shard_is_redone_not_reused(
+    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
+) -> None:
+    expected, labels = reference
+    out = tmp_path / "ds"
+    fault = str(_label_index(labels, "gather:record", last=True))
+    assert server.run(_args(sources, out), tmp_path / "log", fault=fault) == -signal.SIGKILL
+    before = _csr_mtimes(out)
+    assert len(before) == N_SHARDS * 3  # every shard has its record
+    bad = out / "shards" / "000001.zarr" / "X" / "data" / "c" / "0"
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # same size: only the checksum tells
+    bad.write_bytes(bytes(raw))
+    os.utime(bad, ns=(before[str(bad.relative_to(out))],) * 2)  # and the same mtime
+    (out / "shards" / "000002.zarr" / "X" / "indices" / "c" / "0").unlink()
+    code, text = _cli(_args(sources, out))
+    assert code == 0, text
+    assert tree_bytes(out) == expected
+    after = {f: (out / f).stat().st_mtime_ns for f in before}
+    redone = {f.split("/")[1] for f in before if after[f] != before[f]}
+    assert redone == {"000001.zarr", "000002.zarr"}
+
+
+def test_second_conversion_into_the_same_output_refuses(
+    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
+) -> None:
+    """Hold a first conversion mid-way (SIGSTOP at its first shard) while a second process
+    starts one into the same directory: it refuses, with a clear error, and writes nothing."""
+    expected, labels = reference
+    out = tmp_path / "ds"
+    first = server.start(_args(sources, out), tmp_path / "first.log",
+                         fault=f"{_label_index(labels, 'gather:shard')}:STOP")
+    try:
+        deadline = time.monotonic() + 120
+        while _state(first) != "T":
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.05)
+        snapshot = tree_bytes(out)
+        assert server.run(_args(sources, out), tmp_path / "second.log") == 1
+        err = (tmp_path / "second.log").read_text()
+        assert "another conversion is writing to this directory" in err
+        assert str(out) in err
+        with pytest.raises(DatasetLockedError, match="lock .scmf-lock held"):
+            convert.convert_h5ad(sources, out, seed=99, overwrite=True, quiet=True)
+        assert tree_bytes(out) == snapshot  # nothing interleaved
+    finally:
+        os.kill(first, signal.SIGCONT)
+        status = server.wait(first)
+    assert status == 0, (tmp_path / "first.log").read_text()
+    assert tree_bytes(out) == expected
+
+
+def _state(pid: int) -> str:
+    """Process state letter from /proc (``T`` = stopped, ``Z`` = exited)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    state = stat[stat.rindex(")") + 2]
+    assert state != "Z", f"process {pid} exited early"
+    return state
