@@ -97,6 +97,82 @@ def _plots(R: dict[str, Any], img: Path) -> list[str]:
     return made
 
 
+def floor_cells_per_s(R: dict[str, Any]) -> float | None:
+    """Single-core upper bound of our conversion from the machine's measured primitives: each
+    input byte is read once, hashed twice (input and shard checksums), written twice (bucket,
+    shard: the two-stage shuffle) and copied once more (bucket read)."""
+    g = R.get("primitives_GBps", {})
+    C = R.get("conversion", {})
+    if not g or not C:
+        return None
+    big = max(C, key=int)
+    per_cell = C[big]["bytes"] / int(big)
+    sec = per_cell / C[big]["read_cold_Bps"] + per_cell * (2 / g["sha256"] + 2 / g["write_page_cache"]
+                                                          + 1 / g["memcpy"]) / 1e9
+    return 1 / sec
+
+
+def _bars(R: dict[str, Any]) -> list[str]:
+    out = ["## Bars (DESIGN.md §6) in this run", "", "| bar | measured | met |", "| --- | --- | --- |"]
+    L, P, C = R.get("loader", {}), R.get("peers", {}), R.get("conversion", {})
+    bl = L.get("bench_loader", {})
+    rates, ratios = bl.get("cells_per_s", {}), bl.get("ratios", {})
+
+    def add(label: str, value: str, ok: bool | None) -> None:
+        out.append(f"| {label} | {value} | {'yes' if ok else 'no' if ok is not None else 'n/a'} |")
+
+    if "loader_zero_copy" in rates:
+        add("contiguous CSR batches ≥ 1,000,000 cells/s", f"{_k(rates['loader_zero_copy'])} cells/s "
+            "(bench_loader, zero-copy)", rates["loader_zero_copy"] >= 1e6)
+    if "loader_mixed_vs_np_copyto_same_ranges" in ratios:
+        r = ratios["loader_mixed_vs_np_copyto_same_ranges"]
+        add("mixed-block batches ≥ 50% of np.copyto of the same bytes", f"{r:.0%}", r >= 0.5)
+    if "loader_read_vs_raw_numpy" in ratios:
+        r = ratios["loader_read_vs_raw_numpy"]
+        add("epoch reading every byte ≥ 80% of raw numpy", f"{r:.0%}", r >= 0.8)
+    h = _med(L.get("headline", {}))
+    meds = [d["median_cells_per_s"] for k, d in P.items()
+            if isinstance(d, dict) and "median_cells_per_s" in d and k != "SCDL convert"]
+    if h and meds:
+        add("≥ 10× the best peer loader", f"{h / max(meds):,.1f}×", h / max(meds) >= 10)
+    mem = [d["peak_anon_mb"] for d in L.get("memory_vs_size", {}).values() if "peak_anon_mb" in d]
+    if mem:
+        add("loader RssAnon ≤ 500 MB, independent of size", f"{min(mem):.0f}–{max(mem):.0f} MB over "
+            f"{len(mem)} sizes", max(mem) <= 500)
+    o = bl.get("open_100M_cells")
+    if o:
+        add("open 100M cells < 1 s", f"{o['seconds']:.3f} s", o["seconds"] < 1)
+    if C:
+        big = max(C, key=int)
+        best = max(C[big]["workers"].values(), key=lambda d: d["cells_per_s"])
+        add("conversion ≥ 50% of the input's sequential read speed",
+            f"{best['ratio_to_cold_read']:.1%} of cold, {best['ratio_to_warm_read']:.1%} of warm "
+            f"({_k(best['cells_per_s'])} cells/s)", best["ratio_to_cold_read"] >= 0.5)
+        mems = [d["peak_anon_mb"] for e in C.values() for d in e["workers"].values()]
+        add("conversion memory does not grow with the dataset",
+            f"{min(mems):.0f}–{max(mems):.0f} MB RssAnon from {min(map(int, C)):,} to {int(big):,} cells", None)
+        sc = P.get("SCDL convert", {})
+        if "cells_per_s" in sc:
+            add("conversion faster than SCDL's converter", f"{_k(best['cells_per_s'])} vs "
+                f"{_k(sc['cells_per_s'][0])} cells/s", best["cells_per_s"] > sc["cells_per_s"][0])
+    f = floor_cells_per_s(R)
+    if f and C:
+        big = max(C, key=int)
+        per_cell = C[big]["bytes"] / int(big)
+        out += ["", f"Why the conversion bar is missed: converting one cell moves its {per_cell / 1e3:.1f} KB "
+                "through one cold read, two sha256 passes (input fingerprint for `dataset_id`, shard "
+                "checksums), two page-cache writes (the two-stage global shuffle writes buckets, then "
+                "shards) and one more copy (bucket read). At this run's single-core rates "
+                + ", ".join(f"{k} {v:.2f} GB/s" for k, v in R["primitives_GBps"].items())
+                + f", those steps alone cap one process at {_k(f)} cells/s ({f * per_cell / C[big]['read_cold_Bps']:.0%} "
+                "of the cold read speed) before any Python, alignment or AnnData metadata work; two cores at "
+                "most double it"
+                + (". The bar of 50% is therefore out of reach on this machine with checksums and the two-stage "
+                   "shuffle on" if 2 * f * per_cell < 0.5 * C[big]["read_cold_Bps"] else "")
+                + "; see the profile above for the measured split."]
+    return out + [""]
+
+
 def write(R: dict[str, Any], docs: Path) -> None:
     made = _plots(R, docs / IMG)
     m, v = R["machine"], R["versions"]
@@ -160,8 +236,18 @@ def write(R: dict[str, Any], docs: Path) -> None:
         if "error" in bl:
             lines += [f"Loader-only bars (`scripts/bench_loader.py`): not run — {bl['error']}.", ""]
         elif bl:
-            lines += ["Loader-only bars from `scripts/bench_loader.py` (same run):", "", "```json",
-                      json.dumps(bl, indent=1)[:6000], "```", ""]
+            lines += [f"Loader-only measures from `scripts/bench_loader.py` (same run, its own generated "
+                      f"{bl.get('cells', 0):,}-cell dataset, batch {bl.get('batch_size')}, median of {bl.get('reps')}):",
+                      "", "| measure | cells/s |", "| --- | --- |"]
+            lines += [f"| {k} | {_k(val)} |" for k, val in bl.get("cells_per_s", {}).items()]
+            lines += [f"| {k} (RssAnon {val['rss_anon_mb']:.0f} MB) | {_k(val['cells_per_s'])} |"
+                      for k, val in bl.get("workers", {}).items()]
+            lines += [f"| ratio {k} | {val:.2f} |" for k, val in bl.get("ratios", {}).items()]
+            o = bl.get("open_100M_cells")
+            if o:
+                lines += [f"| open {o['cells']:,} cells / {o['shards']:,} shards | {o['seconds']:.3f} s, "
+                          f"+{o['rss_anon_delta_mb']:.1f} MB RssAnon |"]
+            lines += [""]
     C = R.get("conversion", {})
     if C:
         lines += ["## Conversion", "",
@@ -233,6 +319,7 @@ def write(R: dict[str, Any], docs: Path) -> None:
             lines += [f"**Our loader vs the best peer: {h / best:,.1f}×** (bar ≥ 10×).", ""]
         if "bench_peers.png" in made:
             lines += [f"![peers]({IMG}/bench_peers.png)", ""]
+    lines += _bars(R)
     lines += ["## Reproduce", "",
               "```bash",
               "python3 -m venv /work/peers-venv   # peers live outside the project's environment",
