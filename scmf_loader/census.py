@@ -98,6 +98,16 @@ def _take_rows(
     return out, indices[take], data[take]
 
 
+def _slice(batch: CSRBatch, a: int, b: int) -> CSRBatch:
+    """Rows ``[a, b)`` of a batch (views, ``indptr`` rebased)."""
+    lo, hi = int(batch.indptr[a]), int(batch.indptr[b])
+    return CSRBatch(
+        batch.indptr[a : b + 1] - lo, batch.indices[lo:hi], batch.values[lo:hi],
+        batch.cell_ids[a:b], batch.n_genes, {k: v[a:b] for k, v in batch.obs.items()},
+        {k: v[a:b] for k, v in batch.stats.items()},
+    )
+
+
 class CensusDataset(torch.utils.data.IterableDataset):
     """Batches of a Census query, streamed (see the module docstring).
 
@@ -110,7 +120,8 @@ class CensusDataset(torch.utils.data.IterableDataset):
     items), ``block_size`` (default :func:`default_block_size`), ``shuffle``, ``seed``,
     ``drop_last``, ``rank``, ``world_size``; ``obs_columns`` carried as codes;
     ``preprocessing`` applied per batch (``apply_batch(batch)`` or a callable); ``max_genes``
-    truncates single-cell items to their highest-expressed genes.
+    truncates single-cell items to their highest-expressed genes; ``io_batches`` batches of
+    one worker are read with one SOMA query (fewer, larger reads; memory ~ their size).
 
     Construction resolves the query and reads the category lists of ``obs_columns``; every
     problem is an :class:`~scmf_loader.errors.InvalidInputError` then, not mid-epoch.
@@ -136,9 +147,13 @@ class CensusDataset(torch.utils.data.IterableDataset):
         obs_columns: Sequence[str] = DEFAULT_OBS_COLUMNS,
         preprocessing: Any = None,
         max_genes: int | None = None,
+        io_batches: int = 8,
         tiledb_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(io_batches, bool) or not isinstance(io_batches, int) or io_batches < 1:
+            raise ConfigurationError(f"io_batches must be an integer >= 1, got {io_batches!r}")
+        self.io_batches = io_batches
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ConfigurationError(f"batch_size must be >= 1 or None, got {batch_size!r}")
         if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
@@ -249,6 +264,16 @@ class CensusDataset(torch.utils.data.IterableDataset):
     def read_positions(self, positions: np.ndarray) -> CSRBatch:
         """The batch of the query's cells at ``positions`` (indices into the sorted joinids),
         in that order, after ``preprocessing``."""
+        return self._preprocess(self._read(positions))
+
+    def _preprocess(self, batch: CSRBatch) -> CSRBatch:
+        if self.preprocessing is None:
+            return batch
+        if hasattr(self.preprocessing, "apply_batch"):
+            return self.preprocessing.apply_batch(batch)
+        return self.preprocessing(batch)
+
+    def _read(self, positions: np.ndarray) -> CSRBatch:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         joinids = self.query.obs_joinids[positions]
         order = np.argsort(joinids, kind="stable")
@@ -290,16 +315,30 @@ class CensusDataset(torch.utils.data.IterableDataset):
             {c: torch.from_numpy(v) for c, v in codes.items()},
             {"library_size": torch.from_numpy(library)},
         )
-        if self.preprocessing is None:
-            return batch
-        if hasattr(self.preprocessing, "apply_batch"):
-            return self.preprocessing.apply_batch(batch)
-        return self.preprocessing(batch)
+        return batch
 
     def batches(self, num_workers: int = 0, worker_id: int = 0) -> Iterator[CSRBatch]:
-        """This rank's (and worker's) batches of the current epoch, in order."""
-        for positions in self.sampler.batches(self.epoch, 0, num_workers, worker_id):
-            yield self.read_positions(positions)
+        """This rank's (and worker's) batches of the current epoch, in order. ``io_batches``
+        consecutive batches are read with one SOMA query, then split."""
+        part = self.sampler.partition(num_workers, worker_id)
+        group: list[np.ndarray] = []
+        for index in part:
+            group.append(self.sampler.batch(self.epoch, index))
+            if len(group) == self.io_batches:
+                yield from self._read_group(group)
+                group = []
+        if group:
+            yield from self._read_group(group)
+
+    def _read_group(self, group: list[np.ndarray]) -> Iterator[CSRBatch]:
+        if len(group) == 1:
+            yield self._preprocess(self._read(group[0]))
+            return
+        whole = self._read(np.concatenate(group))
+        start = 0
+        for positions in group:
+            yield self._preprocess(_slice(whole, start, start + len(positions)))
+            start += len(positions)
 
     def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()

@@ -416,6 +416,7 @@ class CensusQuery:
         var = self.var_joinids
         x = self.experiment().ms[MEASUREMENT].X[X_LAYER]
         all_genes = self.spec.var_filter is None
+        var_is_range = bool(var.size and var[0] == 0 and var[-1] == var.size - 1)
         counts = np.zeros(joinids.size, dtype=np.int64)
         cols_parts: list[np.ndarray] = []
         data_parts: list[np.ndarray] = []
@@ -423,7 +424,7 @@ class CensusQuery:
             part = joinids[lo : lo + _READ_CELLS]
             coords = (part,) if all_genes else (part, var)
             rows_p, cols_p, vals_p = [], [], []
-            for table in x.read(coords=coords, result_order="row-major").tables():
+            for table in x.read(coords=coords).tables():
                 rows_p.append(table.column("soma_dim_0").to_numpy())
                 cols_p.append(table.column("soma_dim_1").to_numpy())
                 vals_p.append(table.column("soma_data").to_numpy())
@@ -431,16 +432,19 @@ class CensusQuery:
                 continue
             rows = np.concatenate(rows_p)
             var_ids = np.concatenate(cols_p)
-            cols = np.searchsorted(var, var_ids)
             vals = np.concatenate(vals_p)
-            keep = cols < var.size
-            keep[keep] = var[cols[keep]] == var_ids[keep]
-            if not keep.all():
-                rows, cols, vals = rows[keep], cols[keep], vals[keep]
-            pos = np.searchsorted(part, rows)
+            if var_is_range:  # var joinids 0..n-1: the joinid is the position
+                cols = var_ids
+            else:
+                cols = np.searchsorted(var, var_ids)
+                keep = cols < var.size
+                keep[keep] = var[cols[keep]] == var_ids[keep]
+                if not keep.all():
+                    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+            pos = _positions(part, rows)
             key = pos * np.int64(var.size + 1) + cols
             if key.size > 1 and np.any(np.diff(key) <= 0):
-                order = np.argsort(key, kind="stable")
+                order = np.argsort(key, kind="stable")  # long sorted runs: fast
                 pos, cols, vals = pos[order], cols[order], vals[order]
             counts[lo : lo + part.size] = np.bincount(pos, minlength=part.size)
             cols_parts.append(cols.astype(np.int32))
@@ -485,6 +489,19 @@ class CensusQuery:
             value_filter=self.spec.obs_filter, column_names=[column]
         ).concat()
         return stringify(table.column(column).to_pylist())
+
+
+def _positions(part: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Position of each joinid of ``rows`` in the sorted ``part``: a lookup table when
+    ``part`` spans a narrow range of joinids, a binary search otherwise."""
+    lo, span = int(part[0]), int(part[-1] - part[0]) + 1
+    if span == part.size:
+        return rows - lo
+    if span <= 16 * part.size:
+        table = np.empty(span, dtype=np.int64)
+        table[part - lo] = np.arange(part.size)
+        return table[rows - lo]
+    return np.searchsorted(part, rows)
 
 
 #: per process: query key -> (pid, SOMA handles, (obs joinids, var joinids, genes))

@@ -233,3 +233,15 @@ def test_imports_stay_lazy() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_io_batches_do_not_change_the_batches(census_root: CensusRoot) -> None:
+    one = list(_dataset(census_root, seed=4, block_size=4, io_batches=1))
+    many = list(_dataset(census_root, seed=4, block_size=4, io_batches=3))
+    assert len(one) == len(many)
+    for a, b in zip(one, many, strict=True):
+        for name in ("indptr", "indices", "values", "cell_ids"):
+            np.testing.assert_array_equal(getattr(a, name).numpy(), getattr(b, name).numpy())
+        for c in a.obs:
+            np.testing.assert_array_equal(a.obs[c].numpy(), b.obs[c].numpy())
+        np.testing.assert_array_equal(a.stats["library_size"].numpy(), b.stats["library_size"].numpy())
