@@ -189,6 +189,7 @@ CENSUS_SOURCES = ("cellxgene_census", "census")
 @click.option("--var-filter", type=str, default=None, help="SOMA var value filter (genes to keep).")
 @click.option("--uri", type=str, default=None,
               help="A Census-shaped SOMA root (local path or s3://) instead of the public Census.")
+@preprocessing_options
 @click.pass_context
 @_handle_errors
 def census_cmd(ctx: click.Context, config_path: str | None, **_: Any) -> None:
@@ -215,8 +216,7 @@ def census_cmd(ctx: click.Context, config_path: str | None, **_: Any) -> None:
         raise ScmfError(f"{config_path}: 'filters' must be a mapping of obs column -> value(s)")
     opts = _merge(ctx, config, OPTION_NAMES)
     opts["obs_columns"] = _split_columns(opts.get("obs_columns")) or DEFAULT_OBS_COLUMNS
-    if "preprocessing" in config:
-        opts["preprocessing"] = config["preprocessing"]
+    opts["preprocessing"] = preprocessing_from(ctx, config)
     options = ConvertOptions(**opts)
     manifest = convert_census(output, options, filters=filters, **query)
     if not options.quiet:

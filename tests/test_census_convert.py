@@ -337,3 +337,29 @@ def test_config_for_another_source_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["census", "--config", str(config)])
     assert result.exit_code == 1
     assert "use 'scmf-convert h5ad'" in result.output
+
+
+def test_cli_preprocessing_options_match_the_h5ad_path(census_root: CensusRoot, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from scmf_loader.format import read_manifest
+    from scmf_shards.cli import main
+
+    h5 = census_root.write_h5ad(tmp_path / "selection.h5ad", _mask(census_root))
+    common = ["--shard-size", "64", "--chunk-size", "50", "--hvg", "20", "--bake",
+              "--obs-columns", "cell_type,tissue", "-q"]
+    r1 = CliRunner().invoke(main, ["census", "-o", str(tmp_path / "c"), "--uri", census_root.uri,
+                                   "--obs-filter", FILTER, *common])
+    assert r1.exit_code == 0, r1.output
+    r2 = CliRunner().invoke(main, ["h5ad", str(h5), "-o", str(tmp_path / "h"), *common])
+    assert r2.exit_code == 0, r2.output
+    m1, m2 = read_manifest(tmp_path / "c"), read_manifest(tmp_path / "h")
+    assert m1.preprocessing == m2.preprocessing
+    assert m1.preprocessing["n_hvg_genes"] == 20
+    assert m1.preprocessing["baked"]
+    a, order_a = _read_cells(tmp_path / "c")
+    b, order_b = _read_cells(tmp_path / "h")
+    assert order_a == order_b
+    for cell, (idx, val, _) in a.items():
+        np.testing.assert_array_equal(idx, b[cell][0])
+        np.testing.assert_array_equal(val, b[cell][1])
