@@ -17,6 +17,9 @@ The algorithm of ``scran::computeSumFactors`` / ``scuttle::pooledSizeFactors``:
    by FFT in O(n log n) (scran uses a sparse QR; same solution);
 4. *rescaling across clusters* by the median ratio of each cluster's average cell to that of
    the reference cluster (the one with the most expressed genes), then centring to mean one.
+   In a conversion whose inputs measure different genes, the ratio is taken over the genes
+   both inputs measured (scran on the concatenated matrix would count a missing gene as a
+   zero and pull the ratio down).
 
 Cells with no counts get size factor 0 (scran refuses them; a divisor of 0 leaves their
 zeros unchanged downstream). A non-positive estimate is replaced by the positive estimates'
@@ -174,10 +177,14 @@ def limit_cluster_size(labels: np.ndarray, max_size: int | None) -> np.ndarray:
     return out
 
 
-def rescale_factors(profiles: np.ndarray, ref: np.ndarray, min_mean: float) -> np.ndarray:
+def rescale_factors(profiles: np.ndarray, ref: np.ndarray, min_mean: float,
+                    genes: np.ndarray | None = None) -> np.ndarray:
     """scuttle's ``.rescale_clusters``: each cluster's average cell (rows of ``profiles``)
     against the reference average cell ``ref``: median ratio over genes whose mean of the
-    two (library-size adjusted) is at least ``min_mean``."""
+    two (library-size adjusted) is at least ``min_mean``. ``genes`` (a boolean mask)
+    restricts the comparison to genes both inputs measured."""
+    if genes is not None:
+        profiles, ref = profiles[:, genes], ref[genes]
     out = np.empty(len(profiles))
     ref_lib = ref.sum()
     for i, cur in enumerate(profiles):

@@ -226,7 +226,7 @@ class StatsTask:
     flavor: str = "seurat"
     batch_column: str | None = None
     batch_categories: tuple[str, ...] = ()
-    clip: np.ndarray | None = None
+    clip: np.ndarray | None = None  # seurat_v3 clip values; rescale: the reference's genes
     scran_file: str | None = None
     ref_profile: np.ndarray | None = None
     min_mean: float = DEFAULT_MIN_MEAN
@@ -280,7 +280,11 @@ def run_stats(task: StatsTask) -> dict[str, Any]:
     if task.stage == "rescale":
         with np.load(task.scran_file) as f:  # type: ignore[arg-type]
             part = ChunkScran(nf=f["nf"], labels=f["labels"], profiles=f["profiles"])
-        scale = (rescale_factors(part.profiles, task.ref_profile, task.min_mean)
+        genes = np.zeros(task.n_genes, dtype=bool)
+        genes[task.vocab_ids] = True
+        if task.clip is not None:  # the reference chunk's measured genes
+            genes &= task.clip.astype(bool)
+        scale = (rescale_factors(part.profiles, task.ref_profile, task.min_mean, genes)
                  if len(part.profiles) else np.zeros(0))
         sf = part.factors(scale)
         pos = sf > 0
@@ -428,8 +432,11 @@ def _fit_scran(fitted: FittedPreprocessing, tasks: Any, runner: Any) -> None:
     files = [t.out_file for t in stage]
     with np.load(files[ref[0]]) as f:
         ref_profile = np.array(f["profiles"][ref[1]])
+    ref_genes = np.zeros(len(ref_profile), dtype=bool)
+    ref_genes[stage[ref[0]].vocab_ids] = True
     rescale = runner.map(run_stats, tasks("rescale", scran_file=lambda c: files[c.index],
-                                           ref_profile=ref_profile, min_mean=DEFAULT_MIN_MEAN),
+                                           ref_profile=ref_profile, clip=ref_genes,
+                                           min_mean=DEFAULT_MIN_MEAN),
                          desc="scran rescale")
     total = sum(r["sum"] for r in rescale)
     count = sum(r["count"] for r in rescale)
