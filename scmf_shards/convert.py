@@ -174,8 +174,14 @@ def _bucket_path(tmp_dir: str, chunk: int) -> Path:
 
 
 def _codes(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
-    lookup = {c: i for i, c in enumerate(categories)}
-    return np.fromiter((lookup[v] if v is not None else -1 for v in values), dtype=np.int32, count=len(values))
+    import pandas as pd  # a vectorised hash lookup; None (NA) is no category and maps to -1
+
+    codes = pd.Index(list(categories), dtype=object).get_indexer(np.asarray(values, dtype=object))
+    if (codes < 0).any():  # keep the old contract: a value outside the categories is a KeyError
+        missing = [v for v, c in zip(values.tolist(), codes.tolist(), strict=True) if c < 0 and v is not None]
+        if missing:
+            raise KeyError(missing[0])
+    return codes.astype(np.int32)
 
 
 def _check_values(data: np.ndarray, task: ScatterTask) -> None:

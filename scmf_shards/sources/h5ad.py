@@ -292,6 +292,11 @@ class H5adSource:
 
 
 def _stringify(values: np.ndarray) -> np.ndarray:
+    items = values.tolist()
+    if set(map(type, items)) <= {str, type(None)}:  # the common case (decoded categories and
+        out = np.empty(len(items), dtype=object)   # string indexes): no per-value Python loop
+        out[:] = items
+        return out
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values.tolist()):
         if v is None or (isinstance(v, float) and v != v):
