@@ -65,6 +65,9 @@ def _tree(pid: int) -> list[int]:
 def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd``; return rc, wall seconds, stdout, stderr tail, and the peak over time of the
     process tree's summed RSS and RssAnon (MB)."""
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})})
@@ -90,9 +93,12 @@ def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | No
         proc.kill()
         out, err = proc.communicate()
         err += f"\n[timed out after {timeout} s]"
+    wall = time.perf_counter() - t0
     done.set()
     th.join()
-    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "stdout": out,
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # every reaped descendant (dask workers too)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {"rc": proc.returncode, "wall_s": wall, "cpu_s": cpu, "stdout": out,
             "stderr_tail": err[-3000:], "peak_rss_mb": peak["rss"] / 1024, "peak_anon_mb": peak["anon"] / 1024}
 
 
@@ -222,8 +228,10 @@ def bench_conversion(files: dict[int, Path], out: Path, runs: int, workers: list
             rs = [convert(src, out / "conv" / f"c{n}_w{w}", w) for _ in range(runs)]
             walls = [r["wall_s"] for r in rs]
             med = statistics.median(walls)
+            cpu = statistics.median(r["cpu_s"] for r in rs)
             entry["workers"][str(w)] = {
                 "wall_s": walls, "cells_per_s": n / med, "cells_per_s_per_core": n / med / w,
+                "cpu_s": cpu, "cells_per_cpu_s": n / cpu,
                 "input_Bps": size / med, "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                 "peak_anon_mb": max(r["peak_anon_mb"] for r in rs),
                 "ratio_to_cold_read": size / med / entry["read_cold_Bps"],

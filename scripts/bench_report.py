@@ -255,17 +255,20 @@ def write(R: dict[str, Any], docs: Path) -> None:
                   "(raw counts, global shuffle on, checksums on: sha256 of the input and of every shard "
                   "array; default shard size 50,000 and chunk size 16,384). The input's sequential read "
                   "speed is measured in the same run, cold (after `sync` and "
-                  "`posix_fadvise(POSIX_FADV_DONTNEED)`) and warm. Bar: conversion ≥ 50% of the read speed.",
+                  "`posix_fadvise(POSIX_FADV_DONTNEED)`) and warm. Bar: conversion ≥ 50% of the read speed. Wall times include "
+                  "process start-up, imports and (2 workers) the local dask cluster's start; *cells per "
+                  "CPU-second* (user + system time of the whole process tree) is the number that other "
+                  "processes on a busy machine disturb least.",
                   "",
                   "| cells | input GB | read cold GB/s | read warm GB/s | workers | cells/s | cells/s per core "
-                  "| input GB/s | ratio to cold read | ratio to warm read | peak RssAnon MB | peak RSS MB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| cells per CPU-second | input GB/s | ratio to cold read | ratio to warm read | peak RssAnon MB | peak RSS MB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for n, e in C.items():
             for w, d in e["workers"].items():
                 lines.append(
                     f"| {int(n):,} | {e['bytes'] / 1e9:.2f} | {e['read_cold_Bps'] / 1e9:.2f} | "
                     f"{e['read_warm_Bps'] / 1e9:.2f} | {w} | {_k(d['cells_per_s'])} | "
-                    f"{_k(d['cells_per_s_per_core'])} | {d['input_Bps'] / 1e9:.3f} | "
+                    f"{_k(d['cells_per_s_per_core'])} | {_k(d.get('cells_per_cpu_s', 0))} | {d['input_Bps'] / 1e9:.3f} | "
                     f"{d['ratio_to_cold_read']:.1%} | {d['ratio_to_warm_read']:.1%} | {d['peak_anon_mb']:.0f} | "
                     f"{d['peak_rss_mb']:.0f} |")
         lines += [""]
