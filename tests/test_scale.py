@@ -28,7 +28,8 @@ MB = 2**20
 
 # Opens a dataset in a fresh interpreter: wall and CPU seconds of each of ``repeats`` opens,
 # the resident-memory peak of the first over the RSS before it (VmHWM reset through
-# /proc/self/clear_refs), and the Python heap an open allocates (tracemalloc: peak, kept).
+# /proc/self/clear_refs), and optionally the Python heap an open allocates (tracemalloc:
+# peak and kept; slow, it traces every allocation).
 _OPEN_PROBE = r"""
 import json, sys, time, tracemalloc
 from scmf_loader.store import open_dataset
@@ -52,9 +53,11 @@ for i in range(int(sys.argv[2])):
         rss_kb = status_kb("VmHWM") - before
         n_cells, n_shards = store.n_cells, store.n_shards
     del store
-tracemalloc.start()
-store = open_dataset(sys.argv[1])
-kept, peak = tracemalloc.get_traced_memory()
+kept = peak = float("nan")
+if sys.argv[3] == "1":
+    tracemalloc.start()
+    store = open_dataset(sys.argv[1])
+    kept, peak = tracemalloc.get_traced_memory()
 print(json.dumps({"wall": wall, "cpu": cpu, "rss_mb": rss_kb / 1024, "kept_mb": kept / 2**20,
                   "peak_mb": peak / 2**20, "n_cells": n_cells, "n_shards": n_shards}))
 """
@@ -73,8 +76,9 @@ def cells_100m_10k_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    symlink_shards=True)
 
 
-def _probe_open(path: Path, repeats: int) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", _OPEN_PROBE, str(path), str(repeats)], capture_output=True,
+def _probe_open(path: Path, repeats: int, traced: bool = True) -> dict[str, float]:
+    args = [str(path), str(repeats), "1" if traced else "0"]
+    done = subprocess.run([sys.executable, "-c", _OPEN_PROBE, *args], capture_output=True,
                           text=True, timeout=300, check=True)
     return json.loads(done.stdout)
 
@@ -91,11 +95,10 @@ def test_open_100m_cells_under_1s_and_200mb(cells_100m_2k_shards: Path) -> None:
 
 @pytest.mark.slow
 def test_open_10k_shards_memory_is_per_shard(cells_100m_10k_shards: Path) -> None:
-    r = _probe_open(cells_100m_10k_shards, repeats=1)
+    r = _probe_open(cells_100m_10k_shards, repeats=1, traced=False)
     assert (r["n_cells"], r["n_shards"]) == (100_000_000, 10_000)
     assert r["rss_mb"] < 200, r
-    assert r["peak_mb"] < 200, r
-    assert r["kept_mb"] * MB / r["n_shards"] < 8192, r
+    assert r["rss_mb"] * MB / r["n_shards"] < 8192, r
     assert min(r["cpu"]) < 5.0, r  # O(shards); per-cell work would take minutes
 
 
