@@ -80,6 +80,18 @@ def gather_rows(
     return indptr, np.concatenate(idx_parts), np.concatenate(data_parts)
 
 
+def _keep(values: np.ndarray, k: int, truncation: str, generator: torch.Generator | None) -> np.ndarray:
+    """Ascending positions of the ``k`` values a cell keeps: the largest (ties to the lower
+    position, i.e. gene id) or a uniform random subset drawn from ``generator``."""
+    if truncation == "random":
+        return np.sort(torch.randperm(len(values), generator=generator)[:k].numpy())
+    threshold = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest
+    keep = values > threshold
+    ties = np.flatnonzero(values == threshold)[: k - int(np.count_nonzero(keep))]
+    keep[ties] = True
+    return np.flatnonzero(keep)
+
+
 class CSRBatch:
     """A mini-batch of cells in CSR form over the gene vocabulary.
 
@@ -166,11 +178,20 @@ class CSRBatch:
             crow, col, self.values, size=self.shape, check_invariants=False,
         )
 
+    def _on_cpu(self) -> bool:
+        return self.values.device.type == "cpu"
+
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A dense ``(cells, n_genes)`` matrix (``values``' dtype unless ``dtype`` is given)."""
-        out = torch.zeros(self.shape, dtype=dtype or self.values.dtype)
-        rows = torch.repeat_interleave(torch.arange(len(self)), self.lengths())
-        out[rows, self.indices.long()] = self.values.to(out.dtype)
+        dtype = dtype or self.values.dtype
+        if not self._on_cpu():
+            out = torch.zeros(self.shape, dtype=dtype, device=self.values.device)
+            rows = torch.repeat_interleave(torch.arange(len(self), device=out.device), self.lengths())
+            out[rows, self.indices.long()] = self.values.to(dtype)
+            return out
+        out = torch.zeros(self.shape, dtype=dtype)
+        rows = np.repeat(np.arange(len(self), dtype=np.int64) * self.n_genes, np.diff(self.indptr.numpy()))
+        out.view(-1).numpy()[rows + self.indices.numpy()] = self.values.numpy()
         return out
 
     def to_padded(
@@ -188,59 +209,37 @@ class CSRBatch:
         ``add_cls`` a ``<cls>`` token (id 3, expression 0) comes first and ``L`` grows by
         one. A cell with more than ``max_genes`` genes keeps its highest-expressed ones
         (``truncation="top"``, ties to the lower gene id) or a uniform random subset
-        (``"random"``, drawn from ``generator``).
+        (``"random"``, drawn from ``generator``). Computed on the CPU (the result is moved
+        back to the batch's device).
         """
         if max_genes is not None and max_genes < 1:
             raise ConfigurationError(f"max_genes must be >= 1, got {max_genes}")
         if truncation not in TRUNCATIONS:
             raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-        n = len(self)
-        lengths = self.lengths()
-        longest = int(lengths.max()) if n else 0
-        k = max_genes if max_genes is not None else longest
-        starts = self.indptr[:-1]
-        gene = torch.full((n, k), PAD_ID, dtype=torch.int64)
-        expr = torch.zeros((n, k), dtype=torch.float32)
-        row = torch.repeat_interleave(torch.arange(n), lengths)
-        pos = torch.arange(self.nnz) - torch.repeat_interleave(starts, lengths)
-        if longest > k:
-            keep = lengths[row] <= k  # rows that fit are scattered directly
-            gene[row[keep], pos[keep]] = self.indices[keep].long()
-            expr[row[keep], pos[keep]] = self.values[keep].float()
-            self._fill_truncated(gene, expr, lengths, k, truncation, generator)
-        else:
-            gene[row, pos] = self.indices.long()
-            expr[row, pos] = self.values.float()
-        mask = torch.arange(k).unsqueeze(0) < lengths.clamp(max=k).unsqueeze(1)
-        if add_cls:
-            gene = torch.cat([torch.full((n, 1), CLS_ID, dtype=torch.int64), gene], dim=1)
-            expr = torch.cat([torch.zeros((n, 1), dtype=torch.float32), expr], dim=1)
-            mask = torch.cat([torch.ones((n, 1), dtype=torch.bool), mask], dim=1)
-        return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
-
-    def _fill_truncated(
-        self,
-        gene: torch.Tensor,
-        expr: torch.Tensor,
-        lengths: torch.Tensor,
-        k: int,
-        truncation: str,
-        generator: torch.Generator | None,
-    ) -> None:
-        """Fill the rows longer than ``k`` with their selected ``k`` genes, in gene order."""
-        over = torch.nonzero(lengths > k).squeeze(1)
-        width = int(lengths[over].max())
-        starts = self.indptr[:-1][over]
-        offs = torch.arange(width).unsqueeze(0)
-        valid = offs < lengths[over].unsqueeze(1)
-        flat = (starts.unsqueeze(1) + offs).clamp(max=max(self.nnz - 1, 0))
-        if truncation == "top":
-            key = self.values[flat].float()
-        else:
-            key = torch.rand(flat.shape, generator=generator)
-        key = key.masked_fill(~valid, float("-inf"))
-        chosen = torch.argsort(key, dim=1, descending=True, stable=True)[:, :k]
-        chosen = torch.sort(chosen, dim=1).values
-        src = starts.unsqueeze(1) + chosen
-        gene[over] = self.indices[src].long()
-        expr[over] = self.values[src].float()
+        if not self._on_cpu():
+            out = self.to("cpu").to_padded(max_genes, add_cls, truncation, generator)
+            return {k: v.to(self.values.device) for k, v in out.items()}
+        ip, idx, val = self.indptr.numpy(), self.indices.numpy(), self.values.numpy()
+        lengths = np.diff(ip)
+        n = len(lengths)
+        k = max_genes if max_genes is not None else (int(lengths.max()) if n else 0)
+        c = 1 if add_cls else 0
+        gene = np.zeros((n, k + c), dtype=np.int64)
+        if PAD_ID:
+            gene.fill(PAD_ID)
+        expr = np.zeros((n, k + c), dtype=np.float32)
+        gene[:, :c] = CLS_ID
+        for i, (s, e) in enumerate(zip(ip[:-1].tolist(), ip[1:].tolist(), strict=True)):
+            if e - s <= k:  # one contiguous copy per cell
+                gene[i, c : c + e - s] = idx[s:e]
+                expr[i, c : c + e - s] = val[s:e]
+            else:
+                keep = _keep(val[s:e], k, truncation, generator)
+                gene[i, c:] = idx[s:e][keep]
+                expr[i, c:] = val[s:e][keep]
+        mask = np.arange(k + c) < (np.minimum(lengths, k) + c)[:, None]
+        return {
+            "gene_indices": torch.from_numpy(gene),
+            "expression": torch.from_numpy(expr),
+            "attention_mask": torch.from_numpy(mask),
+        }

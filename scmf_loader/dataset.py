@@ -134,15 +134,17 @@ class CellDataset(torch.utils.data.Dataset):
         inside one shard of a dataset directory."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(ids)
-        if n and (ids.min() < 0 or ids.max() >= len(self)):
-            raise IndexError(f"cell ids must lie in [0, {len(self)}); got [{ids.min()}, {ids.max()}]")
         offsets = self.shard_offsets
-        if n and ids[-1] - ids[0] == n - 1 and (n == 1 or bool((np.diff(ids) == 1).all())):
-            shard = int(np.searchsorted(offsets, ids[0], side="right")) - 1
-            if ids[-1] < offsets[shard + 1]:  # one contiguous range of one shard
-                lo = int(ids[0] - offsets[shard])
+        first, last = (int(ids[0]), int(ids[-1])) if n else (0, -1)
+        in_range = n and first >= 0 and last < len(self)
+        if in_range and last - first == n - 1 and (n == 1 or (np.diff(ids) == 1).all()):
+            shard = int(np.searchsorted(offsets, first, side="right")) - 1
+            if last < offsets[shard + 1]:  # one contiguous range of one shard
+                lo = first - int(offsets[shard])
                 groups = [(shard, np.array([lo]), np.array([lo + n]), slice(lo, lo + n))]
                 return self._finish(ids, groups)
+        if n and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"cell ids must lie in [0, {len(self)}); got [{ids.min()}, {ids.max()}]")
         shards = np.searchsorted(offsets, ids, side="right") - 1
         breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
         run_first = np.concatenate([[0], breaks]).astype(np.int64) if n else np.zeros(0, np.int64)
@@ -172,16 +174,16 @@ class CellDataset(torch.utils.data.Dataset):
         else:
             indptr, indices, values = np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
 
-        def column(get: Any) -> torch.Tensor:
-            if len(groups) == 1:
+        def column(get: Any, dtype: type) -> torch.Tensor:
+            if len(groups) == 1:  # a copy: batches never alias the cached columns
                 s, _, _, sel = groups[0]
-                return torch.from_numpy(np.array(get(s)[sel]))
-            if not groups:
-                return torch.zeros(0)
-            return torch.from_numpy(np.concatenate([get(s)[sel] for s, _, _, sel in groups]))
+                return torch.from_numpy(np.array(get(s)[sel], dtype=dtype))
+            parts = [get(s)[sel] for s, _, _, sel in groups]
+            return torch.from_numpy(np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
 
-        obs = {c: column(lambda s, c=c: self._source.obs_codes(s, c)).long() for c in self.obs_columns}
-        stats = {k: column(lambda s, k=k: self._source.cell_stat(s, k)).double() for k in self.cell_stats}
+        src = self._source
+        obs = {c: column(lambda s, c=c: src.obs_codes(s, c), np.int64) for c in self.obs_columns}
+        stats = {k: column(lambda s, k=k: src.cell_stat(s, k), np.float64) for k in self.cell_stats}
         batch = CSRBatch(
             as_tensor(indptr), as_tensor(indices), as_tensor(values), torch.from_numpy(ids),
             self.n_genes, obs, stats,

@@ -1,0 +1,383 @@
+#!/usr/bin/env python
+"""Benchmark of the loader against raw numpy on the same shard files (not a test).
+
+Generates a realistic dataset (default 100k cells x 20k genes, ~2,000 non-zeros per cell,
+log-normal library sizes, obs cell_type/batch/donor; the .h5ad is written with h5py for
+speed), converts it with ``convert_h5ad``, then measures in one run, median of ``--reps``
+repetitions with a warm page cache:
+
+* raw numpy: contiguous 256-cell slices of the memory-mapped shard files, every value and
+  index read (the machine's limit), and a plain ``np.copyto`` of the same bytes;
+* the loader: contiguous zero-copy batches (no reads), the same full epoch reading every
+  value and index, mixed-block batches (8 blocks of 32 cells: a gather per batch) against
+  ``np.copyto`` of the very same byte ranges, padded output, ``num_workers`` 0/1/2;
+* private memory: peak RssAnon (and PSS of anonymous memory) of the process tree;
+* opening a synthetic 100M-cell, 2,000-shard directory (sparse files).
+
+Prints a table and writes everything as JSON to ``--out``::
+
+    python scripts/bench_loader.py --out bench-out/loader.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BATCH = 256
+
+
+# ---- data -----------------------------------------------------------------------------------
+def generate_h5ad(path: Path, n_cells: int, n_genes: int, nnz: int, seed: int = 0) -> None:
+    """A CSR .h5ad of counts: per cell ~``nnz`` distinct genes, log-normal library size."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(rng.choice([f"type{i}" for i in range(12)], n_cells, p=np.r_[[0.3, 0.2], [0.05] * 10])),
+            "batch": pd.Categorical(rng.choice([f"batch{i}" for i in range(6)], n_cells)),
+            "donor": pd.Categorical(rng.choice([f"donor{i}" for i in range(40)], n_cells)),
+        },
+        index=[f"cell{i:07d}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"GENE{i:05d}" for i in range(n_genes)])
+    ad.AnnData(X=None, obs=obs, var=var).write_h5ad(path)
+    popularity = rng.lognormal(0, 1.0, n_genes)
+    cdf = np.cumsum(popularity / popularity.sum())
+    inverse = np.searchsorted(cdf, (np.arange(1 << 20) + 0.5) / (1 << 20)).clip(max=n_genes - 1)  # inverse CDF table
+    with h5py.File(path, "r+") as f:
+        x = f.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
+        data = x.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1 << 20,))
+        indices = x.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 20,))
+        indptr = np.zeros(n_cells + 1, dtype=np.int64)
+        step = 5_000
+        for lo in range(0, n_cells, step):
+            m = min(lo + step, n_cells) - lo
+            library = rng.lognormal(np.log(6_000), 0.5, m)
+            draws = np.clip((nnz * 1.12 * (library / 6_000) ** 0.6).astype(np.int64), 200, n_genes // 2)
+            genes = inverse[rng.integers(0, 1 << 20, int(draws.sum()))]
+            key = np.sort(np.repeat(np.arange(m, dtype=np.int64), draws) * n_genes + genes)
+            key = key[np.r_[True, key[1:] != key[:-1]]]  # unique (np.unique hashes: far slower)
+            cell, gene = key // n_genes, key % n_genes  # sorted by cell, then gene
+            counts = np.bincount(cell, minlength=m)
+            lam = np.maximum(library - counts, 0) / np.maximum(counts, 1)
+            values = (1 + np.floor(rng.standard_exponential(len(key), dtype=np.float32) * lam[cell])).astype(np.float32)
+            indptr[lo + 1 : lo + m + 1] = indptr[lo] + np.cumsum(counts)
+            n0 = data.shape[0]
+            data.resize((n0 + len(key),))
+            indices.resize((n0 + len(key),))
+            data[n0:] = values
+            indices[n0:] = gene.astype(np.int32)
+        x.create_dataset("indptr", data=indptr)
+
+
+def synthetic_big_dataset(root: Path, n_shards: int = 2_000, cells: int = 50_000, nnz: int = 2_000) -> Path:
+    """A 100M-cell directory whose shard files are sparse (sized, no blocks on disk)."""
+    from scmf_loader.format import ArrayEntry, Manifest, ShardEntry, write_manifest
+    from scmf_loader.vocab import GeneVocab
+
+    sizes = {"data": cells * nnz * 4, "indices": cells * nnz * 4, "indptr": (cells + 1) * 8}
+    dtypes = {"data": "float32", "indices": "int32", "indptr": "int64"}
+    shards = []
+    for s in range(n_shards):
+        rel = f"shards/{s:06d}.zarr"
+        arrays = {}
+        for name, size in sizes.items():
+            d = root / rel / "X" / name / "c"
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / "0", "wb") as f:
+                f.truncate(size)
+            arrays[name] = ArrayEntry(path=f"X/{name}/c/0", nbytes=size, sha256="0" * 64, dtype=dtypes[name])
+        shards.append(ShardEntry(path=rel, n_cells=cells, nnz=cells * nnz, arrays=arrays))
+    vocab = GeneVocab.from_genes([f"GENE{i:05d}" for i in range(20_000)])
+    vocab.save(root / "vocab.json")
+    write_manifest(root, Manifest(
+        dataset_id="sha256:synthetic", n_cells=n_shards * cells, n_genes=len(vocab), nnz=n_shards * cells * nnz,
+        dtype="float32", vocab={"path": "vocab.json", "sha256": vocab.sha256()}, preprocessing={}, sources=[],
+        obs_columns=[], shuffle={}, shards=shards,
+    ))
+    return root
+
+
+# ---- memory ---------------------------------------------------------------------------------
+_PROBE = r"""
+import os, sys, time
+root, interval, me = int(sys.argv[1]), float(sys.argv[2]), os.getpid()
+
+def tree():
+    children = {}
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(e))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        if p != me:
+            out.append(p)
+            todo.extend(children.get(p, []))
+    return out
+
+def kb(path, key):
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+peak_rss = peak_pss = 0.0
+import select
+while True:
+    pids = tree()
+    peak_rss = max(peak_rss, sum(kb(f"/proc/{p}/status", "RssAnon:") for p in pids) / 1024)
+    peak_pss = max(peak_pss, sum(kb(f"/proc/{p}/smaps_rollup", "Pss_Anon:") for p in pids) / 1024)
+    if select.select([sys.stdin], [], [], interval)[0]:
+        break
+print(peak_rss, peak_pss, flush=True)
+"""
+
+
+class MemoryProbe:
+    """Peak RssAnon and Pss_Anon (MB) summed over this process and its children, sampled by
+    a separate process (so sampling never competes with the timed code for the GIL)."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_rss_anon = 0.0
+        self.peak_pss_anon = 0.0
+
+    def __enter__(self) -> MemoryProbe:
+        import subprocess
+
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _PROBE, str(os.getpid()), str(self.interval)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self._proc.communicate("stop\n")
+        self.peak_rss_anon, self.peak_pss_anon = (float(v) for v in out.split())
+
+
+def rss_anon_mb() -> float:
+    """This process's RssAnon now (MB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def median_time(fn: Callable[[], Any], reps: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def touch(values: np.ndarray, indices: np.ndarray) -> float:
+    """Read every value and every index once (max: the fastest full read numpy has here)."""
+    if not len(values):
+        return 0.0
+    return float(np.maximum.reduce(values)) + float(np.maximum.reduce(indices.view(np.uint32)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON result path")
+    p.add_argument("--workdir", default="/tmp/scmf-bench-loader", help="where data is generated (reused)")
+    p.add_argument("--cells", type=int, default=100_000)
+    p.add_argument("--genes", type=int, default=20_000)
+    p.add_argument("--nnz", type=int, default=2_000)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from scmf_loader import BlockShuffleSampler, CellDataLoader, CellDataset, open_dataset
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.cells}x{args.genes}x{args.nnz}"
+    h5ad, ds_dir = work / f"cells-{tag}.h5ad", work / f"ds-{tag}"
+    res: dict[str, Any] = {"cells": args.cells, "genes": args.genes, "batch_size": BATCH, "reps": args.reps,
+                           "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
+                                       "load_average_at_start": os.getloadavg()}}
+    if not h5ad.exists():
+        t = time.perf_counter()
+        generate_h5ad(h5ad, args.cells, args.genes, args.nnz)
+        res["generate_s"] = time.perf_counter() - t
+    if not (ds_dir / "manifest.json").exists():
+        from scmf_shards.convert import convert_h5ad
+
+        t = time.perf_counter()
+        convert_h5ad([h5ad], ds_dir, vocab="union", obs_columns=("cell_type", "batch", "donor"),
+                     shard_size=50_000, quiet=True, overwrite=True)
+        res["convert_s"] = time.perf_counter() - t
+
+    store = open_dataset(ds_dir)
+    n = store.n_cells
+    res["nnz_per_cell"] = store.manifest.nnz / n
+    res["bytes_per_cell"] = store.manifest.nnz * 8 / n + 8
+    maps = [store.csr(s) for s in range(store.n_shards)]
+    for m in maps:  # warm the page cache
+        touch(m.data, m.indices)
+    slices = [(m, a, min(a + BATCH, len(m.indptr) - 1)) for m in maps for a in range(0, len(m.indptr) - 1, BATCH)]
+    rate = {}
+
+    def raw_epoch() -> None:
+        for m, a, b in slices:
+            lo, hi = m.indptr[a], m.indptr[b]
+            touch(m.data[lo:hi], m.indices[lo:hi])
+
+    vbuf = np.empty(BATCH * args.genes, dtype=np.float32)
+    ibuf = np.empty(BATCH * args.genes, dtype=np.int32)
+
+    def copy_epoch() -> None:
+        for m, a, b in slices:
+            lo, hi = m.indptr[a], m.indptr[b]
+            np.copyto(vbuf[: hi - lo], m.data[lo:hi])
+            np.copyto(ibuf[: hi - lo], m.indices[lo:hi])
+
+    ds = CellDataset(ds_dir)
+    with MemoryProbe() as probe:
+        rate["raw_numpy_read"] = n / median_time(raw_epoch, args.reps)[0]
+        rate["raw_np_copyto"] = n / median_time(copy_epoch, args.reps)[0]
+        contiguous = CellDataLoader(ds, batch_size=BATCH, num_workers=0, drop_last=False)
+
+        def loader_views() -> None:
+            for _ in contiguous:
+                pass
+
+        def loader_read() -> None:
+            for b in contiguous:
+                touch(b.values.numpy(), b.indices.numpy())
+
+        rate["loader_zero_copy"] = n / median_time(loader_views, args.reps)[0]
+        rate["loader_read_epoch"] = n / median_time(loader_read, args.reps)[0]
+
+        sampler = BlockShuffleSampler(ds, BATCH, block_size=32, drop_last=False)
+        mixed_batches = list(sampler)  # the very same cells for the np.copyto reference
+        runs = []
+        for ids in mixed_batches:
+            shards = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
+            cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
+            for first, last in zip(np.r_[0, cut].tolist(), np.r_[cut, len(ids)].tolist(), strict=True):
+                s = int(shards[first])
+                m, lo = maps[s], int(ids[first] - ds.shard_offsets[s])
+                runs.append((m, int(m.indptr[lo]), int(m.indptr[lo + last - first])))
+
+        def copy_mixed() -> None:
+            pos = 0
+            for m, lo, hi in runs:
+                if pos + hi - lo > len(vbuf):
+                    pos = 0
+                np.copyto(vbuf[pos : pos + hi - lo], m.data[lo:hi])
+                np.copyto(ibuf[pos : pos + hi - lo], m.indices[lo:hi])
+                pos += hi - lo
+
+        mixed = CellDataLoader(ds, batch_size=BATCH, block_size=32, num_workers=0, drop_last=False)
+
+        def loader_mixed() -> None:
+            for _ in mixed:
+                pass
+
+        rate["np_copyto_mixed_ranges"] = n / median_time(copy_mixed, args.reps)[0]
+        rate["loader_mixed_blocks"] = n / median_time(loader_mixed, args.reps)[0]
+        for max_genes in (2048, 1024):
+            padded = CellDataLoader(ds, batch_size=BATCH, num_workers=0, output="padded", max_genes=max_genes)
+
+            def loader_padded(loader: CellDataLoader = padded) -> None:
+                for _ in loader:
+                    pass
+
+            rate[f"loader_padded_{max_genes}"] = n / median_time(loader_padded, args.reps)[0]
+    res["main_process_memory_mb"] = {"rss_anon": probe.peak_rss_anon, "pss_anon": probe.peak_pss_anon}
+
+    workers: dict[str, Any] = {}
+    for w in (0, 1, 2):
+        for kind, kw in (("zero_copy_read", {}), ("mixed_read", {"block_size": 32}), ("padded_2048", {"output": "padded", "max_genes": 2048})):
+            loader = CellDataLoader(ds, batch_size=BATCH, num_workers=w, drop_last=False, **kw)
+
+            def run(loader: CellDataLoader = loader, kind: str = kind) -> None:
+                for b in loader:
+                    if kind != "padded_2048":
+                        touch(b.values.numpy(), b.indices.numpy())
+
+            with MemoryProbe() as probe:
+                run()  # worker start-up and first epoch excluded from the timing
+                t = median_time(run, args.reps)[0]
+            workers[f"{kind}_workers{w}"] = {"cells_per_s": n / t, "rss_anon_mb": probe.peak_rss_anon, "pss_anon_mb": probe.peak_pss_anon}
+            del loader
+    res["workers"] = workers
+
+    big = work / "synthetic-100M"
+    if not (big / "manifest.json").exists():
+        synthetic_big_dataset(big)
+    rss0 = rss_anon_mb()
+    t = time.perf_counter()
+    big_store = open_dataset(big)
+    res["open_100M_cells"] = {"seconds": time.perf_counter() - t, "shards": big_store.n_shards,
+                              "cells": big_store.n_cells, "rss_anon_delta_mb": rss_anon_mb() - rss0}
+    res["cells_per_s"] = rate
+    res["ratios"] = {
+        "loader_read_vs_raw_numpy": rate["loader_read_epoch"] / rate["raw_numpy_read"],
+        "loader_mixed_vs_np_copyto_same_ranges": rate["loader_mixed_blocks"] / rate["np_copyto_mixed_ranges"],
+        "loader_mixed_vs_np_copyto_contiguous": rate["loader_mixed_blocks"] / rate["raw_np_copyto"],
+    }
+    bars = {
+        "zero_copy >= 1,000,000 cells/s": rate["loader_zero_copy"] >= 1e6,
+        "mixed >= 50% of np.copyto": res["ratios"]["loader_mixed_vs_np_copyto_same_ranges"] >= 0.5,
+        "read epoch >= 80% of raw numpy": res["ratios"]["loader_read_vs_raw_numpy"] >= 0.8,
+        "RssAnon (num_workers=0) <= 500 MB": res["main_process_memory_mb"]["rss_anon"] <= 500,
+        "open 100M cells < 1 s": res["open_100M_cells"]["seconds"] < 1,
+    }
+    res["bars_met"] = bars
+
+    gbps = res["bytes_per_cell"] / 1e9
+    print(f"\n{args.cells:,} cells x {args.genes:,} genes, {res['nnz_per_cell']:.0f} nnz/cell, batch {BATCH}, median of {args.reps}")
+    print(f"{'measure':40s} {'cells/s':>12s} {'GB/s':>7s}")
+    for k, v in rate.items():
+        print(f"{k:40s} {v:12,.0f} {v * gbps:7.2f}")
+    for k, v in workers.items():
+        print(f"{k:40s} {v['cells_per_s']:12,.0f} {v['cells_per_s'] * gbps:7.2f}   RssAnon {v['rss_anon_mb']:6.0f} MB  PSS-anon {v['pss_anon_mb']:6.0f} MB")
+    for k, v in res["ratios"].items():
+        print(f"{k:40s} {v:12.2f}")
+    m = res["main_process_memory_mb"]
+    print(f"{'main process peak RssAnon / Pss_Anon':40s} {m['rss_anon']:8.0f} MB / {m['pss_anon']:.0f} MB")
+    o = res["open_100M_cells"]
+    print(f"{'open 100M cells, 2,000 shards':40s} {o['seconds']:8.3f} s, +{o['rss_anon_delta_mb']:.1f} MB")
+    for k, ok in bars.items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {k}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
