@@ -45,7 +45,7 @@ class TaskRunner:
                 n_workers=self.workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",  # any free port: None still binds 8787 and warns if taken
                 silence_logs=40,
             )
             self._client = Client(self._cluster)
