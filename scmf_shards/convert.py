@@ -253,7 +253,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         entry = _shard_entry_from_dict(json.loads(record.read_text()))
         if _shard_verifies(out_dir, entry):
             return asdict_entry(entry)
-    pieces = []  # (data, indices, row starts, row stops, cells, lib, codes, source)
+    pieces = []  # (bucket dir, unused, row starts, row stops in its files, cells, lib, codes, source)
     extra_parts: dict[str, list[np.ndarray]] = {k: [] for k in task.cell_stats if k != "library_size"}
     for c, source_index in zip(task.chunks, task.chunk_sources, strict=True):
         b = _bucket_path(task.tmp_dir, c)
@@ -261,17 +261,16 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
         if hi == lo:
             continue
-        # Copy just this shard's rows out of each bucket file and let its map go: memory is
-        # bounded by the shard, and no file stays open (a dataset of thousands of chunks
-        # would otherwise hold five maps per chunk and exhaust file descriptors).
+        # Only the small per-cell arrays are read here; the values and indices are copied
+        # straight from each bucket's map into their final place below, one bucket at a
+        # time (memory: the shard once; no file stays open, however many chunks).
         indptr = _rows(b / "indptr.npy", lo, hi + 1)
-        a0, a1 = int(indptr[0]), int(indptr[-1])
         pieces.append(
             (
-                _rows(b / "data.npy", a0, a1),
-                _rows(b / "indices.npy", a0, a1),
-                indptr[:-1] - a0,
-                indptr[1:] - a0,
+                b,
+                None,
+                indptr[:-1],
+                indptr[1:],
                 _rows(b / "cells.npy", lo, hi),
                 _rows(b / "library_size.npy", lo, hi),
                 _rows(b / "codes.npy", lo, hi),
@@ -280,7 +279,6 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         )
         for stat_name, parts in extra_parts.items():
             parts.append(_rows(b / f"{stat_name}.npy", lo, hi))
-    piece_of = np.concatenate([np.full(len(p[2]), i, dtype=np.int64) for i, p in enumerate(pieces)]) if pieces else np.zeros(0, np.int64)
     starts = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.int64)
     stops = np.concatenate([p[3] for p in pieces]) if pieces else np.zeros(0, np.int64)
     n = len(starts)
@@ -291,14 +289,18 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     nnz = int(indptr_out[-1])
     data_out = np.empty(nnz, dtype=task.dtype)
     indices_out = np.empty(nnz, dtype=np.int32)
-    pos = 0
-    piece_data = [p[0] for p in pieces]
-    piece_indices = [p[1] for p in pieces]
-    for k, a, b in zip(piece_of[perm].tolist(), starts[perm].tolist(), stops[perm].tolist(), strict=True):
-        e = pos + b - a
-        data_out[pos:e] = piece_data[k][a:b]
-        indices_out[pos:e] = piece_indices[k][a:b]
-        pos = e
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[perm] = np.arange(n, dtype=np.int64)
+    dest = indptr_out[inverse]  # where each gathered row starts in the shard
+    row = 0
+    for p in pieces:
+        data_map = np.load(p[0] / "data.npy", mmap_mode="r")
+        indices_map = np.load(p[0] / "indices.npy", mmap_mode="r")
+        for a, b, d in zip(p[2].tolist(), p[3].tolist(), dest[row : row + len(p[2])].tolist(), strict=True):
+            data_out[d : d + b - a] = data_map[a:b]
+            indices_out[d : d + b - a] = indices_map[a:b]
+        row += len(p[2])
+        del data_map, indices_map
     cells = np.concatenate([np.asarray(p[4]) for p in pieces])[perm] if pieces else np.zeros(0, str)
     library_size = np.concatenate([np.asarray(p[5]) for p in pieces])[perm] if pieces else np.zeros(0)
     codes = (
