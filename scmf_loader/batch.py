@@ -54,20 +54,20 @@ def gather_rows(
     """CSR arrays ``(indptr, indices, data)`` of the rows ``[start, stop)`` of each run.
 
     ``pieces`` holds, in output order, ``(arrays, starts, stops)`` with ``arrays`` a shard's
-    ``(indptr, indices, data)`` and ``starts``/``stops`` int arrays of local row ranges.
+    ``(indptr, indices, data)`` and ``starts``/``stops`` sequences of local row ranges.
     One run in total gives views of ``indices`` and ``data`` (zero copy) and a rebased copy
     of ``indptr``; several runs are concatenated (one copy of each byte).
     """
     if len(pieces) == 1 and len(pieces[0][1]) == 1:
         (ip, idx, data), starts, stops = pieces[0]
-        a, b = int(starts[0]), int(stops[0])
-        rows = ip[a : b + 1]
-        lo = rows[0]
-        return rows - lo, idx[lo : rows[-1]], data[lo : rows[-1]]
+        rows = ip[int(starts[0]) : int(stops[0]) + 1]
+        lo, hi = int(rows[0]), int(rows[-1])
+        return rows - lo, idx[lo:hi], data[lo:hi]
     idx_parts: list[np.ndarray] = []
     data_parts: list[np.ndarray] = []
     len_parts: list[np.ndarray] = []
     for (ip, idx, data), starts, stops in pieces:
+        starts, stops = np.asarray(starts), np.asarray(stops)
         n = stops - starts
         local = np.repeat(starts - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
         len_parts.append(ip[local + 1] - ip[local])
@@ -92,6 +92,24 @@ def _keep(values: np.ndarray, k: int, truncation: str, generator: torch.Generato
     return np.flatnonzero(keep)
 
 
+Columns = Mapping[str, torch.Tensor] | tuple[Sequence[str], torch.Tensor]
+
+
+def _columns(cols: Columns | None) -> dict[str, torch.Tensor]:
+    if cols is None:
+        return {}
+    if isinstance(cols, tuple):  # (names, 2-D block): one view per column
+        names, block = cols
+        return dict(zip(names, block.unbind(1), strict=True))
+    return cols if isinstance(cols, dict) else dict(cols)
+
+
+def _map_columns(cols: Columns | None, fn: Any) -> Columns:
+    if isinstance(cols, tuple):
+        return (cols[0], fn(cols[1]))
+    return {k: fn(v) for k, v in _columns(cols).items()}
+
+
 class CSRBatch:
     """A mini-batch of cells in CSR form over the gene vocabulary.
 
@@ -99,9 +117,11 @@ class CSRBatch:
     ids, sorted within each row), ``values`` (the stored dtype), ``cell_ids`` (int64 global
     row ids), ``obs`` (int64 categorical codes per kept obs column; -1 = missing), ``stats``
     (float64 per-cell columns such as ``library_size``) and ``n_genes`` (vocabulary size).
+    ``obs`` and ``stats`` may be given as mappings or as ``(names, 2-D tensor)`` whose
+    columns are split into the mapping on first access.
     """
 
-    __slots__ = ("cell_ids", "indices", "indptr", "n_genes", "obs", "stats", "values")
+    __slots__ = ("_obs", "_stats", "cell_ids", "indices", "indptr", "n_genes", "values")
 
     def __init__(
         self,
@@ -110,16 +130,30 @@ class CSRBatch:
         values: torch.Tensor,
         cell_ids: torch.Tensor,
         n_genes: int,
-        obs: Mapping[str, torch.Tensor] | None = None,
-        stats: Mapping[str, torch.Tensor] | None = None,
+        obs: Columns | None = None,
+        stats: Columns | None = None,
     ) -> None:
         self.indptr = indptr
         self.indices = indices
         self.values = values
         self.cell_ids = cell_ids
         self.n_genes = int(n_genes)
-        self.obs = dict(obs or {})
-        self.stats = dict(stats or {})
+        self._obs = obs
+        self._stats = stats
+
+    @property
+    def obs(self) -> dict[str, torch.Tensor]:
+        """Categorical codes (int64, -1 = missing) of each kept obs column."""
+        if not isinstance(self._obs, dict):
+            self._obs = _columns(self._obs)
+        return self._obs
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Per-cell numeric columns (float64), e.g. ``library_size``."""
+        if not isinstance(self._stats, dict):
+            self._stats = _columns(self._stats)
+        return self._stats
 
     # ---- shape --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -149,7 +183,7 @@ class CSRBatch:
     def _map(self, fn: Any) -> CSRBatch:
         return CSRBatch(
             fn(self.indptr), fn(self.indices), fn(self.values), fn(self.cell_ids), self.n_genes,
-            {k: fn(v) for k, v in self.obs.items()}, {k: fn(v) for k, v in self.stats.items()},
+            _map_columns(self._obs, fn), _map_columns(self._stats, fn),
         )
 
     def clone(self) -> CSRBatch:

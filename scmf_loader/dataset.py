@@ -9,6 +9,7 @@ memory map (zero copy). Over AnnData (the quick path for small data, see
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, DatasetStore, open_datase
 from scmf_loader.vocab import GeneVocab
 
 __all__ = ["CellDataset"]
+
+_CACHED_COLUMN_SHARDS = 4
 
 
 def _is_dataset_dir(source: Any) -> bool:
@@ -97,6 +100,8 @@ class CellDataset(torch.utils.data.Dataset):
         self.obs_columns = tuple(obs_columns)
         self.categories = {c: self._source.categories[c] for c in self.obs_columns}
         self.cell_stats = tuple(self._source.cell_stats)
+        self._offsets: list[int] = self.shard_offsets.tolist()  # for bisect: O(shards)
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- shape --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -134,17 +139,17 @@ class CellDataset(torch.utils.data.Dataset):
         inside one shard of a dataset directory."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(ids)
+        if n:
+            first, last = int(ids[0]), int(ids[-1])
+            # n ids from first to first + n - 1, strictly increasing: exactly that range
+            if first >= 0 and last < len(self) and last - first == n - 1 and (n == 1 or (ids[1:] > ids[:-1]).all()):
+                shard = bisect.bisect_right(self._offsets, first) - 1
+                if last < self._offsets[shard + 1]:  # one contiguous range of one shard
+                    lo = first - self._offsets[shard]
+                    return self._finish(ids, [(shard, (lo,), (lo + n,), slice(lo, lo + n))])
+            if ids.min() < 0 or ids.max() >= len(self):
+                raise IndexError(f"cell ids must lie in [0, {len(self)}); got [{ids.min()}, {ids.max()}]")
         offsets = self.shard_offsets
-        first, last = (int(ids[0]), int(ids[-1])) if n else (0, -1)
-        in_range = n and first >= 0 and last < len(self)
-        if in_range and last - first == n - 1 and (n == 1 or (np.diff(ids) == 1).all()):
-            shard = int(np.searchsorted(offsets, first, side="right")) - 1
-            if last < offsets[shard + 1]:  # one contiguous range of one shard
-                lo = first - int(offsets[shard])
-                groups = [(shard, np.array([lo]), np.array([lo + n]), slice(lo, lo + n))]
-                return self._finish(ids, groups)
-        if n and (ids.min() < 0 or ids.max() >= len(self)):
-            raise IndexError(f"cell ids must lie in [0, {len(self)}); got [{ids.min()}, {ids.max()}]")
         shards = np.searchsorted(offsets, ids, side="right") - 1
         breaks = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
         run_first = np.concatenate([[0], breaks]).astype(np.int64) if n else np.zeros(0, np.int64)
@@ -154,18 +159,34 @@ class CellDataset(torch.utils.data.Dataset):
         cut = np.flatnonzero(np.diff(run_shard)) + 1
         groups = []
         for a, b in zip(np.concatenate([[0], cut]).tolist(), np.append(cut, len(run_first)).tolist(), strict=True):
-            s = int(run_shard[a])
             starts = local[run_first[a:b]]
             cells = slice(int(run_first[a]), int(run_first[b - 1] + run_len[b - 1]))
-            groups.append((s, starts, starts + run_len[a:b], local[cells]))
+            groups.append((int(run_shard[a]), starts, starts + run_len[a:b], local[cells]))
         return self._finish(ids, groups)
 
-    def _finish(self, ids: np.ndarray, groups: list[tuple[int, np.ndarray, np.ndarray, Any]]) -> CSRBatch:
+    def _columns(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kept obs codes (int64, one column each) and cell stats (float64) of ``shard``,
+        cached for the few most recent shards (the epoch order visits shards in turn)."""
+        block = self._blocks.get(shard)
+        if block is None:
+            n = int(self.shard_offsets[shard + 1] - self.shard_offsets[shard])
+            codes = np.zeros((n, len(self.obs_columns)), dtype=np.int64)
+            for j, c in enumerate(self.obs_columns):
+                codes[:, j] = self._source.obs_codes(shard, c)
+            stats = np.zeros((n, len(self.cell_stats)), dtype=np.float64)
+            for j, k in enumerate(self.cell_stats):
+                stats[:, j] = self._source.cell_stat(shard, k)
+            block = self._blocks[shard] = (codes, stats)
+            if len(self._blocks) > _CACHED_COLUMN_SHARDS:
+                self._blocks.pop(next(iter(self._blocks)))
+        return block
+
+    def _finish(self, ids: np.ndarray, groups: list[tuple[int, Any, Any, Any]]) -> CSRBatch:
         """Assemble the batch from ``(shard, run starts, run stops, cell selector)`` groups."""
         if self.store is not None:
             indptr, indices, values = gather_rows([(self.store.csr(s), a, b) for s, a, b, _ in groups])
         elif groups:
-            parts = [self._source.fetch(s, a, b) for s, a, b, _ in groups]
+            parts = [self._source.fetch(s, np.asarray(a), np.asarray(b)) for s, a, b, _ in groups]
             lengths = np.concatenate([p[0] for p in parts])
             indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
             np.cumsum(lengths, out=indptr[1:])
@@ -173,22 +194,26 @@ class CellDataset(torch.utils.data.Dataset):
             values = np.concatenate([p[2] for p in parts])
         else:
             indptr, indices, values = np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
-
-        def column(get: Any, dtype: type) -> torch.Tensor:
-            if len(groups) == 1:  # a copy: batches never alias the cached columns
-                s, _, _, sel = groups[0]
-                return torch.from_numpy(np.array(get(s)[sel], dtype=dtype))
-            parts = [get(s)[sel] for s, _, _, sel in groups]
-            return torch.from_numpy(np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype))
-
-        src = self._source
-        obs = {c: column(lambda s, c=c: src.obs_codes(s, c), np.int64) for c in self.obs_columns}
-        stats = {k: column(lambda s, k=k: src.cell_stat(s, k), np.float64) for k in self.cell_stats}
+        if len(groups) == 1:  # copies: batches never alias the cached columns
+            s, _, _, sel = groups[0]
+            codes, stats = (np.array(block[sel]) for block in self._columns(s))
+        elif groups:
+            blocks = [(self._columns(s), sel) for s, _, _, sel in groups]
+            codes = np.concatenate([b[0][sel] for b, sel in blocks])
+            stats = np.concatenate([b[1][sel] for b, sel in blocks])
+        else:
+            codes = np.zeros((0, len(self.obs_columns)), np.int64)
+            stats = np.zeros((0, len(self.cell_stats)), np.float64)
         batch = CSRBatch(
-            as_tensor(indptr), as_tensor(indices), as_tensor(values), torch.from_numpy(ids),
-            self.n_genes, obs, stats,
+            torch.from_numpy(indptr), as_tensor(indices), as_tensor(values), torch.from_numpy(ids), self.n_genes,
+            (self.obs_columns, torch.from_numpy(codes)), (self.cell_stats, torch.from_numpy(stats)),
         )
         return batch if self.preprocessing is None else _apply(self.preprocessing, batch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_blocks"] = {}  # rebuilt lazily where the dataset lands
+        return state
 
     def __getitem__(self, index: Any) -> Any:
         """``ds[i]``: one cell as a dict of ``expression`` (float32), ``gene_indices`` (int64

@@ -1,12 +1,17 @@
 """Rank / world / worker arithmetic: which batches of an epoch one reader gets.
 
 One pure function, :func:`partition`, with ``torch.utils.data.DistributedSampler``
-semantics applied to whole batches: the epoch's batch order is split over ranks by stride
-(rank ``r`` reads positions ``r, r + W, r + 2W, ...``); with ``drop_last=False`` the order is
+semantics applied to whole batches: with ``drop_last=False`` the epoch's batch order is
 padded by repeating batches from its start so that every rank reads the same number of
-batches (as torch pads its index list), with ``drop_last=True`` the remainder is dropped.
-Each rank's share is then split by stride over its DataLoader workers, which is how a
-DataLoader hands out a sampler's items: no batch twice, none lost.
+batches (as torch pads its index list); with ``drop_last=True`` the remainder (fewer than
+``world_size`` batches) is dropped. Each rank then reads one contiguous stretch of the
+(padded) order: rank ``r`` of ``W`` reads positions ``[r * m, (r + 1) * m)`` with ``m`` the
+batches per rank. torch strides instead (``r, r + W, ...``); the same batches are read
+overall, but a contiguous stretch touches only about ``1/W`` of the shards on each rank
+(fewer memory maps and obs reads, better page-cache locality), since the epoch order
+visits shards one after another. Each rank's stretch is then split by stride over its
+DataLoader workers, which is how a DataLoader hands out a sampler's items: no batch twice,
+none lost.
 
 :func:`resolve_world` finds rank and world size: explicit arguments, else an initialised
 ``torch.distributed`` process group, else the ``RANK``/``WORLD_SIZE`` environment, else
@@ -30,8 +35,9 @@ class Partition:
 
     ``n_batches``: batches in the epoch's order; ``total``: its length after padding or
     dropping (a multiple of the world size); ``positions``: the positions in the padded
-    order this reader reads, in order. Item ``i`` is the batch index
-    ``positions[i] % n_batches`` (positions past ``n_batches`` are the padding).
+    order this reader reads, in order (a contiguous stretch per rank, strided over
+    workers). Item ``i`` is the batch index ``positions[i] % n_batches`` (positions past
+    ``n_batches`` are the padding).
     """
 
     n_batches: int
@@ -79,11 +85,11 @@ def partition(
     if not 0 <= worker_id < workers:
         raise ConfigurationError(f"worker_id must be in [0, {workers}), got {worker_id}")
     per_rank = n_batches // world_size if drop_last else -(-n_batches // world_size)
-    total = per_rank * world_size
+    first = rank * per_rank
     return Partition(
         n_batches=n_batches,
-        total=total,
-        positions=range(rank + worker_id * world_size, total, world_size * workers),
+        total=per_rank * world_size,
+        positions=range(first + worker_id, first + per_rank, workers),
     )
 
 

@@ -7,9 +7,10 @@ Every sampler yields whole batches (int64 arrays of global row ids) and follows 
   partial one (kept when ``drop_last=False``), so ``n_batches`` is the same every epoch.
 * Shards are visited in an order drawn from ``(seed, epoch)``. Each shard contributes the
   full batches that fit in it; its left-over cells (at most a batch or so per shard) join a
-  *tail stream* that is cut into batches after the last shard.
+  *tail stream* cut into batches, each read right after the shards it draws from.
 * Ranks and DataLoader workers split the epoch by :func:`~scmf_loader.partition.partition`
-  (``DistributedSampler`` semantics on whole batches).
+  (``DistributedSampler`` semantics on whole batches; each rank reads one contiguous
+  stretch of the order, so it touches about ``1/world_size`` of the shards).
 * ``state_dict()`` / ``load_state_dict()`` store ``(epoch, batches_done)``; iteration
   resumes at exactly the next batch of that epoch.
 
@@ -19,6 +20,7 @@ read, never O(cells): no permutation of the whole dataset is ever built.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -43,22 +45,50 @@ def _rng(seed: int, epoch: int, *keys: int) -> np.random.Generator:
 
 
 class _Layout:
-    """One epoch's layout, all O(shards): shard ``order``, ``full`` batches per shard, a
+    """One epoch's layout, all O(shards): the shard ``order``, ``full`` batches per shard, a
     per-shard ``grid`` offset (the sampler's own use) and the tail stream's pieces
-    ``(shard, first global id, length)`` in stream order."""
+    ``(shard, first global id, length)`` in stream (shard order) order.
+
+    The epoch order visits shards in ``order``; after a shard's full batches come the tail
+    batches its pieces complete, so a tail batch is read right after the shards it draws
+    from (memory maps and obs columns are still cached). A final partial tail batch, if
+    any, comes last.
+    """
 
     def __init__(
-        self, order: np.ndarray, full: np.ndarray, grid: np.ndarray, tails: list[tuple[int, int, int]]
+        self, order: np.ndarray, full: np.ndarray, grid: np.ndarray, tails: list[tuple[int, int, int]],
+        batch_size: int,
     ) -> None:
         self.order = order
         self.full = full
         self.grid = grid
-        self.first = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(full[order], out=self.first[1:])
         tail = np.asarray(tails, dtype=np.int64).reshape(-1, 3)
         self.tail_starts = tail[:, 1]  # global id of each tail piece's first cell
         self.tail_cum = np.zeros(len(tail) + 1, dtype=np.int64)
         np.cumsum(tail[:, 2], out=self.tail_cum[1:])
+        position = np.empty(len(order), dtype=np.int64)
+        position[order] = np.arange(len(order))
+        cells = np.bincount(position[tail[:, 0]], weights=tail[:, 2], minlength=len(order))
+        done = np.cumsum(cells.astype(np.int64)) // batch_size  # tail batches complete by each shard
+        self.tail_before = np.concatenate([[0], done[:-1]]).astype(np.int64)
+        self.n_tail_full = int(done[-1]) if len(done) else 0
+        self.first = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(full[order] + np.diff(np.concatenate([[0], done])), out=self.first[1:])
+
+        # Python lists for the per-batch lookups (bisect on a list beats numpy on scalars)
+        self._first, self._order, self._full = self.first.tolist(), order.tolist(), full.tolist()
+        self._tail_before = self.tail_before.tolist()
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(shard, batch within it)`` of batch ``index``, or ``(-1, tail batch number)``."""
+        first = self._first
+        if index >= first[-1]:
+            return -1, self.n_tail_full + index - first[-1]
+        i = bisect.bisect_right(first, index) - 1
+        shard, b = self._order[i], index - first[i]
+        if b < self._full[shard]:
+            return shard, b
+        return -1, self._tail_before[i] + b - self._full[shard]
 
 
 class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
@@ -86,6 +116,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
             raise ConfigurationError(f"seed must be an integer >= 0, got {seed!r}")
         self.shard_offsets = _offsets_of(dataset)
         self.shard_sizes = np.diff(self.shard_offsets)
+        self._offsets: list[int] = self.shard_offsets.tolist()
         self.n_cells = int(self.shard_offsets[-1])
         self.batch_size = batch_size
         self.drop_last = bool(drop_last)
@@ -126,15 +157,13 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
     def batch(self, epoch: int, index: int) -> np.ndarray:
         """Global row ids (int64) of batch ``index`` of the epoch order (random access)."""
         layout = self._layout(epoch)
-        n_shard_batches = int(layout.first[-1])
-        if index < n_shard_batches:
-            i = int(np.searchsorted(layout.first, index, side="right")) - 1
-            shard = int(layout.order[i])
-            local = self._shard_batch(epoch, shard, index - int(layout.first[i]))
-            return local + self.shard_offsets[shard]
-        lo = (index - n_shard_batches) * self.batch_size
-        hi = min(lo + self.batch_size, int(layout.tail_cum[-1]))
-        return self._stream(layout, lo, hi)
+        shard, b = layout.locate(index)
+        if shard >= 0:
+            ids = self._shard_batch(epoch, shard, b)
+            ids += self._offsets[shard]
+            return ids
+        lo = b * self.batch_size
+        return self._stream(layout, lo, min(lo + self.batch_size, int(layout.tail_cum[-1])))
 
     def batches(self, epoch: int, start: int = 0, num_workers: int = 0, worker_id: int = 0) -> Iterator[np.ndarray]:
         """This rank's batches of ``epoch`` from its ``start``-th on."""
@@ -194,6 +223,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         raise NotImplementedError
 
     def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
+        """Local row ids (a fresh int64 array) of batch ``b`` of ``shard``."""
         raise NotImplementedError
 
     def _stream(self, layout: _Layout, lo: int, hi: int) -> np.ndarray:
@@ -257,7 +287,7 @@ class BlockShuffleSampler(BatchSampler):
                 tails.append((s, base, o))
             if end < n:
                 tails.append((s, base + end, n - end))
-        return _Layout(order, full, offset, tails)
+        return _Layout(order, full, offset, tails, self.batch_size)
 
     def _make_shard_plan(self, epoch: int, shard: int) -> np.ndarray:
         layout = self._layout(epoch)
@@ -309,7 +339,7 @@ class BatchAwareSampler(BatchSampler):
         tails = [
             (s, int(self.shard_offsets[s] + hole[s]), int(rest[s])) for s in order.tolist() if rest[s]
         ]
-        return _Layout(order, sizes // self.batch_size, hole, tails)
+        return _Layout(order, sizes // self.batch_size, hole, tails, self.batch_size)
 
     def _make_shard_plan(self, epoch: int, shard: int) -> np.ndarray:
         n, bs = int(self.shard_sizes[shard]), self.batch_size
@@ -358,4 +388,4 @@ class BatchAwareSampler(BatchSampler):
         return np.concatenate(drawn)[order]
 
     def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
-        return self._shard_plan(epoch, shard)[b]
+        return self._shard_plan(epoch, shard)[b].copy()  # the caller shifts it in place

@@ -194,11 +194,11 @@ class DatasetStore:
         return values
 
     def obs_codes(self, shard: int, column: str) -> np.ndarray:
-        """Categorical codes (int64) of obs ``column`` in ``shard`` (index :attr:`categories`;
-        -1 = missing)."""
+        """Categorical codes of obs ``column`` in ``shard`` (index :attr:`categories`; -1 =
+        missing), in the stored integer dtype."""
         if column not in self.categories:
             raise KeyError(f"no obs column {column!r}; kept columns: {list(self.categories)}")
-        return self._read_obs(shard, column, lambda obs: obs[column]["codes"][...].astype(np.int64))
+        return self._read_obs(shard, column, lambda obs: obs[column]["codes"][...])
 
     def cell_stat(self, shard: int, name: str) -> np.ndarray:
         """A numeric per-cell column (see :attr:`cell_stats`) of ``shard``, as float64."""

@@ -32,13 +32,12 @@ def rank_batches(sampler: BatchSampler, epoch: int, workers: int = 0) -> list[np
 
 
 def global_order(make: MakeSampler, world_size: int, epoch: int, workers: int = 0) -> tuple[list[np.ndarray], BatchSampler]:
-    """All ranks' batches interleaved back into the (padded or cut) epoch order."""
+    """All ranks' batches put back into the (padded or cut) epoch order: each rank reads one
+    contiguous stretch of it, rank 0 first."""
     per_rank = [rank_batches(make(r, world_size), epoch, workers) for r in range(world_size)]
     counts = {len(b) for b in per_rank}
     assert len(counts) == 1, f"ranks get different batch counts: {[len(b) for b in per_rank]}"
-    n = counts.pop()
-    order = [per_rank[p % world_size][p // world_size] for p in range(n * world_size)]
-    return order, make(0, world_size)
+    return [b for batches in per_rank for b in batches], make(0, world_size)
 
 
 def check_coverage(make: MakeSampler, world_size: int, epoch: int, workers: int, *, exact: bool = True) -> None:

@@ -11,7 +11,12 @@ from sampler_harness import check_resume, global_order, run_all
 
 from scmf_loader.dataset import CellDataset
 from scmf_loader.errors import ConfigurationError
-from scmf_loader.samplers import BatchAwareSampler, BlockShuffleSampler, SequentialSampler
+from scmf_loader.samplers import (
+    BatchAwareSampler,
+    BatchSampler,
+    BlockShuffleSampler,
+    SequentialSampler,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +51,32 @@ def test_plain_cell_count_and_tiny_epochs() -> None:
     assert list(SequentialSampler(0, 4)) == []
 
 
+def _tail_positions(s: BatchSampler, epoch: int) -> set[int]:
+    layout = s._layout(epoch)
+    return {g for g in range(s.n_batches) if layout.locate(g)[0] < 0}
+
+
+def test_tail_batches_follow_the_shards_they_draw_from(ds: CellDataset) -> None:
+    s = BlockShuffleSampler(ds, 32, seed=4)
+    layout = s._layout(0)
+    seen: list[int] = []  # shards in the order the epoch first reads them
+    for g in range(s.n_batches):
+        shards = np.unique(np.searchsorted(ds.shard_offsets, s.batch(0, g), side="right") - 1)
+        if layout.locate(g)[0] < 0:
+            assert set(shards.tolist()) <= set(seen), "a tail batch reads a shard not visited yet"
+        seen.extend(x for x in shards.tolist() if x not in seen)
+    assert seen == layout.order.tolist()
+
+
 def test_block_batches_are_contiguous_ranges_inside_one_shard(ds: CellDataset) -> None:
     s = BlockShuffleSampler(ds, 32, drop_last=True)
     order, _ = global_order(lambda r, w: BlockShuffleSampler(ds, 32, drop_last=True, rank=r, world_size=w), 1, 0)
-    shard_batches = s._layout(0).first[-1]
+    tail = _tail_positions(s, 0)
     # only the tail stream gathers: under two batches per shard (its grid offset and its end)
-    assert 0 < len(order) - shard_batches < 2 * ds.n_shards
-    for b in order[:shard_batches]:
+    assert 0 < len(tail) < 2 * ds.n_shards
+    for g, b in enumerate(order):
+        if g in tail:
+            continue
         assert np.all(np.diff(b) == 1)
         shard = np.searchsorted(ds.shard_offsets, b, side="right") - 1
         assert shard.min() == shard.max()
@@ -63,8 +87,10 @@ def test_block_batches_are_contiguous_ranges_inside_one_shard(ds: CellDataset) -
 
 def test_mixed_blocks_are_k_blocks_of_one_shard(ds: CellDataset) -> None:
     s = BlockShuffleSampler(ds, 32, block_size=8, seed=3)
-    layout = s._layout(0)
-    for g in range(int(layout.first[-1])):
+    tail = _tail_positions(s, 0)
+    for g in range(s.n_batches):
+        if g in tail:
+            continue
         b = s.batch(0, g)
         shard = np.searchsorted(ds.shard_offsets, b, side="right") - 1
         assert shard.min() == shard.max()
@@ -78,8 +104,10 @@ def test_batch_aware_proportions(ds: CellDataset) -> None:
     s = BatchAwareSampler(ds, "cell_type", 40, seed=1, drop_last=True)
     codes = np.concatenate([ds.obs_codes(i, "cell_type") for i in range(ds.n_shards)])
     share = np.bincount(codes, minlength=4) / len(codes)
-    layout = s._layout(0)
-    for ids in list(s)[: int(layout.first[-1])]:
+    tail = _tail_positions(s, 0)
+    for g, ids in enumerate(s):
+        if g in tail:
+            continue
         got = np.bincount(codes[ids], minlength=4)
         assert np.all(np.abs(got - share * 40) <= 4), (got, share * 40)
 
@@ -87,9 +115,11 @@ def test_batch_aware_proportions(ds: CellDataset) -> None:
 def test_batch_aware_balanced(ds: CellDataset) -> None:
     s = BatchAwareSampler(ds, "batch", 30, balanced=True, seed=2, drop_last=True)
     codes = np.concatenate([ds.obs_codes(i, "batch") for i in range(ds.n_shards)])
-    layout = s._layout(0)
+    tail = _tail_positions(s, 0)
     n = 0
-    for ids in list(s)[: int(layout.first[-1])]:
+    for g, ids in enumerate(s):
+        if g in tail:
+            continue
         got = np.bincount(codes[ids], minlength=3)
         assert got.max() - got.min() <= 1, got
         n += 1
@@ -152,3 +182,11 @@ def test_resume_from_another_ranks_state(ds: CellDataset) -> None:
     rest = list(r1)
     assert all(np.array_equal(a, b) for a, b in zip(rest, full[7:], strict=True))
     check_resume(lambda r, w: SequentialSampler(ds, 50, rank=r, world_size=w), 3, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_random_access_is_repeatable(ds: CellDataset, name: str) -> None:
+    s = SAMPLERS[name][0](ds, seed=1)
+    for g in (0, 3, 3, 0, s.n_batches - 1, 3):
+        np.testing.assert_array_equal(s.batch(0, g), s.batch(0, g))
+    np.testing.assert_array_equal(np.concatenate(list(s)), np.concatenate([s.batch(0, g) for g in range(s.n_batches)]))
