@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scmf_loader import buffers
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.vocab import CLS_ID, PAD_ID
 
@@ -77,7 +78,10 @@ def gather_rows(
     lengths = np.concatenate(len_parts)
     indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    return indptr, np.concatenate(idx_parts), np.concatenate(data_parts)
+    nnz = int(indptr[-1])
+    indices = np.concatenate(idx_parts, out=buffers.empty(nnz, idx_parts[0].dtype))
+    values = np.concatenate(data_parts, out=buffers.empty(nnz, data_parts[0].dtype))
+    return indptr, indices, values
 
 
 def _keep(values: np.ndarray, k: int, truncation: str, generator: torch.Generator | None) -> np.ndarray:
@@ -223,7 +227,10 @@ class CSRBatch:
             rows = torch.repeat_interleave(torch.arange(len(self), device=out.device), self.lengths())
             out[rows, self.indices.long()] = self.values.to(dtype)
             return out
-        out = torch.zeros(self.shape, dtype=dtype)
+        try:
+            out = torch.from_numpy(buffers.zeros(self.shape, torch.empty(0, dtype=dtype).numpy().dtype))
+        except TypeError:  # a torch dtype numpy lacks (bfloat16)
+            out = torch.zeros(self.shape, dtype=dtype)
         rows = np.repeat(np.arange(len(self), dtype=np.int64) * self.n_genes, np.diff(self.indptr.numpy()))
         out.view(-1).numpy()[rows + self.indices.numpy()] = self.values.numpy()
         return out
@@ -258,10 +265,9 @@ class CSRBatch:
         n = len(lengths)
         k = max_genes if max_genes is not None else (int(lengths.max()) if n else 0)
         c = 1 if add_cls else 0
-        gene = np.zeros((n, k + c), dtype=np.int64)
-        if PAD_ID:
-            gene.fill(PAD_ID)
-        expr = np.zeros((n, k + c), dtype=np.float32)
+        gene = buffers.empty((n, k + c), np.int64)
+        gene.fill(PAD_ID)
+        expr = buffers.zeros((n, k + c), np.float32)
         gene[:, :c] = CLS_ID
         for i, (s, e) in enumerate(zip(ip[:-1].tolist(), ip[1:].tolist(), strict=True)):
             if e - s <= k:  # one contiguous copy per cell
@@ -271,7 +277,7 @@ class CSRBatch:
                 keep = _keep(val[s:e], k, truncation, generator)
                 gene[i, c:] = idx[s:e][keep]
                 expr[i, c:] = val[s:e][keep]
-        mask = np.arange(k + c) < (np.minimum(lengths, k) + c)[:, None]
+        mask = np.less(np.arange(k + c), (np.minimum(lengths, k) + c)[:, None], out=buffers.empty((n, k + c), np.bool_))
         return {
             "gene_indices": torch.from_numpy(gene),
             "expression": torch.from_numpy(expr),

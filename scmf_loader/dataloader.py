@@ -53,6 +53,51 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def _flatten(x: Any, leaves: list[torch.Tensor]) -> Any:
+    """The structure of a loader output with each tensor replaced by its index in ``leaves``."""
+    if isinstance(x, torch.Tensor):
+        leaves.append(x)
+        return len(leaves) - 1
+    if isinstance(x, CSRBatch):
+        arrays = [_flatten(t, leaves) for t in (x.indptr, x.indices, x.values, x.cell_ids)]
+        return (x.n_genes, arrays, _flatten(x.obs, leaves), _flatten(x.stats, leaves))
+    return {k: _flatten(v, leaves) for k, v in x.items()}
+
+
+def _build(structure: Any, leaves: list[torch.Tensor]) -> Any:
+    if isinstance(structure, int):
+        return leaves[structure]
+    if isinstance(structure, tuple):
+        n_genes, arrays, obs, stats = structure
+        return CSRBatch(*(leaves[i] for i in arrays), n_genes, _build(obs, leaves), _build(stats, leaves))
+    return {k: _build(v, leaves) for k, v in structure.items()}
+
+
+class _Packed:
+    """A worker's output copied into one buffer, so that one shared-memory segment (one file
+    descriptor) crosses the process boundary instead of one per tensor; unpacked into views."""
+
+    def __init__(self, item: Any) -> None:
+        leaves: list[torch.Tensor] = []
+        self.structure = _flatten(item, leaves)
+        self.layout = []
+        offset = 0
+        for t in leaves:
+            self.layout.append((offset, t.dtype, tuple(t.shape)))
+            offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned
+        self.buffer = torch.empty(offset, dtype=torch.uint8)
+        for t, (start, _, _) in zip(leaves, self.layout, strict=True):
+            self.buffer[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+
+    def unpack(self) -> Any:
+        """The output again, as views of the one buffer."""
+        leaves = [
+            self.buffer[start : start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype).view(shape)
+            for start, dtype, shape in self.layout
+        ]
+        return _build(self.structure, leaves)
+
+
 def _pin(item: Any) -> Any:
     """A loader output (CSRBatch or dict of tensors) in page-locked memory."""
     if isinstance(item, dict):
@@ -102,9 +147,11 @@ class _Fetcher(torch.utils.data.Dataset):
         return bool(ids[-1] < ds.shard_offsets[shard + 1] and (np.diff(ids) == 1).all())
 
     def __getitem__(self, request: _Request) -> Any:
-        if torch.utils.data.get_worker_info() is not None and self._zero_copy(request.ids):
+        if torch.utils.data.get_worker_info() is None:
+            return self.convert(self.dataset.__getitems__(request.ids), request)
+        if self._zero_copy(request.ids):
             return _Ref(request)
-        return self.convert(self.dataset.__getitems__(request.ids), request)
+        return _Packed(self.convert(self.dataset.__getitems__(request.ids), request))
 
     def convert(self, batch: CSRBatch, request: _Request) -> Any:
         """The batch in the loader's output form."""
@@ -198,9 +245,11 @@ class CellDataLoader:
         if num_workers > 0:
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
                      "multiprocessing_context": multiprocessing_context}
+        # pinning happens here, after a worker's output is unpacked (pinned memory would not
+        # survive the trip anyway), so the DataLoader's pinning thread is not used
         self._loader = torch.utils.data.DataLoader(
             self._fetcher, sampler=self._requests, batch_size=None, collate_fn=_identity,
-            num_workers=num_workers, pin_memory=self.pin_memory, timeout=timeout, **extra,
+            num_workers=num_workers, pin_memory=False, timeout=timeout, **extra,
         )
 
     @property
@@ -239,8 +288,9 @@ class CellDataLoader:
         for item in items:
             if isinstance(item, _Ref):
                 item = self._fetcher.convert(self.dataset.__getitems__(item.request.ids), item.request)
-                if self.pin_memory:
-                    item = _pin(item)
+                item = _pin(item) if self.pin_memory else item
+            elif isinstance(item, _Packed):
+                item = _pin(item.unpack()) if self.pin_memory else item.unpack()
             self._done += 1
             yield item
         self._epoch, self._done = epoch + 1, 0

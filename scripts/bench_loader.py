@@ -239,84 +239,93 @@ def main(argv: list[str] | None = None) -> int:
                      shard_size=50_000, quiet=True, overwrite=True)
         res["convert_s"] = time.perf_counter() - t
 
-    store = open_dataset(ds_dir)
+    ds = CellDataset(ds_dir)
+    store = ds.store  # the very maps the loader reads: raw numpy and loader share page tables
     n = store.n_cells
     res["nnz_per_cell"] = store.manifest.nnz / n
     res["bytes_per_cell"] = store.manifest.nnz * 8 / n + 8
     maps = [store.csr(s) for s in range(store.n_shards)]
-    for m in maps:  # warm the page cache
+    for m in maps:  # warm the page cache and this process's page tables
         touch(m.data, m.indices)
     slices = [(m, a, min(a + BATCH, len(m.indptr) - 1)) for m in maps for a in range(0, len(m.indptr) - 1, BATCH)]
-    rate = {}
+    vbuf = np.empty(BATCH * args.genes, dtype=np.float32)
+    ibuf = np.empty(BATCH * args.genes, dtype=np.int32)
+    vbuf.fill(0)
+    ibuf.fill(0)
 
-    def raw_epoch() -> None:
+    def raw_numpy_read() -> None:
         for m, a, b in slices:
             lo, hi = m.indptr[a], m.indptr[b]
             touch(m.data[lo:hi], m.indices[lo:hi])
 
-    vbuf = np.empty(BATCH * args.genes, dtype=np.float32)
-    ibuf = np.empty(BATCH * args.genes, dtype=np.int32)
-
-    def copy_epoch() -> None:
+    def raw_np_copyto() -> None:
         for m, a, b in slices:
             lo, hi = m.indptr[a], m.indptr[b]
             np.copyto(vbuf[: hi - lo], m.data[lo:hi])
             np.copyto(ibuf[: hi - lo], m.indices[lo:hi])
 
-    ds = CellDataset(ds_dir)
+    contiguous = CellDataLoader(ds, batch_size=BATCH, num_workers=0, drop_last=False)
+
+    def loader_zero_copy() -> None:
+        for _ in contiguous:
+            pass
+
+    def loader_read_epoch() -> None:
+        for b in contiguous:
+            touch(b.values.numpy(), b.indices.numpy())
+
+    mixed = CellDataLoader(ds, batch_size=BATCH, block_size=32, num_workers=0, drop_last=False)
+    runs = []  # the byte ranges of the mixed loader's next epoch, for np.copyto
+    for ids in BlockShuffleSampler(ds, BATCH, block_size=32, drop_last=False).batches(0):
+        shards = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
+        cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
+        for first, last in zip(np.r_[0, cut].tolist(), np.r_[cut, len(ids)].tolist(), strict=True):
+            s = int(shards[first])
+            m, lo = maps[s], int(ids[first] - ds.shard_offsets[s])
+            runs.append((m, int(m.indptr[lo]), int(m.indptr[lo + last - first])))
+
+    def np_copyto_mixed_ranges() -> None:
+        pos = 0
+        for m, lo, hi in runs:
+            if pos + hi - lo > len(vbuf):
+                pos = 0
+            np.copyto(vbuf[pos : pos + hi - lo], m.data[lo:hi])
+            np.copyto(ibuf[pos : pos + hi - lo], m.indices[lo:hi])
+            pos += hi - lo
+
+    def loader_mixed_blocks() -> None:
+        for _ in mixed:
+            pass
+
+    padded = {g: CellDataLoader(ds, batch_size=BATCH, num_workers=0, output="padded", max_genes=g) for g in (2048, 1024)}
+
+    def loader_padded_2048() -> None:
+        for _ in padded[2048]:
+            pass
+
+    def loader_padded_1024() -> None:
+        for _ in padded[1024]:
+            pass
+
+    tasks = [raw_numpy_read, raw_np_copyto, loader_zero_copy, loader_read_epoch, np_copyto_mixed_ranges,
+             loader_mixed_blocks, loader_padded_2048, loader_padded_1024]
+    for f in tasks:  # one untimed round: first-touch costs out of the way
+        f()
+    cpu: dict[str, list[float]] = {f.__name__: [] for f in tasks}
+    wall: dict[str, list[float]] = {f.__name__: [] for f in tasks}
     with MemoryProbe() as probe:
-        rate["raw_numpy_read"] = n / median_time(raw_epoch, args.reps)[0]
-        rate["raw_np_copyto"] = n / median_time(copy_epoch, args.reps)[0]
-        contiguous = CellDataLoader(ds, batch_size=BATCH, num_workers=0, drop_last=False)
-
-        def loader_views() -> None:
-            for _ in contiguous:
-                pass
-
-        def loader_read() -> None:
-            for b in contiguous:
-                touch(b.values.numpy(), b.indices.numpy())
-
-        rate["loader_zero_copy"] = n / median_time(loader_views, args.reps)[0]
-        rate["loader_read_epoch"] = n / median_time(loader_read, args.reps)[0]
-
-        sampler = BlockShuffleSampler(ds, BATCH, block_size=32, drop_last=False)
-        mixed_batches = list(sampler)  # the very same cells for the np.copyto reference
-        runs = []
-        for ids in mixed_batches:
-            shards = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
-            cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
-            for first, last in zip(np.r_[0, cut].tolist(), np.r_[cut, len(ids)].tolist(), strict=True):
-                s = int(shards[first])
-                m, lo = maps[s], int(ids[first] - ds.shard_offsets[s])
-                runs.append((m, int(m.indptr[lo]), int(m.indptr[lo + last - first])))
-
-        def copy_mixed() -> None:
-            pos = 0
-            for m, lo, hi in runs:
-                if pos + hi - lo > len(vbuf):
-                    pos = 0
-                np.copyto(vbuf[pos : pos + hi - lo], m.data[lo:hi])
-                np.copyto(ibuf[pos : pos + hi - lo], m.indices[lo:hi])
-                pos += hi - lo
-
-        mixed = CellDataLoader(ds, batch_size=BATCH, block_size=32, num_workers=0, drop_last=False)
-
-        def loader_mixed() -> None:
-            for _ in mixed:
-                pass
-
-        rate["np_copyto_mixed_ranges"] = n / median_time(copy_mixed, args.reps)[0]
-        rate["loader_mixed_blocks"] = n / median_time(loader_mixed, args.reps)[0]
-        for max_genes in (2048, 1024):
-            padded = CellDataLoader(ds, batch_size=BATCH, num_workers=0, output="padded", max_genes=max_genes)
-
-            def loader_padded(loader: CellDataLoader = padded) -> None:
-                for _ in loader:
-                    pass
-
-            rate[f"loader_padded_{max_genes}"] = n / median_time(loader_padded, args.reps)[0]
+        for _ in range(args.reps):  # interleaved, so that a busy machine slows every measure alike
+            for f in tasks:
+                c, w = time.process_time(), time.perf_counter()
+                f()
+                cpu[f.__name__].append(time.process_time() - c)
+                wall[f.__name__].append(time.perf_counter() - w)
     res["main_process_memory_mb"] = {"rss_anon": probe.peak_rss_anon, "pss_anon": probe.peak_pss_anon}
+    rate = {k: n / statistics.median(v) for k, v in cpu.items()}
+    rate_wall = {k: n / statistics.median(v) for k, v in wall.items()}
+    res["cells_per_s_cpu_time"] = rate
+    res["cells_per_s_wall_time"] = rate_wall
+    res["raw_seconds"] = {"cpu": cpu, "wall": wall}
 
     workers: dict[str, Any] = {}
     for w in (0, 1, 2):
@@ -343,30 +352,43 @@ def main(argv: list[str] | None = None) -> int:
     big_store = open_dataset(big)
     res["open_100M_cells"] = {"seconds": time.perf_counter() - t, "shards": big_store.n_shards,
                               "cells": big_store.n_cells, "rss_anon_delta_mb": rss_anon_mb() - rss0}
-    res["cells_per_s"] = rate
-    res["ratios"] = {
-        "loader_read_vs_raw_numpy": rate["loader_read_epoch"] / rate["raw_numpy_read"],
-        "loader_mixed_vs_np_copyto_same_ranges": rate["loader_mixed_blocks"] / rate["np_copyto_mixed_ranges"],
-        "loader_mixed_vs_np_copyto_contiguous": rate["loader_mixed_blocks"] / rate["raw_np_copyto"],
+    def paired(a: str, b: str) -> float:
+        """Median over repetitions of the ratio of two measures taken back to back."""
+        return statistics.median(x / y for x, y in zip(cpu[b], cpu[a], strict=True))
+
+    res["ratios_cpu_time"] = {
+        "loader_read_vs_raw_numpy": paired("loader_read_epoch", "raw_numpy_read"),
+        "loader_mixed_vs_np_copyto_same_ranges": paired("loader_mixed_blocks", "np_copyto_mixed_ranges"),
+        "loader_mixed_vs_np_copyto_contiguous": paired("loader_mixed_blocks", "raw_np_copyto"),
     }
+    res["ratios_wall_time"] = {
+        "loader_read_vs_raw_numpy": rate_wall["loader_read_epoch"] / rate_wall["raw_numpy_read"],
+        "loader_mixed_vs_np_copyto_same_ranges": rate_wall["loader_mixed_blocks"] / rate_wall["np_copyto_mixed_ranges"],
+    }
+    res["machine"]["load_average_at_end"] = os.getloadavg()
+    ratios = res["ratios_cpu_time"]
     bars = {
         "zero_copy >= 1,000,000 cells/s": rate["loader_zero_copy"] >= 1e6,
-        "mixed >= 50% of np.copyto": res["ratios"]["loader_mixed_vs_np_copyto_same_ranges"] >= 0.5,
-        "read epoch >= 80% of raw numpy": res["ratios"]["loader_read_vs_raw_numpy"] >= 0.8,
+        "mixed >= 50% of np.copyto": ratios["loader_mixed_vs_np_copyto_same_ranges"] >= 0.5,
+        "read epoch >= 80% of raw numpy": ratios["loader_read_vs_raw_numpy"] >= 0.8,
         "RssAnon (num_workers=0) <= 500 MB": res["main_process_memory_mb"]["rss_anon"] <= 500,
         "open 100M cells < 1 s": res["open_100M_cells"]["seconds"] < 1,
     }
     res["bars_met"] = bars
 
     gbps = res["bytes_per_cell"] / 1e9
-    print(f"\n{args.cells:,} cells x {args.genes:,} genes, {res['nnz_per_cell']:.0f} nnz/cell, batch {BATCH}, median of {args.reps}")
-    print(f"{'measure':40s} {'cells/s':>12s} {'GB/s':>7s}")
+    print(f"\n{args.cells:,} cells x {args.genes:,} genes, {res['nnz_per_cell']:.0f} nnz/cell, batch {BATCH}, "
+          f"median of {args.reps}, load average {res['machine']['load_average_at_start'][0]:.1f}")
+    print(f"{'measure (one process)':40s} {'cells/s cpu':>12s} {'GB/s':>6s} {'cells/s wall':>13s}")
     for k, v in rate.items():
-        print(f"{k:40s} {v:12,.0f} {v * gbps:7.2f}")
+        print(f"{k:40s} {v:12,.0f} {v * gbps:6.2f} {rate_wall[k]:13,.0f}")
+    print(f"{'workers (wall time)':40s} {'cells/s':>12s}")
     for k, v in workers.items():
-        print(f"{k:40s} {v['cells_per_s']:12,.0f} {v['cells_per_s'] * gbps:7.2f}   RssAnon {v['rss_anon_mb']:6.0f} MB  PSS-anon {v['pss_anon_mb']:6.0f} MB")
-    for k, v in res["ratios"].items():
-        print(f"{k:40s} {v:12.2f}")
+        print(f"{k:40s} {v['cells_per_s']:12,.0f} {v['cells_per_s'] * gbps:6.2f}   RssAnon {v['rss_anon_mb']:6.0f} MB  PSS-anon {v['pss_anon_mb']:6.0f} MB")
+    for k, v in ratios.items():
+        print(f"{k + ' (cpu, paired)':40s} {v:12.2f}")
+    for k, v in res["ratios_wall_time"].items():
+        print(f"{k + ' (wall)':40s} {v:12.2f}")
     m = res["main_process_memory_mb"]
     print(f"{'main process peak RssAnon / Pss_Anon':40s} {m['rss_anon']:8.0f} MB / {m['pss_anon']:.0f} MB")
     o = res["open_100M_cells"]

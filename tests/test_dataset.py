@@ -207,3 +207,16 @@ def test_quick_path_avoids_the_scipy_row_slicing_trap(tmp_path: Path, monkeypatc
     monkeypatch.setattr(sp.csr_matrix, "__getitem__", forbidden)
     dense = np.concatenate([q[np.arange(lo, lo + 100)].to_dense().numpy() for lo in range(0, 400, 100)])
     np.testing.assert_array_equal(dense[:, q.vocab.encode(genes)], x.toarray())
+
+
+def test_kept_gathered_batches_are_never_overwritten(ds: CellDataset, loader_reference: dict[str, np.ndarray]) -> None:
+    """Gathers reuse output buffers only once no batch views them."""
+    rng = np.random.default_rng(5)
+    kept = [(ids, ds[ids]) for ids in (rng.integers(0, len(ds), 300) for _ in range(3))]
+    padded = kept[0][1].to_padded(8)
+    before = {k: v.clone() for k, v in padded.items()}
+    for _ in range(20):
+        ds[rng.integers(0, len(ds), 300)].to_padded(8)  # churn: many more gathers
+    for ids, b in kept:
+        np.testing.assert_array_equal(b.to_dense().numpy(), _expected(ds, loader_reference, ids))
+    assert all(torch.equal(padded[k], before[k]) for k in before)
