@@ -390,6 +390,11 @@ def _locked(out: Path) -> Iterator[None]:
                 f"{out}: another conversion is writing to this directory (lock {LOCK_NAME} held); "
                 "wait for it to finish or choose another --output"
             ) from None
+        except OSError as exc:  # e.g. Lustre mounted without -o flock: ENOSYS
+            raise ScmfError(
+                f"{out}: cannot lock {LOCK_NAME} ({exc.strerror}); this file system does not "
+                "support flock (Lustre: mount with -o flock); choose another --output"
+            ) from None
         yield
     finally:
         os.close(fd)

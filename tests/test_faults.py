@@ -243,3 +243,17 @@ def _state(pid: int) -> str:
     state = stat[stat.rindex(")") + 2]
     assert state != "Z", f"process {pid} exited early"
     return state
+
+
+def test_file_system_without_flock_is_a_clear_error(
+    sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(convert.fcntl, "flock", no_flock)
+    with pytest.raises(convert.ScmfError, match=r"cannot lock \.scmf-lock \(Function not implemented\)"):
+        convert.convert_h5ad(sources[:1], tmp_path / "ds", quiet=True)
+    assert not (tmp_path / "ds" / "manifest.json").exists()
