@@ -257,3 +257,17 @@ def test_file_system_without_flock_is_a_clear_error(
     with pytest.raises(convert.ScmfError, match=r"cannot lock \.scmf-lock \(Function not implemented\)"):
         convert.convert_h5ad(sources[:1], tmp_path / "ds", quiet=True)
     assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_scratch_without_a_plan_is_discarded(
+    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]]
+) -> None:
+    """Killed between creating ``.scmf-tmp`` and writing its plan: nothing to resume, and
+    nothing that could belong to another dataset; the re-run starts afresh."""
+    expected, _ = reference
+    out = tmp_path / "ds"
+    (out / convert.TMP_DIR).mkdir(parents=True)
+    (out / convert.TMP_DIR / "plan.json.tmp").write_text('{"dataset_id": "sha256:0')
+    code, text = _cli(_args(sources, out))
+    assert code == 0, text
+    assert tree_bytes(out) == expected
