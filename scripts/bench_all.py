@@ -14,6 +14,7 @@ peer that cannot be installed or fails is reported with its error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -176,10 +177,8 @@ def versions(peers_python: str | None) -> dict[str, str]:
 
     out = {}
     for p in ("numpy", "scipy", "torch", "anndata", "h5py", "zarr", "dask", "scanpy"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[p] = version(p)
-        except PackageNotFoundError:
-            pass
     if peers_python:
         code = ("import json;from importlib.metadata import version as v\nr={}\n"
                 "for p in ('scdataset','bionemo-scdl','tiledbsoma-ml'):\n"
@@ -187,11 +186,9 @@ def versions(peers_python: str | None) -> dict[str, str]:
         r = subprocess.run([peers_python, "-c", code], capture_output=True, text=True)
         if r.returncode == 0:
             out.update(last_json(r.stdout))
-    try:
+    with contextlib.suppress(OSError):
         out["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        pass
     return out
 
 
@@ -249,7 +246,7 @@ def profile_conversion(src: Path, out: Path) -> dict[str, Any]:
     r = run_measured([sys.executable, __file__, "_profile", "--h5ad", str(src), "--out", str(out / "conv" / "profiled")])
     if r["rc"] != 0:
         return {"error": r["stderr_tail"]}
-    return last_json(r.stdout)
+    return last_json(r["stdout"])
 
 
 STAGES = {
@@ -334,7 +331,7 @@ def ours(dataset: Path, runs: int, batch_size: int = 256, workers: int = 0, outp
     r = run_measured(cmd)
     if r["rc"] != 0:
         return {"error": r["stderr_tail"].strip().splitlines()[-1]}
-    return {**last_json(r.stdout), "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"]}
+    return {**last_json(r["stdout"]), "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"]}
 
 
 def loader_script(cells: int, runs: int, out: Path) -> dict[str, Any]:
@@ -360,7 +357,7 @@ def peer(py: str, name: str, h5ad: Path, work: Path, runs: int, batches: int) ->
     if r["rc"] != 0:
         lines = [ln for ln in r["stderr_tail"].strip().splitlines() if ln.strip()]
         return {"error": lines[-1] if lines else f"exit {r['rc']}", "peak_rss_mb": r["peak_rss_mb"]}
-    return {**last_json(r.stdout), "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+    return {**last_json(r["stdout"]), "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
             "peak_anon_mb": r["peak_anon_mb"]}
 
 
@@ -370,6 +367,9 @@ def install_error(py: str, package: str) -> str:
     if r.returncode == 0:
         return ""
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR")]
+    if any("Requires-Python" in ln for ln in lines):  # e.g. annbatch on Python 3.11
+        req = sorted({ln.split("Requires-Python")[-1].split(";")[0].strip() for ln in lines if "Requires-Python" in ln})
+        return f"pip: no release installs on Python {platform.python_version()} (every release Requires-Python {req[-1]}): " + lines[-1]
     return " / ".join(ln[:300] for ln in lines) or r.stderr[-300:]
 
 
@@ -407,11 +407,17 @@ def main() -> None:
 
     print("primitives ...", flush=True)
     R["primitives_GBps"] = primitives(out)
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(R, indent=1, default=str))
+
     if "conversion" not in skip:
         print("conversion ...", flush=True)
         R["conversion"] = bench_conversion(files, out, a.runs, [1, 2])
+        save()
     if "profile" not in skip:
+        print("profile ...", flush=True)
         R["profile"] = profile_conversion(big, out)
+        save()
     # the converted datasets the loader benchmarks read
     dsets = {}
     for n, src in files.items():
@@ -429,6 +435,7 @@ def main() -> None:
         L["memory_vs_size"] = {str(n): ours(d, 1) for n, d in dsets.items()}
         L["bench_loader"] = loader_script(big_n, a.runs, out)
         R["loader"] = L
+        save()
     if "peers" not in skip:
         print("peers ...", flush=True)
         P: dict[str, Any] = {}
@@ -446,7 +453,7 @@ def main() -> None:
             P["tiledbsoma-ml"] = {"error": "not run: optional, skipped for time (DESIGN.md §7 measured ~3k cells/s)"}
         R["peers"] = P
     R["machine"]["loadavg_end"] = os.getloadavg()
-    (out / "results.json").write_text(json.dumps(R, indent=1, default=str))
+    save()
     import bench_report
 
     bench_report.write(R, Path(a.docs))
