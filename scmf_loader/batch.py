@@ -13,7 +13,7 @@ the output of a converter), never into ``batch.values`` itself.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,12 +96,14 @@ def _keep(values: np.ndarray, k: int, truncation: str, generator: torch.Generato
     return np.flatnonzero(keep)
 
 
-Columns = Mapping[str, torch.Tensor] | tuple[Sequence[str], torch.Tensor]
+Columns = Mapping[str, torch.Tensor] | tuple[Sequence[str], torch.Tensor] | Callable[[], Any]
 
 
 def _columns(cols: Columns | None) -> dict[str, torch.Tensor]:
     if cols is None:
         return {}
+    if callable(cols):  # built on first access
+        cols = cols()
     if isinstance(cols, tuple):  # (names, 2-D block): one view per column
         names, block = cols
         return dict(zip(names, block.unbind(1), strict=True))
@@ -109,6 +111,8 @@ def _columns(cols: Columns | None) -> dict[str, torch.Tensor]:
 
 
 def _map_columns(cols: Columns | None, fn: Any) -> Columns:
+    if callable(cols):
+        cols = cols()
     if isinstance(cols, tuple):
         return (cols[0], fn(cols[1]))
     return {k: fn(v) for k, v in _columns(cols).items()}
@@ -121,8 +125,9 @@ class CSRBatch:
     ids, sorted within each row), ``values`` (the stored dtype), ``cell_ids`` (int64 global
     row ids), ``obs`` (int64 categorical codes per kept obs column; -1 = missing), ``stats``
     (float64 per-cell columns such as ``library_size``) and ``n_genes`` (vocabulary size).
-    ``obs`` and ``stats`` may be given as mappings or as ``(names, 2-D tensor)`` whose
-    columns are split into the mapping on first access.
+    ``obs`` and ``stats`` may be given as mappings, as ``(names, 2-D tensor)`` whose columns
+    are split into the mapping on first access, or as a function returning either, called
+    on first access (so a training loop that never reads them never builds them).
     """
 
     __slots__ = ("_obs", "_stats", "cell_ids", "indices", "indptr", "n_genes", "values")
@@ -158,6 +163,14 @@ class CSRBatch:
         if not isinstance(self._stats, dict):
             self._stats = _columns(self._stats)
         return self._stats
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: getattr(self, k) for k in ("cell_ids", "indices", "indptr", "n_genes", "values")}
+        return {**state, "_obs": self.obs, "_stats": self.stats}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
 
     # ---- shape --------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -35,11 +35,12 @@ OUTPUTS = ("csr", "padded", "dense")
 
 @dataclass(frozen=True)
 class _Request:
-    """One batch to read: its epoch, its position in this rank's share, its cell ids."""
+    """One batch to read: its epoch, its position in this rank's share, and its cell ids
+    (or ``(start, stop)`` for a range, see ``BatchSampler.batch_or_range``)."""
 
     epoch: int
     position: int
-    ids: np.ndarray
+    ids: np.ndarray | tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class _Requests(torch.utils.data.Sampler[_Request]):
         return len(self.sampler) - self.start
 
     def __iter__(self) -> Iterator[_Request]:
-        for i, ids in enumerate(self.sampler.batches(self.epoch, self.start), start=self.start):
+        for i, ids in enumerate(self.sampler.batches_or_ranges(self.epoch, self.start), start=self.start):
             yield _Request(self.epoch, i, ids)
 
 
@@ -137,21 +138,29 @@ class _Fetcher(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _zero_copy(self, ids: np.ndarray) -> bool:
+    def _zero_copy(self, ids: np.ndarray | tuple[int, int]) -> bool:
         ds = self.dataset
-        if self.output != "csr" or ds.preprocessing is not None or ds.store is None or not len(ids):
+        if self.output != "csr" or ds.preprocessing is not None or ds.store is None:
             return False
-        if ids[-1] - ids[0] != len(ids) - 1:
+        if isinstance(ids, tuple):
+            return ds.shard_of_range(*ids) >= 0
+        n = len(ids)
+        if not n or ids[-1] - ids[0] != n - 1 or ds.shard_of_range(int(ids[0]), int(ids[-1]) + 1) < 0:
             return False
-        shard = int(np.searchsorted(ds.shard_offsets, ids[0], side="right")) - 1
-        return bool(ids[-1] < ds.shard_offsets[shard + 1] and (np.diff(ids) == 1).all())
+        return bool((ids[1:] > ids[:-1]).all())
+
+    def read(self, request: _Request) -> Any:
+        """The requested batch in the loader's output form, read in this process."""
+        ids = request.ids
+        batch = self.dataset.get_range(*ids) if isinstance(ids, tuple) else self.dataset.__getitems__(ids)
+        return self.convert(batch, request)
 
     def __getitem__(self, request: _Request) -> Any:
         if torch.utils.data.get_worker_info() is None:
-            return self.convert(self.dataset.__getitems__(request.ids), request)
+            return self.read(request)
         if self._zero_copy(request.ids):
             return _Ref(request)
-        return _Packed(self.convert(self.dataset.__getitems__(request.ids), request))
+        return _Packed(self.read(request))
 
     def convert(self, batch: CSRBatch, request: _Request) -> Any:
         """The batch in the loader's output form."""
@@ -287,7 +296,7 @@ class CellDataLoader:
             items = iter(self._loader)
         for item in items:
             if isinstance(item, _Ref):
-                item = self._fetcher.convert(self.dataset.__getitems__(item.request.ids), item.request)
+                item = self._fetcher.read(item.request)
                 item = _pin(item) if self.pin_memory else item
             elif isinstance(item, _Packed):
                 item = _pin(item.unpack()) if self.pin_memory else item.unpack()

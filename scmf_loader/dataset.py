@@ -142,11 +142,10 @@ class CellDataset(torch.utils.data.Dataset):
         if n:
             first, last = int(ids[0]), int(ids[-1])
             # n ids from first to first + n - 1, strictly increasing: exactly that range
-            if first >= 0 and last < len(self) and last - first == n - 1 and (n == 1 or (ids[1:] > ids[:-1]).all()):
-                shard = bisect.bisect_right(self._offsets, first) - 1
-                if last < self._offsets[shard + 1]:  # one contiguous range of one shard
-                    lo = first - self._offsets[shard]
-                    return self._finish(ids, [(shard, (lo,), (lo + n,), slice(lo, lo + n))])
+            if last - first == n - 1 and (n == 1 or (ids[1:] > ids[:-1]).all()):
+                shard = self.shard_of_range(first, last + 1)
+                if shard >= 0:
+                    return self._range(ids, shard)
             if ids.min() < 0 or ids.max() >= len(self):
                 raise IndexError(f"cell ids must lie in [0, {len(self)}); got [{ids.min()}, {ids.max()}]")
         offsets = self.shard_offsets
@@ -163,6 +162,24 @@ class CellDataset(torch.utils.data.Dataset):
             cells = slice(int(run_first[a]), int(run_first[b - 1] + run_len[b - 1]))
             groups.append((int(run_shard[a]), starts, starts + run_len[a:b], local[cells]))
         return self._finish(ids, groups)
+
+    def shard_of_range(self, start: int, stop: int) -> int:
+        """The shard holding every cell of ``[start, stop)`` (non-empty), or -1."""
+        if not 0 <= start < stop <= self._offsets[-1]:
+            return -1
+        shard = bisect.bisect_right(self._offsets, start) - 1
+        return shard if stop <= self._offsets[shard + 1] else -1
+
+    def get_range(self, start: int, stop: int) -> CSRBatch:
+        """The batch of cells ``[start, stop)``; zero copy inside one shard of a dataset
+        directory (the loader reads contiguous batches this way)."""
+        shard = self.shard_of_range(start, stop)
+        ids = np.arange(start, stop, dtype=np.int64)
+        return self._range(ids, shard) if shard >= 0 else self.__getitems__(ids)
+
+    def _range(self, ids: np.ndarray, shard: int) -> CSRBatch:
+        lo = int(ids[0]) - self._offsets[shard]
+        return self._finish(ids, [(shard, (lo,), (lo + len(ids),), slice(lo, lo + len(ids)))])
 
     def _columns(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """Kept obs codes (int64, one column each) and cell stats (float64) of ``shard``,
@@ -194,19 +211,18 @@ class CellDataset(torch.utils.data.Dataset):
             values = np.concatenate([p[2] for p in parts])
         else:
             indptr, indices, values = np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
-        if len(groups) == 1:  # copies: batches never alias the cached columns
-            s, _, _, sel = groups[0]
-            codes, stats = (np.array(block[sel]) for block in self._columns(s))
-        elif groups:
-            blocks = [(self._columns(s), sel) for s, _, _, sel in groups]
-            codes = np.concatenate([b[0][sel] for b, sel in blocks])
-            stats = np.concatenate([b[1][sel] for b, sel in blocks])
-        else:
-            codes = np.zeros((0, len(self.obs_columns)), np.int64)
-            stats = np.zeros((0, len(self.cell_stats)), np.float64)
+        # obs codes and cell stats: copies (never aliasing the cached columns), made only when
+        # the batch's obs or stats are first read
+        blocks = [(self._columns(s), sel) for s, _, _, sel in groups]
+
+        def rows(j: int, names: tuple[str, ...], dtype: type) -> Any:
+            if not blocks:
+                return lambda: (names, torch.zeros((0, len(names)), dtype=dtype))
+            return lambda: (names, torch.from_numpy(np.concatenate([b[j][sel] for b, sel in blocks])))
+
         batch = CSRBatch(
             torch.from_numpy(indptr), as_tensor(indices), as_tensor(values), torch.from_numpy(ids), self.n_genes,
-            (self.obs_columns, torch.from_numpy(codes)), (self.cell_stats, torch.from_numpy(stats)),
+            rows(0, self.obs_columns, torch.int64), rows(1, self.cell_stats, torch.float64),
         )
         return batch if self.preprocessing is None else _apply(self.preprocessing, batch)
 

@@ -165,11 +165,23 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         lo = b * self.batch_size
         return self._stream(layout, lo, min(lo + self.batch_size, int(layout.tail_cum[-1])))
 
+    def batch_or_range(self, epoch: int, index: int) -> np.ndarray | tuple[int, int]:
+        """Batch ``index`` as ``(start, stop)`` when it is the range of global ids
+        ``[start, stop)``, else as its ids (what :meth:`batch` returns). Readers use the
+        range form to skip building and checking ids."""
+        return self.batch(epoch, index)
+
     def batches(self, epoch: int, start: int = 0, num_workers: int = 0, worker_id: int = 0) -> Iterator[np.ndarray]:
         """This rank's batches of ``epoch`` from its ``start``-th on."""
         part = self.partition(num_workers, worker_id)
         for i in range(start, len(part)):
             yield self.batch(epoch, part[i])
+
+    def batches_or_ranges(self, epoch: int, start: int = 0) -> Iterator[np.ndarray | tuple[int, int]]:
+        """:meth:`batches` in the form of :meth:`batch_or_range`."""
+        part = self.partition()
+        for i in range(start, len(part)):
+            yield self.batch_or_range(epoch, part[i])
 
     def __iter__(self) -> Iterator[np.ndarray]:
         start, self._start = self._start, 0
@@ -245,8 +257,12 @@ class SequentialSampler(BatchSampler):
 
     def batch(self, epoch: int, index: int) -> np.ndarray:
         """Global row ids of batch ``index``: ``[index * batch_size, ...)``."""
+        return np.arange(*self.batch_or_range(epoch, index), dtype=np.int64)
+
+    def batch_or_range(self, epoch: int, index: int) -> tuple[int, int]:
+        """Every batch is a range."""
         lo = index * self.batch_size
-        return np.arange(lo, min(lo + self.batch_size, self.n_cells), dtype=np.int64)
+        return lo, min(lo + self.batch_size, self.n_cells)
 
 
 class BlockShuffleSampler(BatchSampler):
@@ -296,6 +312,15 @@ class BlockShuffleSampler(BatchSampler):
         starts = int(layout.grid[shard]) + self.block_size * np.arange(n_full * k, dtype=np.int64)
         starts = starts[_rng(self.seed, epoch, 1, shard).permutation(len(starts))]
         return np.sort(starts.reshape(n_full, k), axis=1)
+
+    def batch_or_range(self, epoch: int, index: int) -> np.ndarray | tuple[int, int]:
+        """With one block per batch, a shard's batch is a range."""
+        if self.block_size == self.batch_size:
+            shard, b = self._layout(epoch).locate(index)
+            if shard >= 0:
+                start = self._offsets[shard] + int(self._shard_plan(epoch, shard)[b, 0])
+                return start, start + self.batch_size
+        return self.batch(epoch, index)
 
     def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
         starts = self._shard_plan(epoch, shard)[b]

@@ -157,3 +157,16 @@ def test_as_tensor_accepts_read_only_views_silently() -> None:
         t2 = as_tensor(a[5:7])
     assert t.tolist() == [2, 3, 4]
     assert t2.data_ptr() == a[5:].ctypes.data
+
+
+def test_pickle_round_trip_with_lazy_columns() -> None:
+    import pickle
+
+    m = _random_csr()
+    b = _batch(m)
+    lazy = CSRBatch(b.indptr, b.indices, b.values, b.cell_ids, b.n_genes,
+                    lambda: (("cell_type",), torch.arange(40).reshape(40, 1)), None)
+    again = pickle.loads(pickle.dumps(lazy))
+    assert torch.equal(again.values, b.values)
+    assert torch.equal(again.obs["cell_type"], torch.arange(40))
+    assert again.stats == {}

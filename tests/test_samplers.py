@@ -190,3 +190,16 @@ def test_random_access_is_repeatable(ds: CellDataset, name: str) -> None:
     for g in (0, 3, 3, 0, s.n_batches - 1, 3):
         np.testing.assert_array_equal(s.batch(0, g), s.batch(0, g))
     np.testing.assert_array_equal(np.concatenate(list(s)), np.concatenate([s.batch(0, g) for g in range(s.n_batches)]))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_range_form_matches_ids(ds: CellDataset, name: str) -> None:
+    s = SAMPLERS[name][0](ds, seed=2)
+    ranges = 0
+    for g in range(s.n_batches):
+        item = s.batch_or_range(1, g)
+        if isinstance(item, tuple):
+            ranges += 1
+            item = np.arange(*item)
+        np.testing.assert_array_equal(item, s.batch(1, g))
+    assert (ranges > 0) == (name in ("sequential", "block"))
