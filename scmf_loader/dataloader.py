@@ -86,7 +86,9 @@ class _Packed:
         for t in leaves:
             self.layout.append((offset, t.dtype, tuple(t.shape)))
             offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned
-        self.buffer = torch.empty(offset, dtype=torch.uint8)
+        # allocated in shared memory from the start: no copy when it is sent, and no
+        # multi-megabyte heap block per batch left for malloc to hoard in the worker
+        self.buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))[:offset]
         for t, (start, _, _) in zip(leaves, self.layout, strict=True):
             self.buffer[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
 
