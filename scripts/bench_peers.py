@@ -72,9 +72,9 @@ def bench_anndata(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_scdataset(a: argparse.Namespace) -> dict[str, Any]:
-    import anndata as ad
     from importlib.metadata import version
 
+    import anndata as ad
     from scdataset import BlockShuffling, scDataset
 
     adata = ad.read_h5ad(a.h5ad, backed="r")
