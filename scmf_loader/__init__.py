@@ -1,16 +1,20 @@
 """scmf_loader: read scModelForge dataset directories as zero-copy PyTorch batches.
 
 Imports with numpy, torch and zarr alone; optional paths (the AnnData quick path of
-:class:`CellDataset`) import their libraries when used.
+:class:`CellDataset`, :class:`~scmf_loader.census.CensusDataset`) import their libraries when
+used. Public names are resolved lazily (PEP 562), so ``import scmf_loader.format`` — what the
+converter's worker processes do — does not import torch.
 
 >>> ds = CellDataset("my_dataset")                      # doctest: +SKIP
 >>> loader = CellDataLoader(ds, batch_size=256, num_workers=0)  # doctest: +SKIP
 >>> for batch in loader: ...                           # doctest: +SKIP
 """
 
-from scmf_loader.batch import CSRBatch
-from scmf_loader.dataloader import CellDataLoader
-from scmf_loader.dataset import CellDataset
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from scmf_loader.errors import (
     ChecksumMismatchError,
     ConfigurationError,
@@ -22,15 +26,39 @@ from scmf_loader.errors import (
     ShardSizeError,
     VocabularyError,
 )
-from scmf_loader.partition import Partition, partition, resolve_world
-from scmf_loader.samplers import (
-    BatchAwareSampler,
-    BatchSampler,
-    BlockShuffleSampler,
-    SequentialSampler,
-)
-from scmf_loader.store import DatasetStore, open_dataset
 from scmf_loader.vocab import GeneVocab
+
+if TYPE_CHECKING:
+    from scmf_loader.batch import CSRBatch
+    from scmf_loader.census import CensusDataset
+    from scmf_loader.dataloader import CellDataLoader
+    from scmf_loader.dataset import CellDataset
+    from scmf_loader.partition import Partition, partition, resolve_world
+    from scmf_loader.preprocess import PreprocessingPipeline
+    from scmf_loader.samplers import (
+        BatchAwareSampler,
+        BatchSampler,
+        BlockShuffleSampler,
+        SequentialSampler,
+    )
+    from scmf_loader.store import DatasetStore, open_dataset
+
+_LAZY = {
+    "BatchAwareSampler": "scmf_loader.samplers",
+    "BatchSampler": "scmf_loader.samplers",
+    "BlockShuffleSampler": "scmf_loader.samplers",
+    "CSRBatch": "scmf_loader.batch",
+    "CellDataLoader": "scmf_loader.dataloader",
+    "CellDataset": "scmf_loader.dataset",
+    "CensusDataset": "scmf_loader.census",
+    "DatasetStore": "scmf_loader.store",
+    "Partition": "scmf_loader.partition",
+    "PreprocessingPipeline": "scmf_loader.preprocess",
+    "SequentialSampler": "scmf_loader.samplers",
+    "open_dataset": "scmf_loader.store",
+    "partition": "scmf_loader.partition",
+    "resolve_world": "scmf_loader.partition",
+}
 
 __all__ = [
     "BatchAwareSampler",
@@ -39,6 +67,7 @@ __all__ = [
     "CSRBatch",
     "CellDataLoader",
     "CellDataset",
+    "CensusDataset",
     "ChecksumMismatchError",
     "ConfigurationError",
     "DatasetStore",
@@ -47,6 +76,7 @@ __all__ = [
     "ManifestError",
     "ManifestNotFoundError",
     "Partition",
+    "PreprocessingPipeline",
     "ScmfError",
     "SequentialSampler",
     "ShardNotFoundError",
@@ -56,3 +86,16 @@ __all__ = [
     "partition",
     "resolve_world",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scmf_loader' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

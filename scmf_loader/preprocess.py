@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported only when a tensor is actually processed, so the
+    import torch  # converter's workers (which import this module) never load it.
 
 from scmf_loader.errors import ConfigurationError, InvalidInputError
 
@@ -122,10 +125,18 @@ def check_counts(values: np.ndarray, where: str) -> None:
         )
 
 
+def _is_tensor(x: Any) -> bool:
+    """True for a torch tensor, without importing torch (if torch is not loaded, x is none)."""
+    torch_mod = sys.modules.get("torch")
+    return torch_mod is not None and isinstance(x, torch_mod.Tensor)
+
+
 def _torch_transform(
     values: torch.Tensor, indptr: torch.Tensor, divisors: np.ndarray | None, log1p: bool,
     dtype: np.dtype,
 ) -> torch.Tensor:
+    import torch
+
     tdtype = torch.float64 if dtype == np.float64 else torch.float32
     out = values.to(tdtype).clone()
     if divisors is not None:
@@ -392,7 +403,7 @@ class PreprocessingPipeline:
                 f"(it has {sorted(stats)}); was the dataset converted with this normalisation?"
             )
         stat = stats[name]
-        if isinstance(stat, torch.Tensor):
+        if _is_tensor(stat):
             stat = stat.detach().cpu().numpy()
         return cell_divisors(stat, normalize=self.normalize, target_sum=self.target_sum, dtype=dtype)
 
@@ -403,13 +414,15 @@ class PreprocessingPipeline:
         (numpy arrays or torch tensors) and ``stats`` (per-cell ``library_size`` /
         ``size_factor``). Returns a new array of the same kind (float32, or float64 for
         float64 input)."""
-        if isinstance(values, torch.Tensor):
+        if _is_tensor(values):
+            import torch
+
             dt = compute_dtype(torch.empty(0, dtype=values.dtype).numpy().dtype)
             div = self.divisors_for(stats, dt)
             if values.device.type == "cpu":
-                ip = indptr.numpy() if isinstance(indptr, torch.Tensor) else np.asarray(indptr)
+                ip = indptr.numpy() if _is_tensor(indptr) else np.asarray(indptr)
                 return torch.from_numpy(transform_values(values.numpy(), ip, div, self.log1p, dt))
-            ip_t = indptr if isinstance(indptr, torch.Tensor) else torch.as_tensor(indptr)
+            ip_t = indptr if _is_tensor(indptr) else torch.as_tensor(indptr)
             return _torch_transform(values, ip_t, div, self.log1p, dt)
         v = np.asarray(values)
         dt = compute_dtype(v.dtype)
