@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from scmf_loader.batch import TRUNCATIONS, CSRBatch
-from scmf_loader.dataset import CellDataset
+from scmf_loader.dataset import CellDataset, range_of
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSampler
 
@@ -144,12 +144,8 @@ class _Fetcher(torch.utils.data.Dataset):
         ds = self.dataset
         if self.output != "csr" or ds.preprocessing is not None or ds.store is None:
             return False
-        if isinstance(ids, tuple):
-            return ds.shard_of_range(*ids) >= 0
-        n = len(ids)
-        if not n or ids[-1] - ids[0] != n - 1 or ds.shard_of_range(int(ids[0]), int(ids[-1]) + 1) < 0:
-            return False
-        return bool((ids[1:] > ids[:-1]).all())
+        as_range = ids if isinstance(ids, tuple) else range_of(ids)
+        return as_range is not None and ds.shard_of_range(*as_range) >= 0
 
     def read(self, request: _Request) -> Any:
         """The requested batch in the loader's output form, read in this process."""

@@ -28,6 +28,15 @@ __all__ = ["CellDataset"]
 _CACHED_COLUMN_SHARDS = 4
 
 
+def range_of(ids: np.ndarray) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``ids`` are exactly ``start, start + 1, ..., stop - 1``."""
+    n = len(ids)
+    # n ids from first to first + n - 1, strictly increasing: exactly that range
+    if n and int(ids[-1]) - int(ids[0]) == n - 1 and (n == 1 or (ids[1:] > ids[:-1]).all()):
+        return int(ids[0]), int(ids[-1]) + 1
+    return None
+
+
 def _is_dataset_dir(source: Any) -> bool:
     if isinstance(source, DatasetStore):
         return True
@@ -105,7 +114,7 @@ class CellDataset(torch.utils.data.Dataset):
 
     # ---- shape --------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.shard_offsets[-1])
+        return self._offsets[-1]
 
     @property
     def n_genes(self) -> int:
@@ -140,12 +149,10 @@ class CellDataset(torch.utils.data.Dataset):
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = len(ids)
         if n:
-            first, last = int(ids[0]), int(ids[-1])
-            # n ids from first to first + n - 1, strictly increasing: exactly that range
-            if last - first == n - 1 and (n == 1 or (ids[1:] > ids[:-1]).all()):
-                shard = self.shard_of_range(first, last + 1)
-                if shard >= 0:
-                    return self._range(ids, shard)
+            as_range = range_of(ids)
+            shard = self.shard_of_range(*as_range) if as_range else -1
+            if shard >= 0:
+                return self._range(ids, shard)
             if ids.min() < 0 or ids.max() >= len(self):
                 raise IndexError(f"cell ids must lie in [0, {len(self)}); got [{ids.min()}, {ids.max()}]")
         offsets = self.shard_offsets

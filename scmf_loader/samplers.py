@@ -171,17 +171,19 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         range form to skip building and checking ids."""
         return self.batch(epoch, index)
 
-    def batches(self, epoch: int, start: int = 0, num_workers: int = 0, worker_id: int = 0) -> Iterator[np.ndarray]:
-        """This rank's batches of ``epoch`` from its ``start``-th on."""
+    def batches_or_ranges(
+        self, epoch: int, start: int = 0, num_workers: int = 0, worker_id: int = 0
+    ) -> Iterator[np.ndarray | tuple[int, int]]:
+        """This rank's (and worker's) batches of ``epoch`` from its ``start``-th on, in the
+        form of :meth:`batch_or_range`."""
         part = self.partition(num_workers, worker_id)
         for i in range(start, len(part)):
-            yield self.batch(epoch, part[i])
-
-    def batches_or_ranges(self, epoch: int, start: int = 0) -> Iterator[np.ndarray | tuple[int, int]]:
-        """:meth:`batches` in the form of :meth:`batch_or_range`."""
-        part = self.partition()
-        for i in range(start, len(part)):
             yield self.batch_or_range(epoch, part[i])
+
+    def batches(self, epoch: int, start: int = 0, num_workers: int = 0, worker_id: int = 0) -> Iterator[np.ndarray]:
+        """This rank's (and worker's) batches of ``epoch`` from its ``start``-th on (ids)."""
+        for item in self.batches_or_ranges(epoch, start, num_workers, worker_id):
+            yield np.arange(*item, dtype=np.int64) if isinstance(item, tuple) else item
 
     def __iter__(self) -> Iterator[np.ndarray]:
         start, self._start = self._start, 0

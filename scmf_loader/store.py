@@ -5,7 +5,8 @@
 size against the manifest with one ``stat`` each, and optionally every checksum
 (``verify=True``). Nothing is mapped on open: a shard's three CSR files are memory-mapped on
 first use and kept in a small LRU (``max_open_shards``), because each ``np.memmap`` holds a
-duplicated file descriptor for as long as it lives. Opening is O(number of shards) in time
+duplicated file descriptor for as long as it lives; obs columns, read through zarr, are
+cached for the :data:`OBS_CACHE_SHARDS` most recent shards. Opening is O(number of shards) in time
 and memory, never O(number of cells).
 
 The global row id of a cell is its position in the dataset: the rows of shard 0, then
@@ -40,6 +41,7 @@ from scmf_loader.vocab import GeneVocab
 __all__ = ["DatasetStore", "ShardArrays", "open_dataset"]
 
 DEFAULT_MAX_OPEN_SHARDS = 128
+OBS_CACHE_SHARDS = 8  # obs columns are read whole per shard: keep only the most recent
 
 
 class ShardArrays(NamedTuple):
@@ -174,7 +176,7 @@ class DatasetStore:
         cache = self._obs.get(shard)
         if cache is None:
             cache = self._obs[shard] = {}
-            if len(self._obs) > self.max_open_shards:
+            if len(self._obs) > min(self.max_open_shards, OBS_CACHE_SHARDS):
                 self._obs.popitem(last=False)
         else:
             self._obs.move_to_end(shard)
