@@ -169,14 +169,15 @@ def test_errors(ds: CellDataset) -> None:
 
 
 def test_import_loads_no_converter_dependency() -> None:
-    """``import scmf_loader`` adds none of the converter's libraries to what numpy, torch and
-    zarr load themselves (torch itself imports tqdm through torch.hub)."""
+    """``import scmf_loader`` and its loader classes add none of the converter's libraries to
+    what numpy, torch and zarr load themselves (torch itself imports tqdm through torch.hub)."""
     heavy = ["anndata", "dask", "click", "tqdm", "scanpy", "scipy", "h5py", "pandas"]
     code = (
         "import sys, json\n"
         "import numpy, torch, zarr\n"
         "base = set(sys.modules)\n"
         "import scmf_loader\n"
+        "from scmf_loader import BatchAwareSampler, CellDataLoader, CellDataset, CSRBatch, open_dataset\n"
         f"print(json.dumps([[m for m in {heavy!r} if m in base], [m for m in {heavy!r} if m in set(sys.modules) - base]]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
