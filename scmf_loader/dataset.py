@@ -59,7 +59,10 @@ class CellDataset(torch.utils.data.Dataset):
     or an AnnData, an ``.h5ad`` path, or a list of them (aligned to ``gene_vocab``, default
     the union of their genes). ``gene_vocab`` must equal a directory's own vocabulary when
     given. ``preprocessing`` is applied to every batch: an object with ``apply_batch(batch)``
-    (e.g. a ``PreprocessingPipeline``) or any callable ``batch -> batch``. ``max_genes``
+    (e.g. a ``PreprocessingPipeline``) or any callable ``batch -> batch``. For a dataset
+    directory, ``None`` (the default) applies the pipeline its manifest records when the
+    shards were converted without baking (raw counts + per-cell stats), and nothing when
+    the values are final; ``"raw"`` skips it and yields the stored values. ``max_genes``
     truncates the genes of a single cell (``ds[i]``) to its highest-expressed ones.
     ``obs_columns`` restricts the kept obs columns carried in batches (default: all).
     """
@@ -78,6 +81,11 @@ class CellDataset(torch.utils.data.Dataset):
     ) -> None:
         if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
             raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
+        use_recorded = preprocessing is None
+        if isinstance(preprocessing, str):
+            if preprocessing != "raw":
+                raise ConfigurationError(f"preprocessing={preprocessing!r}: the only string accepted is 'raw'")
+            preprocessing = None
         if preprocessing is not None and not (hasattr(preprocessing, "apply_batch") or callable(preprocessing)):
             raise ConfigurationError("preprocessing must have an apply_batch(batch) method or be callable")
         self.max_genes = max_genes
@@ -93,6 +101,12 @@ class CellDataset(torch.utils.data.Dataset):
                 )
             self.store: DatasetStore | None = store
             self._source: Any = store
+            if use_recorded:
+                # Shards converted with --no-bake hold raw counts plus per-cell stats; the
+                # manifest records the pipeline the loader must apply to every batch.
+                from scmf_loader.preprocess import PreprocessingPipeline
+
+                self.preprocessing = PreprocessingPipeline.for_loader(store.manifest.preprocessing)
         else:
             from scmf_loader.adata import AnnDataSource
 

@@ -116,14 +116,20 @@ def test_baked_equals_not_baked_batch_for_batch(inputs: list[Path], tmp_path: Pa
     assert PreprocessingPipeline.for_loader(baked.preprocessing) is None
     a = CellDataset(tmp_path / "baked")
     b = CellDataset(tmp_path / "raw", preprocessing=pipe)
+    c = CellDataset(tmp_path / "raw")  # default: the pipeline the manifest records
+    counts = CellDataset(tmp_path / "raw", preprocessing="raw")
+    assert a.preprocessing is None and c.preprocessing == pipe and counts.preprocessing is None
     rng = np.random.default_rng(0)
     batches = [np.arange(s, min(s + 64, len(a))) for s in range(0, len(a), 64)]
     batches.append(rng.permutation(len(a))[:100])  # a gathered (non-contiguous) batch
     for ids in batches:
-        x, y = a.__getitems__(ids), b.__getitems__(ids)
+        x, y, z = a.__getitems__(ids), b.__getitems__(ids), c.__getitems__(ids)
         assert torch.equal(x.indptr, y.indptr)
         assert torch.equal(x.indices, y.indices)
         assert torch.equal(x.values, y.values)  # bit for bit
+        assert torch.equal(x.values, z.values)
+        raw_values = counts.__getitems__(ids).values
+        assert torch.equal(raw_values, torch.round(raw_values))  # stored counts, untouched
 
 
 def test_scran_manifest_and_size_factors(inputs: list[Path], tmp_path: Path) -> None:
