@@ -28,7 +28,7 @@ def main() -> int:
     print(format_info(dataset_info(args.output)), "\n")
 
     problems = verify_dataset(args.output)
-    print(f"2. verify: {'OK, every checksum holds' if not problems else problems}\n")
+    print(f"2. verify: {problems if problems else 'OK, every checksum holds'}\n")
 
     dataset = CellDataset(args.output)
     item = dataset[0]

@@ -16,10 +16,10 @@ import csv
 import gzip
 import hashlib
 import io
+import re
 import subprocess
 import sys
 import tempfile
-import re
 import zipfile
 from pathlib import Path
 

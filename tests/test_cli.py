@@ -29,13 +29,17 @@ def dataset(three_sources: list[Path], tmp_path: Path) -> Path:
 
 def test_h5ad_info_verify(dataset: Path) -> None:
     code, text = _run("info", str(dataset))
-    assert code == 0 and "1,450" in text and "a.h5ad" in text
+    assert code == 0
+    assert "1,450" in text
+    assert "a.h5ad" in text
     code, text = _run("info", str(dataset), "--json")
     info = json.loads(text)
-    assert info["n_cells"] == 1450 and info["n_shards"] == 3
+    assert info["n_cells"] == 1450
+    assert info["n_shards"] == 3
     assert info["obs_columns"] == {"source": 3, "cell_type": 4, "batch": 3}
     code, text = _run("verify", str(dataset), "--quiet")
-    assert code == 0 and "3 shard(s) verified" in text
+    assert code == 0
+    assert "3 shard(s) verified" in text
 
 
 @pytest.mark.parametrize("array", ["data", "indices", "indptr"])
@@ -47,7 +51,9 @@ def test_verify_catches_a_single_flipped_byte(dataset: Path, array: str) -> None
     code, text = _run("verify", str(dataset), "--quiet")
     assert code == 1
     lines = text.strip().splitlines()
-    assert len(lines) == 1 and "checksum mismatch" in lines[0] and str(target) in lines[0]
+    assert len(lines) == 1
+    assert "checksum mismatch" in lines[0]
+    assert str(target) in lines[0]
 
 
 def test_verify_catches_truncation_and_missing(dataset: Path) -> None:
@@ -58,10 +64,13 @@ def test_verify_catches_truncation_and_missing(dataset: Path) -> None:
     shutil.rmtree(dataset / "shards" / "000002.zarr")
     code, text = _run("verify", str(dataset), "--quiet")
     assert code == 1
-    assert "truncated" in text and "missing shard" in text
+    assert "truncated" in text
+    assert "missing shard" in text
     (dataset / "manifest.json").unlink()
     code, text = _run("verify", str(dataset), "--quiet")
-    assert code == 1 and "no manifest" in text and "incomplete conversion" in text
+    assert code == 1
+    assert "no manifest" in text
+    assert "incomplete conversion" in text
 
 
 def test_errors_exit_non_zero_with_one_line(tmp_path: Path) -> None:
@@ -69,9 +78,11 @@ def test_errors_exit_non_zero_with_one_line(tmp_path: Path) -> None:
     assert code == 1
     assert text.strip().splitlines() == [f"error: {tmp_path / 'nope.h5ad'}: no such file"]
     code, text = _run("info", str(tmp_path))
-    assert code == 1 and "no manifest" in text
+    assert code == 1
+    assert "no manifest" in text
     code, text = _run("h5ad", "-o", str(tmp_path / "o"))
-    assert code == 1 and "no input files" in text
+    assert code == 1
+    assert "no input files" in text
 
 
 def test_config_file_sets_options_and_cli_wins(three_sources: list[Path], tmp_path: Path) -> None:
@@ -91,14 +102,19 @@ def test_config_file_sets_options_and_cli_wins(three_sources: list[Path], tmp_pa
     code, text = _run("h5ad", "--config", str(cfg), "--shard-size", "300", "--quiet")
     assert code == 0, text
     info = json.loads(_run("info", str(tmp_path / "from_config"), "--json")[1])
-    assert info["shuffle"]["seed"] == 5 and info["shuffle"]["shard_size"] == 300
-    assert info["n_shards"] == 5 and "cell_type" in info["obs_columns"]
+    assert info["shuffle"]["seed"] == 5
+    assert info["shuffle"]["shard_size"] == 300
+    assert info["n_shards"] == 5
+    assert "cell_type" in info["obs_columns"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  shard_sise: 3\n")
     code, text = _run("h5ad", "--config", str(bad), "-o", str(tmp_path / "x"), str(three_sources[0]))
-    assert code == 1 and "unknown key(s) ['shard_sise']" in text
+    assert code == 1
+    assert "unknown key(s) ['shard_sise']" in text
 
 
 def test_console_script_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "scmf_shards.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "h5ad" in out.stdout and "verify" in out.stdout
+    assert out.returncode == 0
+    assert "h5ad" in out.stdout
+    assert "verify" in out.stdout

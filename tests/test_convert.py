@@ -12,8 +12,8 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
 from conftest import hpc_genes
+
 from scmf_loader.errors import (
     DatasetExistsError,
     InvalidInputError,
@@ -145,7 +145,8 @@ def test_rerun_of_a_complete_dataset_is_a_no_op(three_sources: list[Path], tmp_p
     m1 = convert_h5ad(three_sources, out, quiet=True)
     mtime = (out / "manifest.json").stat().st_mtime_ns
     m2 = convert_h5ad(three_sources, out, quiet=True)
-    assert m1 == m2 and (out / "manifest.json").stat().st_mtime_ns == mtime
+    assert m1 == m2
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
 
 
 def test_different_dataset_in_output_needs_overwrite(three_sources: list[Path], tmp_path: Path) -> None:
@@ -172,7 +173,8 @@ def test_union_vocab_and_vocab_file(make_h5ad: Callable[..., Path], tmp_path: Pa
     b = make_h5ad("b.h5ad", 40, ["g3", "g4"])
     m = convert_h5ad([a, b], tmp_path / "u", vocab="union", quiet=True)
     v = GeneVocab.from_file(tmp_path / "u" / "vocab.json")
-    assert v.genes == ["g1", "g2", "g3", "g4"] and m.n_genes == 8
+    assert v.genes == ["g1", "g2", "g3", "g4"]
+    assert m.n_genes == 8
     GeneVocab.from_genes(["g4", "g2"]).save(tmp_path / "v.tsv")
     m2 = convert_h5ad([a, b], tmp_path / "f", vocab=str(tmp_path / "v.tsv"), quiet=True)
     assert [s.genes_matched for s in m2.sources] == [1, 1]
@@ -277,7 +279,6 @@ def test_fsspec_memory_url(make_h5ad: Callable[..., Path], tmp_path: Path) -> No
 def test_scipy_indptr_int64_indices_int32_layout(tmp_path: Path) -> None:
     """DESIGN.md §7: files with int64 indptr and int32 indices must convert correctly."""
     import h5py
-
     from conftest import write_counts_h5ad
 
     p = write_counts_h5ad(tmp_path / "mixed.h5ad", 200, hpc_genes()[:100])
@@ -294,8 +295,10 @@ def test_manifest_is_pure_json(three_sources: list[Path], tmp_path: Path) -> Non
     convert_h5ad(three_sources, tmp_path / "ds", quiet=True)
     doc = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     for s in doc["shards"]:
-        assert not s["path"].startswith("/") and ".." not in s["path"]
-    assert doc["format"] == "scmf-shards" and doc["format_version"] == 1
+        assert not s["path"].startswith("/")
+        assert ".." not in s["path"]
+    assert doc["format"] == "scmf-shards"
+    assert doc["format_version"] == 1
 
 
 def test_converter_is_importable_without_side_effects() -> None:

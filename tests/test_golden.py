@@ -24,7 +24,8 @@ GOLDEN_ID = "sha256:fd1b8cab37ddc48bcb5a5c2885cb27f8131a77968e8de6df39cd36b830f0
 
 def test_golden_v1_reads_and_verifies() -> None:
     m = read_manifest(GOLDEN_V1)
-    assert m.format_version == 1 and m.dataset_id == GOLDEN_ID
+    assert m.format_version == 1
+    assert m.dataset_id == GOLDEN_ID
     assert verify_dataset(GOLDEN_V1) == []
     src = ad.read_h5ad(DATA / "golden_source.h5ad")
     dense_src = {c: np.asarray(src.X[i].todense()).ravel() for i, c in enumerate(src.obs_names)}

@@ -45,7 +45,7 @@ def _global_permutation(chunk_sizes: list[int], shard_size: int, seed: int, shuf
     table = assignment_table(chunk_sizes, sizes, seed, shuffle)
     starts = np.concatenate([[0], np.cumsum(chunk_sizes)])
     per_shard: list[list[int]] = [[] for _ in sizes]
-    for c, n in enumerate(chunk_sizes):
+    for c, _n in enumerate(chunk_sizes):
         dest = chunk_destinations(table[c], seed, c, shuffle)
         order = np.argsort(dest, kind="stable")
         for row in order:
@@ -67,7 +67,8 @@ def test_shuffle_is_a_permutation_and_seed_dependent() -> None:
     b = _global_permutation([30, 50, 20], 16, seed=1, shuffle=True)
     c = _global_permutation([30, 50, 20], 16, seed=2, shuffle=True)
     assert sorted(a.tolist()) == list(range(100))
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
 
 
 def test_shuffle_is_uniform_over_positions() -> None:

@@ -118,7 +118,9 @@ def test_baked_equals_not_baked_batch_for_batch(inputs: list[Path], tmp_path: Pa
     b = CellDataset(tmp_path / "raw", preprocessing=pipe)
     c = CellDataset(tmp_path / "raw")  # default: the pipeline the manifest records
     counts = CellDataset(tmp_path / "raw", preprocessing="raw")
-    assert a.preprocessing is None and c.preprocessing == pipe and counts.preprocessing is None
+    assert a.preprocessing is None
+    assert c.preprocessing == pipe
+    assert counts.preprocessing is None
     rng = np.random.default_rng(0)
     batches = [np.arange(s, min(s + 64, len(a))) for s in range(0, len(a), 64)]
     batches.append(rng.permutation(len(a))[:100])  # a gathered (non-contiguous) batch

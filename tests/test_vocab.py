@@ -24,7 +24,9 @@ def test_special_tokens_come_first() -> None:
 def test_unknown_genes_map_to_unk_and_contains() -> None:
     v = GeneVocab.from_genes(["A", "B"])
     assert v.encode(["B", "nope", "A"]).tolist() == [5, UNK_ID, 4]
-    assert "A" in v and "nope" not in v and 3 not in v  # type: ignore[operator]
+    assert "A" in v
+    assert "nope" not in v
+    assert 3 not in v
 
 
 def test_ensembl_version_suffix_is_stripped() -> None:
@@ -55,7 +57,8 @@ def test_human_protein_coding_accepts_ids_and_symbols() -> None:
     assert "ENSA" in v  # a real symbol that looks like an Ensembl prefix
     symbols = [s for s in (v.symbols or []) if s]
     assert len(symbols) == len(set(symbols)) == len(v) - 4
-    assert v.name == "human_protein_coding" and v.species == "homo_sapiens"
+    assert v.name == "human_protein_coding"
+    assert v.species == "homo_sapiens"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".tsv"])
