@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from scmf_loader.census_query import stringify
 from scmf_loader.errors import InvalidInputError
 
 __all__ = ["H5adSource", "RowChunk", "is_url", "source_fingerprint"]
@@ -297,12 +298,4 @@ def _stringify(values: np.ndarray) -> np.ndarray:
         out = np.empty(len(items), dtype=object)   # string indexes): no per-value Python loop
         out[:] = items
         return out
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values.tolist()):
-        if v is None or (isinstance(v, float) and v != v):
-            out[i] = None
-        elif isinstance(v, bytes):
-            out[i] = v.decode("utf-8")
-        else:
-            out[i] = str(v)
-    return out
+    return stringify(items)
