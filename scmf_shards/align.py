@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from scmf_loader.errors import InvalidInputError, VocabularyError
 from scmf_loader.vocab import UNK_ID, GeneVocab
 
-__all__ = ["GeneAlignment", "align_rows", "build_alignment"]
+__all__ = ["GeneAlignment", "align_rows", "align_rows_with_totals", "build_alignment"]
 
 
 @dataclass(frozen=True)
@@ -81,31 +81,36 @@ def column_map(alignment: GeneAlignment) -> np.ndarray:
 def align_rows(matrix: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
     """Restrict a CSR chunk over source genes to the kept columns and renumber them to
     vocabulary ids. The result has sorted, vocabulary-id indices in every row, no explicit
-    zeros and no duplicates; its column count is the largest vocabulary id + 1.
+    zeros and no duplicates; its column count is the largest vocabulary id + 1."""
+    return align_rows_with_totals(matrix, alignment)[0]
 
-    Vectorised: one gather through the column map, one mask; rows are re-sorted (scipy's
-    per-row sort) only when the source's gene order differs from the vocabulary's."""
+
+def align_rows_with_totals(
+    matrix: sp.csr_matrix,
+    alignment: GeneAlignment,
+    dtype: np.dtype | str | None = None,
+    row_order: np.ndarray | None = None,
+    reuse: bool = False,
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """:func:`align_rows` plus each row's total over *all* its source genes (float64, the
+    library size before alignment), from the same compiled pass
+    (:mod:`scmf_shards.kernels`); ``dtype`` casts the values on the way; ``row_order``
+    reorders the rows in the same pass (output row ``i`` is input row ``row_order[i]``);
+    ``reuse`` puts the result's arrays in per-thread scratch buffers (valid until the next
+    reusing call on this thread: for a task that writes the result out before returning)."""
+    from scmf_shards.kernels import align_csr
+
     n_rows = matrix.shape[0]
     n_cols = int(alignment.vocab_ids[-1]) + 1
     if not matrix.has_canonical_format:
         matrix = matrix.copy()
         matrix.sum_duplicates()  # duplicates summed, indices sorted
-    new_idx = column_map(alignment)[matrix.indices]
-    keep = new_idx >= 0
-    keep &= matrix.data != 0
-    indptr = np.asarray(matrix.indptr, dtype=np.int64)
-    if keep.all():
-        data, indices = matrix.data, new_idx
-    else:
-        data, indices = matrix.data[keep], new_idx[keep]
-        dropped = np.flatnonzero(~keep)
-        rows = np.searchsorted(indptr, dropped, side="right") - 1
-        per_row = np.bincount(rows, minlength=n_rows)
-        shift = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(per_row, out=shift[1:])
-        indptr = indptr - shift
+    indptr, indices, data, totals = align_csr(
+        matrix.indptr, matrix.indices, matrix.data, column_map(alignment),
+        presorted=alignment.is_identity_order,
+        out_dtype=None if dtype is None else np.dtype(dtype), row_order=row_order, reuse=reuse,
+    )
     out = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
-    if not alignment.is_identity_order:
-        out.has_sorted_indices = False
-        out.sort_indices()
-    return out
+    out.has_sorted_indices = True
+    out.has_canonical_format = True
+    return out, totals

@@ -54,8 +54,9 @@ from scmf_loader.format import (
     write_manifest,
 )
 from scmf_loader.vocab import GeneVocab, normalize_gene_id
-from scmf_shards.align import GeneAlignment, align_rows, build_alignment
+from scmf_shards.align import GeneAlignment, align_rows_with_totals, build_alignment
 from scmf_shards.executor import TaskRunner
+from scmf_shards.kernels import copy_rows
 from scmf_shards.options import ConvertOptions
 from scmf_shards.plan import (
     ReadChunk,
@@ -66,6 +67,7 @@ from scmf_shards.plan import (
     shard_sizes,
 )
 from scmf_shards.preprocess.stats import check_preprocessing, fit_preprocessing
+from scmf_shards.scratch import scratch
 from scmf_shards.sources.h5ad import H5adSource
 from scmf_shards.write import write_shard
 
@@ -202,19 +204,19 @@ def run_scatter(task: ScatterTask) -> int:
     if out.is_dir():
         return int(np.load(out / "offsets.npy").shape[0])  # complete from an earlier run
     src = task.source
-    rows = src.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns)
+    rows = src.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns, reuse=True)
     raw = rows.matrix
     _check_values(raw.data, task)
-    library_size = np.asarray(raw.sum(axis=1, dtype=np.float64)).ravel()
     alignment = GeneAlignment(task.keep_columns, task.vocab_ids, src.n_genes)
-    aligned = align_rows(raw, alignment)
+    dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
+    order = np.argsort(dest, kind="stable")  # rows grouped by destination shard
+    aligned, library_size = align_rows_with_totals(
+        raw, alignment, dtype=task.dtype if task.transform is None else None, row_order=order,
+        reuse=True)  # scratch buffers: written out below, before this task returns
     extra_stats: dict[str, np.ndarray] = {}
     if task.transform is not None:  # HVG restriction, baked normalisation, size factors
         where = f"{src.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"
-        aligned, extra_stats = task.transform.apply(raw, aligned, library_size, where)
-    dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
-    order = np.argsort(dest, kind="stable")
-    aligned = aligned[order]
+        aligned, extra_stats = task.transform.apply(raw, aligned, library_size, where, order=order)
     offsets = np.concatenate([[0], np.cumsum(task.counts)]).astype(np.int64)
     if task.obs_columns:
         codes = np.stack([_codes(rows.obs[c], task.categories[c])[order] for c in task.obs_columns], axis=1)
@@ -227,9 +229,9 @@ def run_scatter(task: ScatterTask) -> int:
     np.save(tmp / "indices.npy", aligned.indices.astype(np.int32, copy=False))
     np.save(tmp / "indptr.npy", aligned.indptr.astype(np.int64, copy=False))
     np.save(tmp / "cells.npy", np.asarray(rows.cell_ids[order], dtype=str))
-    np.save(tmp / "library_size.npy", library_size[order])
-    for stat_name, stat in extra_stats.items():
-        np.save(tmp / f"{stat_name}.npy", stat[order])
+    np.save(tmp / "library_size.npy", library_size)  # already in bucket order, as are
+    for stat_name, stat in extra_stats.items():       # the aligned rows and extra stats
+        np.save(tmp / f"{stat_name}.npy", stat)
     np.save(tmp / "codes.npy", codes)
     np.save(tmp / "offsets.npy", offsets)
     _fault_point("scatter:written")
@@ -287,20 +289,19 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     indptr_out = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr_out[1:])
     nnz = int(indptr_out[-1])
-    data_out = np.empty(nnz, dtype=task.dtype)
-    indices_out = np.empty(nnz, dtype=np.int32)
+    data_out = scratch("gather.data", nnz, task.dtype)  # reused across this thread's shards
+    indices_out = scratch("gather.indices", nnz, np.int32)
     inverse = np.empty(n, dtype=np.int64)
     inverse[perm] = np.arange(n, dtype=np.int64)
     dest = indptr_out[inverse]  # where each gathered row starts in the shard
     row = 0
-    for p in pieces:
-        data_map = np.load(p[0] / "data.npy", mmap_mode="r")
-        indices_map = np.load(p[0] / "indices.npy", mmap_mode="r")
-        for a, b, d in zip(p[2].tolist(), p[3].tolist(), dest[row : row + len(p[2])].tolist(), strict=True):
-            data_out[d : d + b - a] = data_map[a:b]
-            indices_out[d : d + b - a] = indices_map[a:b]
+    for p in pieces:  # this shard's rows are one contiguous stretch of each bucket: read it
+        lo, hi = int(p[2][0]), int(p[3][-1])  # with one pread each (no map, no page faults)
+        data_seg = _npy_segment(p[0] / "data.npy", lo, hi, "gather.seg_data")
+        indices_seg = _npy_segment(p[0] / "indices.npy", lo, hi, "gather.seg_indices")
+        copy_rows(data_seg, indices_seg, p[2] - lo, p[3] - lo, dest[row : row + len(p[2])],
+                  data_out, indices_out)
         row += len(p[2])
-        del data_map, indices_map
     cells = np.concatenate([np.asarray(p[4]) for p in pieces])[perm] if pieces else np.zeros(0, str)
     library_size = np.concatenate([np.asarray(p[5]) for p in pieces])[perm] if pieces else np.zeros(0)
     codes = (
@@ -333,6 +334,25 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     os.replace(tmp_record, record)
     _fault_point("gather:record")
     return d
+
+
+def _npy_segment(path: Path, start: int, stop: int, role: str) -> np.ndarray:
+    """Items ``[start, stop)`` of a 1-d ``.npy`` file, read into this thread's scratch buffer
+    ``role`` (valid until the next read with that role)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        if len(shape) != 1 or not 0 <= start <= stop <= shape[0]:
+            raise ScmfError(f"{path}: expected a 1-d array holding items [{start}, {stop}), found shape {shape}")
+        out = scratch(role, stop - start, dtype)
+        f.seek(f.tell() + start * dtype.itemsize)
+        n = f.readinto(memoryview(out).cast("B"))
+    if n != out.nbytes:
+        raise ScmfError(f"{path}: truncated (read {n} of {out.nbytes} bytes)")
+    return out
 
 
 def _rows(path: Path, start: int, stop: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from scmf_loader.preprocess import (
     compute_dtype,
     transform_values,
 )
-from scmf_shards.align import GeneAlignment, align_rows
+from scmf_shards.align import GeneAlignment, align_rows_with_totals
 from scmf_shards.preprocess.hvg import (
     MomentStats,
     hvg_values,
@@ -191,15 +191,19 @@ class ChunkTransform:
                                 self.log1p, compute_dtype(self.dtype))
 
     def apply(self, raw: sp.csr_matrix, aligned: sp.csr_matrix, library_size: np.ndarray,
-              where: str) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
+              where: str, order: np.ndarray | None = None) -> tuple[sp.csr_matrix, dict[str, np.ndarray]]:
         """Check counts, restrict to the kept genes and (baked) transform the values.
-        Returns the new aligned chunk and extra per-cell columns (``size_factor``)."""
+        Returns the new aligned chunk and extra per-cell columns (``size_factor``).
+        ``order``: the rows of ``aligned`` and ``library_size`` are the chunk's rows taken in
+        this order (``raw`` stays in source order); per-cell results follow ``aligned``."""
         if self.check:
             check_counts(raw.data, where)
         extra: dict[str, np.ndarray] = {}
         sf = None
         if self.normalize == "scran":
             sf = self.size_factors()
+            if order is not None:
+                sf = sf[order]
             extra["size_factor"] = sf
         if self.keep is not None:
             aligned = _restrict(aligned, self.keep)
@@ -254,8 +258,8 @@ def _read(task: StatsTask) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np
         raise InvalidInputError(f"{_where(task)} hold negative values (min {data.min()})")
     if task.transform is not None and task.transform.check:
         check_counts(data, _where(task))
-    library_size = np.asarray(raw.sum(axis=1, dtype=np.float64)).ravel()
-    a = align_rows(raw, GeneAlignment(task.keep_columns, task.vocab_ids, task.source.n_genes))
+    a, library_size = align_rows_with_totals(
+        raw, GeneAlignment(task.keep_columns, task.vocab_ids, task.source.n_genes))
     aligned = sp.csr_matrix((a.data, a.indices, a.indptr), shape=(a.shape[0], task.n_genes))
     if task.batch_column:
         lookup = {c: i for i, c in enumerate(task.batch_categories)}

@@ -108,9 +108,11 @@ class CensusSource:
         """All values of one obs column over the query's cells (strings, None = NA)."""
         return self.query.obs_values(column)
 
-    def read_rows(self, start: int, stop: int, obs_columns: Sequence[str] = ()) -> RowChunk:
+    def read_rows(self, start: int, stop: int, obs_columns: Sequence[str] = (),
+                  reuse: bool = False) -> RowChunk:
         """Cells ``[start, stop)`` of the query (in sorted joinid order) as a CSR matrix over
-        the query's genes, with their joinids as cell ids and the requested obs columns."""
+        the query's genes, with their joinids as cell ids and the requested obs columns.
+        (``reuse`` is accepted for the source protocol; SOMA reads allocate their own.)"""
         if not 0 <= start <= stop <= self.n_cells:
             raise ValueError(f"row range [{start}, {stop}) outside [0, {self.n_cells})")
         joinids = self.query.obs_joinids[start:stop]

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from scmf_loader.census_query import stringify
 from scmf_loader.errors import InvalidInputError
+from scmf_shards.scratch import scratch
 
 __all__ = ["H5adSource", "RowChunk", "is_url", "source_fingerprint"]
 
@@ -235,14 +236,17 @@ class H5adSource:
             return _stringify(self._read_column(f["obs"][column], 0, None))
 
     # ---- rows ---------------------------------------------------------------------------
-    def read_rows(self, start: int, stop: int, obs_columns: Sequence[str] = ()) -> RowChunk:
-        """Rows ``[start, stop)`` as a CSR matrix over the source genes, with cell ids and obs."""
+    def read_rows(self, start: int, stop: int, obs_columns: Sequence[str] = (),
+                  reuse: bool = False) -> RowChunk:
+        """Rows ``[start, stop)`` as a CSR matrix over the source genes, with cell ids and obs.
+        ``reuse`` reads a CSR matrix's values and indices into this thread's scratch buffers
+        (:mod:`scmf_shards.scratch`): valid until the next reusing read on this thread."""
         if not 0 <= start <= stop <= self.n_cells:
             raise ValueError(f"row range [{start}, {stop}) outside [0, {self.n_cells})")
         with _open_h5(self.path) as f:
             x = f[self._x_key]
             if self.layout == "csr":
-                matrix = self._csr_rows(x, start, stop)
+                matrix = self._csr_rows(x, start, stop, reuse)
             elif self.layout == "csc":
                 matrix = self._csc_rows(x, start, stop)
             else:
@@ -252,13 +256,21 @@ class H5adSource:
             values = {c: _stringify(self._read_column(obs[c], start, stop)) for c in obs_columns}
         return RowChunk(start=start, stop=stop, matrix=matrix, cell_ids=cell_ids, obs=values)
 
-    def _csr_rows(self, x: h5py.Group, start: int, stop: int) -> sp.csr_matrix:
+    def _csr_rows(self, x: h5py.Group, start: int, stop: int, reuse: bool = False) -> sp.csr_matrix:
         indptr = np.asarray(x["indptr"][start : stop + 1], dtype=np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        data = x["data"][lo:hi]
-        indices = np.asarray(x["indices"][lo:hi], dtype=np.int32)
         if len(indptr) != stop - start + 1 or np.any(np.diff(indptr) < 0):
             raise self._fail(f"'{self._x_key}/indptr' is malformed near rows [{start}, {stop})")
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        if hi > x["data"].shape[0] or hi > x["indices"].shape[0]:
+            raise self._fail(f"'{self._x_key}/indptr' points past the end of data/indices")
+        if reuse and hi > lo:
+            data = scratch("h5ad.data", hi - lo, x["data"].dtype)
+            indices = scratch("h5ad.indices", hi - lo, np.int32)
+            x["data"].read_direct(data, np.s_[lo:hi])
+            x["indices"].read_direct(indices, np.s_[lo:hi])
+        else:
+            data = x["data"][lo:hi]
+            indices = np.asarray(x["indices"][lo:hi], dtype=np.int32)
         if indices.size and (indices.min() < 0 or indices.max() >= self.n_genes):
             raise self._fail(f"'{self._x_key}/indices' holds a column outside [0, {self.n_genes})")
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_genes))

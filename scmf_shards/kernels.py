@@ -1,0 +1,171 @@
+"""The converter's hot loops, compiled with numba: aligning CSR rows to the vocabulary
+(:func:`align_csr`) and copying row segments into a shard (:func:`copy_rows`).
+
+For every row the kept entries (column in the vocabulary, value non-zero) are renumbered to
+vocabulary ids and sorted by a per-row LSD radix sort (8-bit digits, two passes for
+vocabularies up to 65,536 tokens): O(non-zeros) with the row in cache, instead of scipy's
+comparison sort per row (~115 µs per 2,000-gene row here vs ~3 µs). The library size of each
+row (its sum over *all* source genes) comes from the same pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from scmf_shards.scratch import scratch
+
+__all__ = ["align_csr", "copy_rows"]
+
+_INSERTION_MAX = 32  # rows this short are insertion-sorted
+
+
+@njit(cache=True, nogil=True)
+def _align(indptr, indices, data, cmap, order, out_indptr, out_indices, out_data, lib, n_passes, presorted):  # pragma: no cover - compiled
+    n = indptr.size - 1
+    longest = 0
+    for r in range(n):
+        m = indptr[r + 1] - indptr[r]
+        if m > longest:
+            longest = m
+    tmp_i = np.empty(longest, dtype=np.int32)
+    tmp_d = np.empty(longest, dtype=out_data.dtype)
+    counts = np.empty(257, dtype=np.int64)
+    q = 0
+    for i_out in range(n):
+        r = order[i_out]
+        o = q
+        s = 0.0
+        for p in range(indptr[r], indptr[r + 1]):  # branch-free compaction: out_* hold one
+            v = data[p]                             # slack element past the last kept entry
+            g = cmap[indices[p]]
+            s += v
+            out_indices[q] = g
+            out_data[q] = v
+            q += (v != 0) & (g >= 0)
+        lib[i_out] = s
+        out_indptr[i_out + 1] = q
+        m = q - o
+        if presorted or m < 2:
+            continue
+        if m <= _INSERTION_MAX:
+            for i in range(o + 1, o + m):
+                key = out_indices[i]
+                val = out_data[i]
+                j = i - 1
+                while j >= o and out_indices[j] > key:
+                    out_indices[j + 1] = out_indices[j]
+                    out_data[j + 1] = out_data[j]
+                    j -= 1
+                out_indices[j + 1] = key
+                out_data[j + 1] = val
+            continue
+        src_i = out_indices[o : o + m]
+        src_d = out_data[o : o + m]
+        dst_i = tmp_i[:m]
+        dst_d = tmp_d[:m]
+        shift = 0
+        for _ in range(n_passes):
+            counts[:] = 0
+            for i in range(m):
+                counts[((src_i[i] >> shift) & 255) + 1] += 1
+            for b in range(256):
+                counts[b + 1] += counts[b]
+            for i in range(m):
+                b = (src_i[i] >> shift) & 255
+                pos = counts[b]
+                dst_i[pos] = src_i[i]
+                dst_d[pos] = src_d[i]
+                counts[b] = pos + 1
+            src_i, dst_i = dst_i, src_i
+            src_d, dst_d = dst_d, src_d
+            shift += 8
+        if n_passes % 2 == 1:  # the sorted row ended in the scratch buffers
+            out_indices[o : o + m] = src_i
+            out_data[o : o + m] = src_d
+    return q
+
+
+def align_csr(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    cmap: np.ndarray,
+    presorted: bool,
+    out_dtype: np.dtype | None = None,
+    row_order: np.ndarray | None = None,
+    reuse: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a CSR matrix (canonical: sorted, no duplicates) restricted to the columns with
+    ``cmap[col] >= 0`` and renumbered to ``cmap[col]``, explicit zeros dropped.
+
+    Returns ``(indptr int64, indices int32 sorted per row, data, library_size float64)``;
+    ``presorted`` says the map is increasing over kept columns (no sort needed); ``data`` keeps
+    its dtype unless ``out_dtype`` is given. The library size is each row's sum over all its
+    columns, kept or not. ``row_order`` (a permutation of the rows) emits output row ``i``
+    from input row ``row_order[i]``, so a reordering costs no separate pass. ``reuse``
+    returns ``indices`` and ``data`` in this thread's scratch buffers
+    (:mod:`scmf_shards.scratch`), valid until the next reusing call."""
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(indices)
+    data = np.ascontiguousarray(data)
+    cmap = np.ascontiguousarray(cmap, dtype=np.int32)
+    n = indptr.size - 1
+    if row_order is None:
+        order = np.arange(n, dtype=np.int64)
+    else:
+        order = np.ascontiguousarray(row_order, dtype=np.int64)
+        if order.shape != (n,):
+            raise ValueError(f"row_order has shape {order.shape}, expected ({n},)")
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    out_dtype = np.dtype(out_dtype or data.dtype)
+    if reuse:
+        out_indices = scratch("align.indices", data.size + 1, np.int32)
+        out_data = scratch("align.data", data.size + 1, out_dtype)
+    else:
+        out_indices = np.empty(data.size + 1, dtype=np.int32)
+        out_data = np.empty(data.size + 1, dtype=out_dtype)
+    library_size = np.empty(n, dtype=np.float64)
+    top = int(cmap.max()) if cmap.size else 0
+    n_passes = max(1, (max(top, 1).bit_length() + 7) // 8)
+    nnz = _align(indptr, indices, data, cmap, order, out_indptr, out_indices, out_data, library_size,
+                 n_passes, presorted)
+    return out_indptr, out_indices[:nnz], out_data[:nnz], library_size
+
+
+@njit(cache=True, nogil=True)
+def _copy_rows(src_data, src_indices, starts, stops, dest, out_data, out_indices):  # pragma: no cover
+    for k in range(starts.size):
+        a = starts[k]
+        d = dest[k]
+        for j in range(stops[k] - a):
+            out_data[d + j] = src_data[a + j]
+            out_indices[d + j] = src_indices[a + j]
+
+
+def copy_rows(
+    src_data: np.ndarray,
+    src_indices: np.ndarray,
+    starts: np.ndarray,
+    stops: np.ndarray,
+    dest: np.ndarray,
+    out_data: np.ndarray,
+    out_indices: np.ndarray,
+) -> None:
+    """Copy the segments ``[starts[k], stops[k])`` of ``src_data``/``src_indices`` (e.g.
+    memory maps of a bucket) to ``out_*[dest[k] : dest[k] + stops[k] - starts[k]]``: the
+    gather of a shard's rows, one compiled loop instead of two numpy slices per row."""
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    stops = np.ascontiguousarray(stops, dtype=np.int64)
+    dest = np.ascontiguousarray(dest, dtype=np.int64)
+    if not (starts.shape == stops.shape == dest.shape):
+        raise ValueError("starts, stops and dest must have the same length")
+    if starts.size and (
+        int((stops - starts).min()) < 0
+        or int(stops.max()) > min(src_data.size, src_indices.size)
+        or int(starts.min()) < 0
+        or int(dest.min()) < 0
+        or int((dest + stops - starts).max()) > min(out_data.size, out_indices.size)
+    ):
+        raise ValueError("a row segment lies outside its source or destination array")
+    _copy_rows(src_data, src_indices, starts, stops, dest, out_data, out_indices)
