@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,14 +377,21 @@ def manifest_bytes(manifest: Manifest) -> bytes:
     return (json.dumps(manifest.to_dict(), indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def write_manifest(directory: str | os.PathLike[str], manifest: Manifest) -> Path:
-    """Write ``DIR/manifest.json`` atomically (temporary file, fsync, rename)."""
+def write_manifest(
+    directory: str | os.PathLike[str],
+    manifest: Manifest,
+    before_rename: Callable[[], None] | None = None,
+) -> Path:
+    """Write ``DIR/manifest.json`` atomically (temporary file, fsync, rename).
+    ``before_rename`` is called once the temporary file is complete (a crash-test hook)."""
     path = Path(directory) / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(manifest_bytes(manifest))
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, path)
     return path
 

@@ -21,7 +21,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -54,8 +53,10 @@ from scmf_loader.format import (
     write_manifest,
 )
 from scmf_loader.vocab import GeneVocab, normalize_gene_id
+from scmf_shards import faults
 from scmf_shards.align import GeneAlignment, align_rows_with_totals, build_alignment
 from scmf_shards.executor import TaskRunner
+from scmf_shards.faults import FAULT_ENV  # noqa: F401  (re-exported for tests and docs)
 from scmf_shards.kernels import copy_rows
 from scmf_shards.options import ConvertOptions
 from scmf_shards.plan import (
@@ -77,27 +78,6 @@ TMP_DIR = ".scmf-tmp"
 LOCK_NAME = ".scmf-lock"
 CELL_STATS = ("library_size",)
 _FLOAT32_EXACT = 2**24
-FAULT_ENV = "SCMF_FAULT_AFTER"
-_fault_calls = 0
-
-
-def _fault_point(label: str) -> None:
-    """Crash-test hook, inert unless ``SCMF_FAULT_AFTER=N[:STOP]`` is set in the environment.
-
-    Called right after each file operation of a conversion (``label`` names it, for tests
-    that count the points). The N-th call in this process sends the process SIGKILL (a crash
-    at a deterministic point) or, with ``:STOP``, SIGSTOP (it holds the lock until SIGCONT).
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    global _fault_calls
-    _fault_calls += 1
-    n, _, how = spec.partition(":")
-    if _fault_calls == int(n):
-        os.kill(os.getpid(), signal.SIGSTOP if how == "STOP" else signal.SIGKILL)
-
-
 def _attempt_name(path: Path) -> Path:
     """A temporary sibling of ``path`` unique to this attempt: a task of a killed driver that
     still runs on a remote worker never writes into the temporary files of its re-run."""
@@ -225,7 +205,7 @@ def run_scatter(task: ScatterTask) -> int:
     tmp = _attempt_name(out)
     tmp.mkdir(parents=True)
     np.save(tmp / "data.npy", aligned.data.astype(task.dtype, copy=False))
-    _fault_point("scatter:partial")
+    faults.fault_point("scatter:partial")
     np.save(tmp / "indices.npy", aligned.indices.astype(np.int32, copy=False))
     np.save(tmp / "indptr.npy", aligned.indptr.astype(np.int64, copy=False))
     np.save(tmp / "cells.npy", np.asarray(rows.cell_ids[order], dtype=str))
@@ -234,14 +214,14 @@ def run_scatter(task: ScatterTask) -> int:
         np.save(tmp / f"{stat_name}.npy", stat)
     np.save(tmp / "codes.npy", codes)
     np.save(tmp / "offsets.npy", offsets)
-    _fault_point("scatter:written")
+    faults.fault_point("scatter:written")
     try:
         os.replace(tmp, out)
     except OSError:  # another attempt of this task finished first: same bytes, keep its bucket
         if not out.is_dir():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-    _fault_point("scatter:renamed")
+    faults.fault_point("scatter:renamed")
     return len(offsets)
 
 
@@ -323,16 +303,17 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         obs_codes=obs_codes,
         obs_categories={"source": task.categories["source"], **{c: task.categories[c] for c in task.obs_columns}},
         var_names=_vocab_tokens(task.tmp_dir, task.vocab_sha256),
+        after_step=faults.fault_point,
         numeric_obs={"library_size": library_size, **{
             k: np.concatenate(v)[perm] if v else np.zeros(0) for k, v in extra_parts.items()}},
     )
-    _fault_point("gather:shard")
+    faults.fault_point("gather:shard")
     d = asdict_entry(entry)
     tmp_record = _attempt_name(record)
     tmp_record.write_text(json.dumps(d))
-    _fault_point("gather:record-tmp")
+    faults.fault_point("gather:record-tmp")
     os.replace(tmp_record, record)
-    _fault_point("gather:record")
+    faults.fault_point("gather:record")
     return d
 
 
@@ -467,6 +448,13 @@ def _prepare_output(out: Path, dataset_id: str, overwrite: bool) -> Manifest | N
     return None
 
 
+def _remove_partial_shards(out: Path) -> None:
+    """Delete shard temporaries (``shards/*.zarr.tmp-*``) left by killed attempts."""
+    shards = out / SHARDS_DIR
+    for p in shards.glob("*.zarr.tmp*") if shards.is_dir() else ():
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def _remove_leftovers(out: Path, entries: set[str]) -> None:
     """Delete what a killed run may leave beside its results: half-written manifest and
     vocabulary temporaries, and the scratch directory once the manifest exists."""
@@ -565,15 +553,16 @@ def _run(
     sizes = shard_sizes(n_cells, options.shard_size)
     table = assignment_table([c.n_cells for c in chunks], sizes, options.seed, options.shuffle)
     tmp.mkdir(exist_ok=True)
-    plan_doc = {"dataset_id": dataset_id, "chunk_sources": [c.source for c in chunks]}
+    plan_doc = {"dataset_id": dataset_id, "n_shards": len(sizes),
+                "chunk_sources": [c.source for c in chunks]}
     (tmp / "plan.json.tmp").write_text(json.dumps(plan_doc))
     os.replace(tmp / "plan.json.tmp", tmp / "plan.json")  # first: marks the scratch as ours
-    _fault_point("driver:plan")
+    faults.fault_point("driver:plan")
     (tmp / "buckets").mkdir(exist_ok=True)
     (tmp / "shards").mkdir(exist_ok=True)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     vocab.save(tmp / VOCAB_NAME)
-    _fault_point("driver:vocab")
+    faults.fault_point("driver:vocab")
     prep = fit_preprocessing(  # stats pass(es) over all chunks: HVGs, scran size factors
         options.preprocessing, sources, chunks, alignments, vocab.tokens, seed=options.seed,
         dtype=options.dtype, matrix=options.matrix, work_dir=tmp / "preprocess", runner=runner,
@@ -621,9 +610,9 @@ def _run(
 
     vocab_path = out / VOCAB_NAME
     shutil.copyfile(tmp / VOCAB_NAME, out / (VOCAB_NAME + ".tmp"))
-    _fault_point("driver:vocab-tmp")
+    faults.fault_point("driver:vocab-tmp")
     os.replace(out / (VOCAB_NAME + ".tmp"), vocab_path)
-    _fault_point("driver:vocab-out")
+    faults.fault_point("driver:vocab-out")
     source_entries = []
     for n, src, a, fp in zip(names, sources, alignments, fingerprints, strict=True):
         extra = {"name": n, **src.manifest_fields(fp)}
@@ -652,7 +641,8 @@ def _run(
                  "shard_size": options.shard_size},
         shards=shards,
     )
-    write_manifest(out, manifest)
-    _fault_point("driver:manifest")
+    _remove_partial_shards(out)  # temporaries of killed attempts (never of this run's tasks)
+    write_manifest(out, manifest, before_rename=lambda: faults.fault_point("driver:manifest-tmp"))
+    faults.fault_point("driver:manifest")
     shutil.rmtree(tmp)
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,14 +24,7 @@ def verify_dataset(
         manifest = read_manifest(d)
     except (ManifestNotFoundError, ManifestError) as exc:
         problems = [str(exc)]
-        shards = d / "shards"
-        if shards.is_dir():
-            done = sorted(p.name for p in shards.iterdir() if p.name.endswith(".zarr"))
-            partial = sorted(p.name for p in shards.iterdir() if p.name.endswith(".tmp"))
-            problems.append(
-                f"{d}: incomplete conversion: {len(done)} finished shard(s), "
-                f"{len(partial)} partial; re-run the same scmf-convert command to finish it"
-            )
+        problems.extend(_unfinished(d))
         return problems
     problems: list[str] = []
     vocab_path = d / manifest.vocab["path"]
@@ -63,6 +57,27 @@ def verify_dataset(
         if progress:
             progress(1)
     return problems
+
+
+def _unfinished(d: Path) -> list[str]:
+    """What a killed conversion left: finished, partial and missing shards (from its plan)."""
+    shards = d / "shards"
+    plan_file = d / ".scmf-tmp" / "plan.json"
+    if not shards.is_dir() and not plan_file.is_file():
+        return []
+    names = [p.name for p in shards.iterdir()] if shards.is_dir() else []
+    done = sorted(n for n in names if n.endswith(".zarr"))
+    partial = sorted(n for n in names if ".zarr.tmp" in n)
+    line = (f"{d}: incomplete conversion: {len(done)} finished shard(s), {len(partial)} partial")
+    try:
+        n_shards = int(json.loads(plan_file.read_text())["n_shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n_shards = None
+    if n_shards is not None:
+        missing = [f"{i:06d}" for i in range(n_shards) if f"{i:06d}.zarr" not in done]
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        line += f" of {n_shards} planned; missing: {shown or 'none (the manifest is not written yet)'}"
+    return [line + "; re-run the same scmf-convert command to finish it"]
 
 
 def dataset_info(directory: str | os.PathLike[str]) -> dict[str, Any]:

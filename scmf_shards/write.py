@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,17 +76,19 @@ def write_shard(
     obs_categories: Mapping[str, Sequence[str]],
     var_names: Sequence[str],
     numeric_obs: Mapping[str, np.ndarray] | None = None,
+    after_step: Callable[[str], None] | None = None,
 ) -> ShardEntry:
-    """Write one shard to ``final_path`` (via ``final_path + '.tmp'`` and a rename) and
-    return its manifest entry with byte counts and sha256 of its three CSR arrays."""
+    """Write one shard to ``final_path`` (via a temporary sibling unique to this attempt,
+    ``<name>.tmp-<pid>-<random>``, and a rename) and return its manifest entry with byte
+    counts and sha256 of its three CSR arrays. ``after_step(label)`` is called after each
+    part is written (the converter's crash-test hook)."""
     import anndata as ad
     import scipy.sparse as sp
     from anndata.experimental import write_dispatched
 
     final = Path(final_path)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    step = after_step or (lambda label: None)
     indices = np.ascontiguousarray(indices, dtype=INDEX_DTYPE)
     indptr = np.ascontiguousarray(indptr, dtype=INDPTR_DTYPE)
     n_cells = len(indptr) - 1
@@ -116,6 +118,7 @@ def write_shard(
             _raw_array(g, tmp, "data", data)
             _raw_array(g, tmp, "indices", indices)
             _raw_array(g, tmp, "indptr", indptr)
+            step("shard:X")
             return
         func(store, elem_name, elem, dataset_kwargs=dataset_kwargs)
 
@@ -133,6 +136,7 @@ def write_shard(
         on_disk = (tmp / rel).stat().st_size if values.size else 0
         if on_disk != values.nbytes:
             raise OSError(f"{tmp / rel}: wrote {on_disk} bytes, expected {values.nbytes}")
+    step("shard:complete")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -4,8 +4,9 @@ uninterrupted run, reusing the shards that verify; killed runs leave no manifest
 corrupted after its record was written is redone, not reused.
 
 Kill points come from the converter's crash hook (``SCMF_FAULT_AFTER=N``: SIGKILL at the
-N-th file operation of the process, see ``scmf_shards.convert._fault_point``), so every
-point is hit deterministically; one test also kills a multi-process run at a random time.
+N-th file operation of the process, see ``scmf_shards.faults``): every kind of point is hit
+at least once, plus random ones drawn from a seed that changes per run (``SCMF_FAULT_SEED``
+replays one; a failure names it). One test also kills a multi-process run at a random time.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from conftest import hpc_genes, write_counts_h5ad
 from fault_harness import ForkServer
 
 from scmf_loader.errors import DatasetLockedError
-from scmf_shards import convert
+from scmf_shards import convert, faults
 from scmf_shards.cli import main
 
 OPTS = ["--shard-size", "500", "--chunk-size", "256", "--obs-columns", "cell_type", "--seed", "3", "--quiet"]
@@ -65,7 +66,7 @@ def reference(sources: list[Path], tmp_path_factory: pytest.TempPathFactory) -> 
     labels: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(convert.FAULT_ENV, raising=False)
-        mp.setattr(convert, "_fault_point", labels.append)
+        mp.setattr(faults, "fault_point", labels.append)
         out = tmp_path_factory.mktemp("fault_ref") / "ds"
         code, text = _cli(_args(sources, out))
     assert code == 0, text
@@ -90,40 +91,84 @@ def _csr_mtimes(out: Path) -> dict[str, int]:
     return found
 
 
+def _kill_points(labels: list[str], n_random: int) -> tuple[list[int], int]:
+    """One random occurrence of every kind of point, plus ``n_random`` more, from a seed that
+    differs per run unless ``SCMF_FAULT_SEED`` fixes it. Returns (1-based points, seed)."""
+    seed = int(os.environ.get("SCMF_FAULT_SEED", np.random.SeedSequence().entropy % 2**32))
+    rng = np.random.default_rng(seed)
+    points = {int(rng.choice([i + 1 for i, x in enumerate(labels) if x == kind])) for kind in set(labels)}
+    rest = [i for i in range(1, len(labels) + 1) if i not in points]
+    points.update(int(x) for x in rng.choice(rest, size=min(n_random, len(rest)), replace=False))
+    return sorted(points), seed
+
+
+def _kill_and_rerun(args: list[str], out: Path, log: Path, point: int, label: str,
+                    expected: dict[str, bytes], server: ForkServer, seed: int) -> int:
+    """Kill a run at ``point``, check what it left, re-run; returns the shards reused."""
+    where = f"point {point} ({label}), SCMF_FAULT_SEED={seed}"
+    status = server.run(args, log, fault=str(point))
+    assert status == -signal.SIGKILL, f"{where}: {status}"
+    if label == "driver:manifest":  # killed after the manifest: a complete dataset
+        assert (out / "manifest.json").is_file()
+    else:  # never mistaken for a dataset; verify says what is missing
+        assert not (out / "manifest.json").exists(), where
+        code, text = _cli(["verify", str(out), "--quiet"])
+        assert code == 1, where
+        assert "no manifest" in text
+        assert "not a complete scmf dataset" in text
+        if (out / convert.TMP_DIR / "plan.json").is_file():
+            assert "incomplete conversion" in text, where
+            assert "planned; missing:" in text, where
+    before = _csr_mtimes(out)
+    code, text = _cli(args)  # the same command again
+    assert code == 0, f"rerun after {where}: {text}"
+    assert tree_bytes(out) == expected, where
+    for f, mtime in before.items():  # completed shards that verify are reused, not rewritten
+        assert (out / f).stat().st_mtime_ns == mtime, f"{where}: {f}"
+    return len(before) // 3
+
+
 @pytest.mark.slow
-def test_sigkill_at_12_points_then_rerun_is_byte_identical(
+def test_sigkill_at_every_kind_of_point_and_10_random_ones_then_rerun_is_byte_identical(
     sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
 ) -> None:
     expected, labels = reference
     n = len(labels)
-    assert n == 2 + 3 * 7 + 3 * N_SHARDS + 3
+    assert n == 2 + 3 * 7 + 5 * N_SHARDS + 4
     assert labels[-1] == "driver:manifest"
-    rng = np.random.default_rng(2024)
-    points = sorted({1, n, *(int(x) for x in rng.choice(np.arange(2, n), size=10, replace=False))})
-    assert len(points) >= 12
+    assert {"shard:X", "shard:complete", "driver:manifest-tmp", "scatter:renamed"} <= set(labels)
+    points, seed = _kill_points(labels, n_random=10)
+    assert len(points) >= 10 + len(set(labels))
     reused = 0
     for p in points:
         out = tmp_path / f"kill{p:03d}"
-        status = server.run(_args(sources, out), tmp_path / f"kill{p:03d}.log", fault=str(p))
-        assert status == -signal.SIGKILL, f"point {p} ({labels[p - 1]}): {status}"
-        if labels[p - 1] == "driver:manifest":  # killed after the manifest: a complete dataset
-            assert (out / "manifest.json").is_file()
-        else:  # never mistaken for a dataset; verify says what is missing
-            assert not (out / "manifest.json").exists(), labels[p - 1]
-            code, text = _cli(["verify", str(out), "--quiet"])
-            assert code == 1
-            assert "no manifest" in text
-            assert "not a complete scmf dataset" in text
-            if (out / "shards").is_dir():
-                assert "incomplete conversion" in text
-        before = _csr_mtimes(out)
-        code, text = _cli(_args(sources, out))  # the same command again
-        assert code == 0, f"rerun after point {p} ({labels[p - 1]}): {text}"
-        assert tree_bytes(out) == expected, f"point {p} ({labels[p - 1]})"
-        for f, mtime in before.items():  # completed shards that verify are reused, not rewritten
-            assert (out / f).stat().st_mtime_ns == mtime, f
-        reused += len(before) // 3
+        reused += _kill_and_rerun(_args(sources, out), out, tmp_path / f"kill{p:03d}.log", p,
+                                  labels[p - 1], expected, server, seed)
     assert reused >= 3
+
+
+@pytest.mark.slow
+def test_sigkill_during_preprocessing_stats_then_rerun_is_byte_identical(
+    sources: list[Path], tmp_path: Path, server: ForkServer
+) -> None:
+    """With HVG selection on, the stats passes write files too: kill among them."""
+    hvg = ["--hvg", "40", "--hvg-flavor", "seurat_v3"]
+    labels: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(convert.FAULT_ENV, raising=False)
+        mp.setattr(faults, "fault_point", labels.append)
+        ref = tmp_path / "ref"
+        code, text = _cli([*_args(sources, ref), *hvg])
+    assert code == 0, text
+    expected = tree_bytes(ref)
+    stats = [i + 1 for i, x in enumerate(labels) if x.startswith("stats:")]
+    assert len(stats) >= 2 * 7  # every chunk of every stats stage saves one file
+    seed = int(os.environ.get("SCMF_FAULT_SEED", np.random.SeedSequence().entropy % 2**32))
+    rng = np.random.default_rng(seed)
+    for p in sorted(int(x) for x in rng.choice(stats, size=4, replace=False)):
+        out = tmp_path / f"kill{p:03d}"
+        _kill_and_rerun([*_args(sources, out), *hvg], out, tmp_path / f"kill{p:03d}.log", p,
+                        labels[p - 1], expected, server, seed)
 
 
 @pytest.mark.slow
@@ -150,19 +195,42 @@ def test_random_time_kill_of_a_two_worker_cli_run(
 ) -> None:
     """SIGKILL a ``scmf-convert --workers 2`` process (local dask cluster) after a random
     delay; its worker processes exit with it, and the same command finishes the job."""
+    expected, _ = reference
+    seed = int(os.environ.get("SCMF_FAULT_SEED", np.random.SeedSequence().entropy % 2**32))
+    rng = np.random.default_rng(seed)
+    delay = float(rng.uniform(0.0, 1.0))
+    for attempt in range(6):  # a run that finished before the kill is retried, sooner
+        out = tmp_path / f"ds{attempt}"
+        status = _kill_after(_args(sources, out), out, delay)
+        if status == -signal.SIGKILL:
+            break
+        assert status == 0
+        delay /= 3
+    else:
+        pytest.fail(f"every run finished before its kill (SCMF_FAULT_SEED={seed})")
+    if (out / "manifest.json").exists():  # killed after its last write: it must be complete
+        assert _cli(["verify", str(out), "--quiet"])[0] == 0, f"killed after {delay:.3f} s (seed {seed})"
+    else:
+        assert _cli(["verify", str(out), "--quiet"])[0] == 1
+    code, text = _cli(_args(sources, out))
+    assert code == 0, text
+    assert tree_bytes(out) == expected
+
+
+def _kill_after(args: list[str], out: Path, delay: float) -> int:
+    """Start ``scmf-convert ... --workers 2`` and SIGKILL it ``delay`` s after its plan is
+    written; returns its exit status (``-SIGKILL`` when the kill came first)."""
     import psutil
 
-    expected, _ = reference
-    out = tmp_path / "ds"
     env = {k: v for k, v in os.environ.items() if k != convert.FAULT_ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "scmf_shards.cli", *_args(sources, out), "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "scmf_shards.cli", *args, "--workers", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not (out / convert.TMP_DIR / "plan.json").exists() and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(float(np.random.default_rng(7).uniform(0.0, 1.0)))
+        time.sleep(delay)
         try:
             children = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -175,9 +243,7 @@ def test_random_time_kill_of_a_two_worker_cli_run(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    code, text = _cli(_args(sources, out))
-    assert code == 0, text
-    assert tree_bytes(out) == expected
+    return proc.returncode
 
 
 def _label_index(labels: list[str], label: str, last: bool = False) -> int:

@@ -38,6 +38,7 @@ from scmf_loader.preprocess import (
     compute_dtype,
     transform_values,
 )
+from scmf_shards import faults
 from scmf_shards.align import GeneAlignment, align_rows_with_totals
 from scmf_shards.preprocess.hvg import (
     MomentStats,
@@ -244,7 +245,9 @@ def _save(path: str, **arrays: np.ndarray) -> None:
     p = Path(path)
     tmp = p.with_name(f"{p.stem}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
+    faults.fault_point("stats:tmp")
     os.replace(tmp, p)
+    faults.fault_point("stats:saved")
 
 
 def _read(task: StatsTask) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np.ndarray]:
