@@ -39,10 +39,12 @@ __all__ = [
     "ArrayEntry",
     "Manifest",
     "ObsColumn",
+    "OtherFiles",
     "ShardEntry",
     "SourceEntry",
     "compute_dataset_id",
     "manifest_from_dict",
+    "other_files_digest",
     "read_manifest",
     "sha256_bytes",
     "sha256_file",
@@ -62,7 +64,8 @@ SUPPORTED_LAYOUTS = (LAYOUT_RAW,)
 ARRAY_NAMES = ("data", "indices", "indptr")
 INDEX_DTYPE = "int32"
 INDPTR_DTYPE = "int64"
-VALUE_DTYPES = ("float32", "float64", "float16", "int32", "uint16", "uint32")
+VALUE_DTYPES = ("float32", "float64", "int32", "uint16", "uint32")  # scipy.sparse (and so
+# anndata) cannot hold float16
 _CHUNK = 8 << 20
 
 
@@ -145,6 +148,48 @@ class ArrayEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OtherFiles:
+    """One digest over every file of a shard other than its three CSR chunk files (zarr
+    metadata, obs, var, ...): how many, their total bytes, and the sha256 of their listing
+    (see :func:`other_files_digest`). O(1) per shard in the manifest."""
+
+    n_files: int
+    nbytes: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str) -> OtherFiles:
+        """Parse and validate the entry."""
+        return cls(
+            n_files=_nonneg(_req(d, "n_files", int, what), "n_files", what),
+            nbytes=_nonneg(_req(d, "nbytes", int, what), "nbytes", what),
+            sha256=_req(d, "sha256", str, what),
+        )
+
+
+def other_files_digest(shard_dir: str | os.PathLike[str]) -> OtherFiles:
+    """Digest of every regular file under ``shard_dir`` except the three CSR chunk files:
+    sha256 over the lines ``<relative posix path>\t<size>\t<sha256 of the file>\n`` in
+    sorted path order. Any change to obs, var or zarr metadata changes it."""
+    root = Path(shard_dir)
+    skip = {shard_array_relpath(n) for n in ARRAY_NAMES}
+    lines = []
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            f = Path(dirpath) / name
+            rel = f.relative_to(root).as_posix()
+            if rel in skip:
+                continue
+            size = f.stat().st_size
+            total += size
+            lines.append(f"{rel}\t{size}\t{sha256_file(f)}\n")
+    lines.sort()
+    return OtherFiles(n_files=len(lines), nbytes=total,
+                      sha256=hashlib.sha256("".join(lines).encode("utf-8")).hexdigest())
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShardEntry:
     """One shard: its relative path, cell and non-zero counts, and its three CSR arrays."""
 
@@ -152,6 +197,7 @@ class ShardEntry:
     n_cells: int
     nnz: int
     arrays: Mapping[str, ArrayEntry]
+    other_files: OtherFiles | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], i: int) -> ShardEntry:
@@ -167,8 +213,22 @@ class ShardEntry:
             n_cells=_nonneg(_req(d, "n_cells", int, what), "n_cells", what),
             nnz=_nonneg(_req(d, "nnz", int, what), "nnz", what),
             arrays=arrays,
+            other_files=(OtherFiles.from_dict(d["other_files"], f"{what}.other_files")
+                         if "other_files" in d else None),
         )
         return entry
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (fixed key order)."""
+        out: dict[str, Any] = {
+            "path": self.path,
+            "n_cells": self.n_cells,
+            "nnz": self.nnz,
+            "arrays": {n: asdict(a) for n, a in self.arrays.items()},
+        }
+        if self.other_files is not None:
+            out["other_files"] = asdict(self.other_files)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,15 +358,7 @@ class Manifest:
             "obs_columns": [{"name": c.name, "categories": list(c.categories)} for c in self.obs_columns],
             "cell_stats": list(self.cell_stats),
             "shuffle": dict(self.shuffle),
-            "shards": [
-                {
-                    "path": s.path,
-                    "n_cells": s.n_cells,
-                    "nnz": s.nnz,
-                    "arrays": {n: asdict(a) for n, a in s.arrays.items()},
-                }
-                for s in self.shards
-            ],
+            "shards": [s.to_dict() for s in self.shards],
         }
 
 

@@ -33,6 +33,7 @@ from scmf_loader.format import (
     INDEX_DTYPE,
     INDPTR_DTYPE,
     Manifest,
+    other_files_digest,
     read_manifest,
     sha256_file,
 )
@@ -239,7 +240,9 @@ class DatasetStore:
                     )
 
     def verify(self) -> None:
-        """Check the sha256 of every shard array file against the manifest (reads everything)."""
+        """Check the sha256 of every shard array file, and the digest of each shard's other files
+    (obs, var, zarr metadata) where the manifest has one, against the manifest (reads
+    everything)."""
         self.check_sizes()
         for i, shard in enumerate(self.manifest.shards):
             for name in ARRAY_NAMES:
@@ -252,6 +255,15 @@ class DatasetStore:
                     raise ChecksumMismatchError(
                         f"{f}: sha256 {digest} differs from the manifest's {a.sha256} "
                         f"(shard {i}); the file is corrupt: re-copy or re-convert"
+                    )
+            if shard.other_files is not None:
+                found = other_files_digest(self.path / shard.path)
+                if found != shard.other_files:
+                    raise ChecksumMismatchError(
+                        f"{self.path / shard.path}: its obs/var/zarr metadata files differ from "
+                        f"the manifest (shard {i}: {found.n_files} files, sha256 "
+                        f"{found.sha256[:12]}…; expected {shard.other_files.n_files} files, "
+                        f"{shard.other_files.sha256[:12]}…): re-copy or re-convert"
                     )
 
     # ---- lifecycle ----------------------------------------------------------------------

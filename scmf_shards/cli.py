@@ -75,7 +75,7 @@ COMMON_OPTIONS = [
                  help="Cells read per task; bounds memory [16384]."),
     click.option("--shuffle/--no-shuffle", default=None, help="Global seeded shuffle [on]."),
     click.option("--seed", type=click.IntRange(min=0), default=None, help="Shuffle seed [0]."),
-    click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "int32", "uint16", "uint32"]),
+    click.option("--dtype", type=click.Choice(["float32", "float64", "int32", "uint16", "uint32"]),
                  default=None, help="Stored value dtype [float32]."),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="Local worker processes (dask) [1: in-process]."),

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -33,7 +33,6 @@ import numpy as np
 from scmf_loader.errors import (
     DatasetExistsError,
     DatasetLockedError,
-    InvalidInputError,
     ManifestError,
     ScmfError,
 )
@@ -41,12 +40,12 @@ from scmf_loader.format import (
     MANIFEST_NAME,
     SHARDS_DIR,
     VOCAB_NAME,
-    ArrayEntry,
     Manifest,
     ObsColumn,
     ShardEntry,
     SourceEntry,
     compute_dataset_id,
+    other_files_digest,
     read_manifest,
     sha256_file,
     shard_relpath,
@@ -67,9 +66,10 @@ from scmf_shards.plan import (
     shard_permutation,
     shard_sizes,
 )
-from scmf_shards.preprocess.stats import check_preprocessing, fit_preprocessing
+from scmf_shards.preprocess.stats import allows_negative, check_preprocessing, fit_preprocessing
 from scmf_shards.scratch import scratch
 from scmf_shards.sources.h5ad import H5adSource
+from scmf_shards.values import check_values
 from scmf_shards.write import write_shard
 
 __all__ = ["convert_h5ad", "convert_sources", "resolve_vocab"]
@@ -77,7 +77,6 @@ __all__ = ["convert_h5ad", "convert_sources", "resolve_vocab"]
 TMP_DIR = ".scmf-tmp"
 LOCK_NAME = ".scmf-lock"
 CELL_STATS = ("library_size",)
-_FLOAT32_EXACT = 2**24
 def _attempt_name(path: Path) -> Path:
     """A temporary sibling of ``path`` unique to this attempt: a task of a killed driver that
     still runs on a remote worker never writes into the temporary files of its re-run."""
@@ -130,6 +129,7 @@ class ScatterTask:
     dtype: str
     bucket_dir: str
     transform: Any = None  # preprocessing of the chunk (scmf_shards.preprocess.stats.ChunkTransform)
+    allow_negative: bool = False  # data stated as normalised, no log1p (see scmf_shards.values)
 
 
 @dataclass(frozen=True)
@@ -168,14 +168,7 @@ def _codes(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
 
 def _check_values(data: np.ndarray, task: ScatterTask) -> None:
     where = f"{task.source.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise InvalidInputError(f"{where} hold NaN or infinite values")
-    if data.size and data.min() < 0:
-        raise InvalidInputError(f"{where} hold negative values (min {data.min()})")
-    if task.dtype == "float32" and data.size and data.dtype.kind in "iu" and data.max() > _FLOAT32_EXACT:
-        raise InvalidInputError(
-            f"{where} hold counts above 2^24 that float32 cannot store exactly; use --dtype float64"
-        )
+    check_values(data, task.dtype, where, allow_negative=task.allow_negative)
 
 
 def run_scatter(task: ScatterTask) -> int:
@@ -351,21 +344,11 @@ def _vocab_tokens(tmp_dir: str, vocab_sha256: str) -> tuple[str, ...]:
 
 def asdict_entry(entry: ShardEntry) -> dict[str, Any]:
     """A shard entry as a JSON-ready dict."""
-    return {
-        "path": entry.path,
-        "n_cells": entry.n_cells,
-        "nnz": entry.nnz,
-        "arrays": {n: asdict(a) for n, a in entry.arrays.items()},
-    }
+    return entry.to_dict()
 
 
 def _shard_entry_from_dict(d: Mapping[str, Any]) -> ShardEntry:
-    return ShardEntry(
-        path=d["path"],
-        n_cells=d["n_cells"],
-        nnz=d["nnz"],
-        arrays={n: ArrayEntry(**a) for n, a in d["arrays"].items()},
-    )
+    return ShardEntry.from_dict(d, 0)
 
 
 def _shard_verifies(out_dir: Path, entry: ShardEntry) -> bool:
@@ -375,7 +358,7 @@ def _shard_verifies(out_dir: Path, entry: ShardEntry) -> bool:
             continue
         if not f.is_file() or f.stat().st_size != a.nbytes or sha256_file(f) != a.sha256:
             return False
-    return True
+    return entry.other_files is None or other_files_digest(out_dir / entry.path) == entry.other_files
 
 
 # ---- the driver ----------------------------------------------------------------------------
@@ -583,6 +566,7 @@ def _run(
             dtype=options.dtype,
             bucket_dir=str(_bucket_path(str(tmp), c.index)),
             transform=prep.transform_for(c.index) if prep is not None else None,
+            allow_negative=allows_negative(options.preprocessing),
         )
         for c in chunks
     ]

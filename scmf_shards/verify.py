@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from scmf_loader.errors import ManifestError, ManifestNotFoundError
-from scmf_loader.format import Manifest, read_manifest, sha256_file
+from scmf_loader.format import Manifest, other_files_digest, read_manifest, sha256_file
 
 __all__ = ["dataset_info", "format_info", "verify_dataset"]
 
@@ -54,6 +54,14 @@ def verify_dataset(
                 continue
             if sha256_file(f) != arr.sha256:
                 problems.append(f"{f}: checksum mismatch in {name} (sha256 differs from manifest)")
+        if shard.other_files is not None:
+            found = other_files_digest(sdir)
+            if found != shard.other_files:
+                problems.append(
+                    f"{sdir}: obs/var/zarr metadata differ from the manifest ({found.n_files} files, "
+                    f"{found.nbytes} bytes; expected {shard.other_files.n_files} files, "
+                    f"{shard.other_files.nbytes} bytes, sha256 {shard.other_files.sha256[:12]}…)"
+                )
         if progress:
             progress(1)
     return problems

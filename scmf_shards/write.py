@@ -28,6 +28,7 @@ from scmf_loader.format import (
     INDPTR_DTYPE,
     ArrayEntry,
     ShardEntry,
+    other_files_digest,
     shard_array_relpath,
 )
 
@@ -136,8 +137,10 @@ def write_shard(
         on_disk = (tmp / rel).stat().st_size if values.size else 0
         if on_disk != values.nbytes:
             raise OSError(f"{tmp / rel}: wrote {on_disk} bytes, expected {values.nbytes}")
+    other = other_files_digest(tmp)  # obs, var and zarr metadata: one digest
     step("shard:complete")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return ShardEntry(path=relpath, n_cells=n_cells, nnz=int(indptr[-1]), arrays=arrays)
+    return ShardEntry(path=relpath, n_cells=n_cells, nnz=int(indptr[-1]), arrays=arrays,
+                      other_files=other)

@@ -56,6 +56,29 @@ def test_verify_catches_a_single_flipped_byte(dataset: Path, array: str) -> None
     assert str(target) in lines[0]
 
 
+@pytest.mark.parametrize("target", ["obs/library_size/c/0", "obs/cell_type/codes/c/0", "obs/zarr.json",
+                                    "var/_index/c/0"])
+def test_verify_catches_a_flipped_byte_outside_the_csr_arrays(dataset: Path, target: str) -> None:
+    """obs values (library_size drives loader-side normalisation), codes, metadata: all
+    covered by the shard's other-files digest, in verify and in open_dataset(verify=True)."""
+    from scmf_loader.errors import ChecksumMismatchError
+    from scmf_loader.store import open_dataset
+
+    f = dataset / "shards" / "000002.zarr" / target
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    f.write_bytes(bytes(raw))
+    code, text = _run("verify", str(dataset), "--quiet")
+    assert code == 1
+    lines = text.strip().splitlines()
+    assert len(lines) == 1
+    assert "obs/var/zarr metadata differ" in lines[0]
+    assert "000002.zarr" in lines[0]
+    open_dataset(dataset).close()  # sizes are unchanged: a cheap open does not notice
+    with pytest.raises(ChecksumMismatchError, match="000002.zarr.*obs/var/zarr metadata"):
+        open_dataset(dataset, verify=True)
+
+
 def test_verify_catches_truncation_and_missing(dataset: Path) -> None:
     target = dataset / "shards" / "000000.zarr" / "X" / "data" / "c" / "0"
     target.write_bytes(target.read_bytes()[:-4])

@@ -56,6 +56,7 @@ from scmf_shards.preprocess.scran import (
     chunk_size_factors,
     rescale_factors,
 )
+from scmf_shards.values import check_values
 
 __all__ = [
     "PREPROCESSING_ALIASES",
@@ -76,10 +77,16 @@ PREPROCESSING_KEYS = ("normalize", "target_sum", "log1p", "hvg_selection", "hvg_
 PREPROCESSING_ALIASES = {"hvg": "hvg_selection", "n_top_genes": "hvg_selection", "flavor": "hvg_flavor",
             "batch_key": "hvg_batch_key"}
 DEFAULT_BAKE = False
-_FLOAT_DTYPES = ("float16", "float32", "float64")
+_FLOAT_DTYPES = ("float32", "float64")
 
 
 # ---- configuration -------------------------------------------------------------------------
+def allows_negative(config: Mapping[str, Any] | None) -> bool:
+    """Whether a (canonical) preprocessing config lets the input hold negative values: only
+    data stated as already normalised (``assume_normalized``) that gets no ``log1p``."""
+    return bool(config) and bool(config.get("assume_normalized")) and not config.get("log1p", True)
+
+
 def parse_preprocessing(config: Mapping[str, Any] | None, dtype: str = "float32") -> dict[str, Any]:
     """Validate a ``preprocessing`` mapping and return its canonical form: every key of
     :data:`PREPROCESSING_KEYS` with defaults filled in (``{}`` stays ``{}``: no
@@ -235,6 +242,7 @@ class StatsTask:
     scran_file: str | None = None
     ref_profile: np.ndarray | None = None
     min_mean: float = DEFAULT_MIN_MEAN
+    allow_negative: bool = False
 
 
 def _where(task: StatsTask) -> str:
@@ -255,10 +263,7 @@ def _read(task: StatsTask) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np
     rows = task.source.read_rows(task.chunk.start, task.chunk.stop, cols)
     raw = rows.matrix
     data = raw.data
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise InvalidInputError(f"{_where(task)} hold NaN or infinite values")
-    if data.size and data.min() < 0:
-        raise InvalidInputError(f"{_where(task)} hold negative values (min {data.min()})")
+    check_values(data, data.dtype, _where(task), allow_negative=task.allow_negative)
     if task.transform is not None and task.transform.check:
         check_counts(data, _where(task))
     a, library_size = align_rows_with_totals(
@@ -414,6 +419,7 @@ def fit_preprocessing(
                       vocab_ids=alignments[c.source].vocab_ids, n_genes=n_genes,
                       out_file=str(work_dir / stage / f"c{c.index:06d}.npz"),
                       seed=seed * 1_000_003 + c.index,
+                      allow_negative=bool(pipe.assume_normalized and not pipe.log1p),
                       **{k: (v(c) if callable(v) else v) for k, v in kw.items()})
             for c in chunks
         ]
