@@ -80,12 +80,15 @@ COMMON_OPTIONS = [
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="Local worker processes (dask) [1: in-process]."),
     click.option("--scheduler", type=str, default=None, help="Address of a dask.distributed scheduler."),
+    click.option("--scratch-dir", type=click.Path(file_okay=False), default=None,
+                 help="Where the shuffle's temporary buckets go (fast local disk, /dev/shm) "
+                      "[inside --output]; every worker must see it."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing scmf dataset."),
     click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bars."),
 ]
 
 OPTION_NAMES = ["vocab", "obs_columns", "shard_size", "chunk_size", "shuffle", "seed", "dtype",
-                "workers", "scheduler", "overwrite", "quiet"]
+                "workers", "scheduler", "scratch_dir", "overwrite", "quiet"]
 
 
 def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:

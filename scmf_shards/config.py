@@ -31,7 +31,7 @@ __all__ = ["LOADER_KEYS", "load_config"]
 ALIASES = {"gene_vocab": "vocab", "paths": "inputs", "num_shards_workers": "workers"}
 OPTION_KEYS = {
     "inputs", "output", "vocab", "gene_column", "matrix", "obs_columns", "shard_size",
-    "chunk_size", "shuffle", "seed", "dtype", "workers", "scheduler", "overwrite", "quiet",
+    "chunk_size", "shuffle", "seed", "dtype", "workers", "scheduler", "scratch_dir", "overwrite", "quiet",
     "preprocessing", "source",
 }
 #: keys that belong to other parts of the seed's data section (loader, census)

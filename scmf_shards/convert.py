@@ -149,10 +149,20 @@ class GatherTask:
     shuffle: bool
     dtype: str
     cell_stats: tuple[str, ...] = CELL_STATS
+    bucket_root: str = ""  # where the buckets live (default: TMP_DIR/buckets)
 
 
-def _bucket_path(tmp_dir: str, chunk: int) -> Path:
-    return Path(tmp_dir) / "buckets" / f"c{chunk:06d}"
+def _bucket_path(bucket_root: str, chunk: int) -> Path:
+    return Path(bucket_root) / f"c{chunk:06d}"
+
+
+def bucket_root_for(out: Path, scratch_dir: str | None, dataset_id: str) -> Path:
+    """The bucket directory of a conversion: ``DIR/.scmf-tmp/buckets``, or with a scratch
+    directory ``SCRATCH/scmf-buckets-<dataset id prefix>`` (the same on a re-run, so a
+    killed conversion resumes with the buckets it finished)."""
+    if scratch_dir is None:
+        return out / TMP_DIR / "buckets"
+    return Path(scratch_dir) / f"scmf-buckets-{dataset_id.split(':')[-1][:24]}"
 
 
 def _codes(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
@@ -231,7 +241,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     pieces = []  # (bucket dir, unused, row starts, row stops in its files, cells, lib, codes, source)
     extra_parts: dict[str, list[np.ndarray]] = {k: [] for k in task.cell_stats if k != "library_size"}
     for c, source_index in zip(task.chunks, task.chunk_sources, strict=True):
-        b = _bucket_path(task.tmp_dir, c)
+        b = _bucket_path(task.bucket_root, c)
         offsets = np.load(b / "offsets.npy")
         lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
         if hi == lo:
@@ -422,6 +432,7 @@ def _prepare_output(out: Path, dataset_id: str, overwrite: bool) -> Manifest | N
             f"{out}: exists and is not empty, and is not an scmf dataset; choose an empty or "
             "new --output (--overwrite only replaces scmf datasets)"
         )
+    _remove_external_buckets(out)
     for name in entries:
         p = out / name
         if p.is_dir():
@@ -429,6 +440,18 @@ def _prepare_output(out: Path, dataset_id: str, overwrite: bool) -> Manifest | N
         else:
             p.unlink()
     return None
+
+
+def _remove_external_buckets(out: Path) -> None:
+    """Delete the buckets a conversion into ``out`` kept in a ``--scratch-dir`` (named in its
+    plan); buckets inside ``out`` go with its scratch directory."""
+    plan = out / TMP_DIR / "plan.json"
+    try:
+        root = json.loads(plan.read_text()).get("bucket_root")
+    except (OSError, ValueError):
+        return
+    if root and Path(root).name.startswith("scmf-buckets-") and not Path(root).is_relative_to(out):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _remove_partial_shards(out: Path) -> None:
@@ -445,6 +468,7 @@ def _remove_leftovers(out: Path, entries: set[str]) -> None:
         if name.startswith(f".{MANIFEST_NAME}.tmp") or name == VOCAB_NAME + ".tmp":
             (out / name).unlink(missing_ok=True)
     if MANIFEST_NAME in entries and TMP_DIR in entries:
+        _remove_external_buckets(out)
         shutil.rmtree(out / TMP_DIR)
 
 
@@ -536,12 +560,13 @@ def _run(
     sizes = shard_sizes(n_cells, options.shard_size)
     table = assignment_table([c.n_cells for c in chunks], sizes, options.seed, options.shuffle)
     tmp.mkdir(exist_ok=True)
+    buckets = bucket_root_for(out, options.scratch_dir, dataset_id)
     plan_doc = {"dataset_id": dataset_id, "n_shards": len(sizes),
-                "chunk_sources": [c.source for c in chunks]}
+                "chunk_sources": [c.source for c in chunks], "bucket_root": str(buckets)}
     (tmp / "plan.json.tmp").write_text(json.dumps(plan_doc))
     os.replace(tmp / "plan.json.tmp", tmp / "plan.json")  # first: marks the scratch as ours
     faults.fault_point("driver:plan")
-    (tmp / "buckets").mkdir(exist_ok=True)
+    buckets.mkdir(parents=True, exist_ok=True)
     (tmp / "shards").mkdir(exist_ok=True)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     vocab.save(tmp / VOCAB_NAME)
@@ -564,7 +589,7 @@ def _run(
             seed=options.seed,
             shuffle=options.shuffle,
             dtype=options.dtype,
-            bucket_dir=str(_bucket_path(str(tmp), c.index)),
+            bucket_dir=str(_bucket_path(str(buckets), c.index)),
             transform=prep.transform_for(c.index) if prep is not None else None,
             allow_negative=allows_negative(options.preprocessing),
         )
@@ -576,6 +601,7 @@ def _run(
             shard=s,
             out_dir=str(out),
             tmp_dir=str(tmp),
+            bucket_root=str(buckets),
             chunks=tuple(int(c) for c in np.flatnonzero(table[:, s])),
             chunk_sources=tuple(chunks[int(c)].source for c in np.flatnonzero(table[:, s])),
             vocab_sha256=vocab.sha256(),
@@ -628,5 +654,7 @@ def _run(
     _remove_partial_shards(out)  # temporaries of killed attempts (never of this run's tasks)
     write_manifest(out, manifest, before_rename=lambda: faults.fault_point("driver:manifest-tmp"))
     faults.fault_point("driver:manifest")
+    if options.scratch_dir is not None:
+        shutil.rmtree(buckets, ignore_errors=True)
     shutil.rmtree(tmp)
     return manifest

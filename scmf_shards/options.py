@@ -22,7 +22,9 @@ class ConvertOptions:
     ``"human_protein_coding"``, ``"union"`` or a vocabulary file; ``matrix`` is ``"X"``,
     ``"raw"`` or ``"layer:NAME"``; ``shard_size`` is cells per shard; ``chunk_size`` is cells
     read per task (bounds memory; part of the dataset definition because it shapes the
-    shuffle); ``workers``/``scheduler`` say where tasks run and never change the output.
+    shuffle); ``workers``/``scheduler`` say where tasks run and never change the output;
+    ``scratch_dir`` puts the shuffle's temporary buckets (as many bytes as the dataset) on
+    another file system, e.g. node-local SSD or ``/dev/shm`` (default: inside the output).
     """
 
     vocab: str = "human_protein_coding"
@@ -36,6 +38,7 @@ class ConvertOptions:
     dtype: str = "float32"
     workers: int = 1
     scheduler: str | None = None
+    scratch_dir: str | None = None
     overwrite: bool = False
     quiet: bool = False
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
@@ -70,7 +73,7 @@ class ConvertOptions:
 
     def definition(self) -> dict[str, Any]:
         """The options that define the data (hashed into ``dataset_id``); where and how
-        tasks run (workers, scheduler, quiet, overwrite) is excluded."""
+        tasks run (workers, scheduler, scratch_dir, quiet, overwrite) is excluded."""
         return {
             "gene_column": self.gene_column,
             "matrix": self.matrix,

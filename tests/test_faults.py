@@ -337,3 +337,23 @@ def test_scratch_without_a_plan_is_discarded(
     code, text = _cli(_args(sources, out))
     assert code == 0, text
     assert tree_bytes(out) == expected
+
+
+def test_scratch_dir_buckets_resume_and_are_removed(
+    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
+) -> None:
+    """``--scratch-dir`` moves the buckets elsewhere: same bytes, a killed run resumes from
+    the buckets it finished there, and they are deleted once the manifest is written."""
+    expected, labels = reference
+    out, scratch = tmp_path / "ds", tmp_path / "scratch"
+    args = [*_args(sources, out), "--scratch-dir", str(scratch)]
+    fault = str(_label_index(labels, "gather:shard"))
+    assert server.run(args, tmp_path / "log", fault=fault) == -signal.SIGKILL
+    buckets = list(scratch.glob("scmf-buckets-*"))
+    assert len(buckets) == 1
+    assert len(list(buckets[0].glob("c*"))) == 7  # every chunk scattered before the first gather
+    assert not (out / convert.TMP_DIR / "buckets").exists()
+    code, text = _cli(args)
+    assert code == 0, text
+    assert tree_bytes(out) == expected  # the scratch location is not part of the dataset
+    assert list(scratch.iterdir()) == []
