@@ -53,6 +53,20 @@ def _status_kb(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
+def _pss_anon_kb(pid: int) -> int:
+    """Pss_Anon: private anonymous memory with pages shared copy-on-write between a forked
+    DataLoader worker and its parent counted once over the tree (RssAnon counts them in
+    every process)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss_Anon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _tree(pid: int) -> list[int]:
     import psutil
 
@@ -72,18 +86,20 @@ def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | No
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})})
-    peak = {"rss": 0, "anon": 0}
+    peak = {"rss": 0, "anon": 0, "pss_anon": 0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            rss = anon = 0
+            rss = anon = pss = 0
             for p in _tree(proc.pid):
                 r, a = _status_kb(p)
                 rss += r
                 anon += a
+                pss += _pss_anon_kb(p)
             peak["rss"] = max(peak["rss"], rss)
             peak["anon"] = max(peak["anon"], anon)
+            peak["pss_anon"] = max(peak["pss_anon"], pss)
             done.wait(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -100,7 +116,8 @@ def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | No
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # every reaped descendant (dask workers too)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     return {"rc": proc.returncode, "wall_s": wall, "cpu_s": cpu, "stdout": out,
-            "stderr_tail": err[-3000:], "peak_rss_mb": peak["rss"] / 1024, "peak_anon_mb": peak["anon"] / 1024}
+            "stderr_tail": err[-3000:], "peak_rss_mb": peak["rss"] / 1024, "peak_anon_mb": peak["anon"] / 1024,
+            "peak_pss_anon_mb": peak["pss_anon"] / 1024}
 
 
 def last_json(text: str) -> dict[str, Any]:
@@ -155,6 +172,17 @@ def primitives(scratch: Path) -> dict[str, float]:
             fh.write(memoryview(a))
         out["write_page_cache"].append(a.nbytes / (time.perf_counter() - t) / 1e9)
         f.unlink()
+    # what the disk sustains: 1 GiB written and fdatasync'ed after a sync (the page cache
+    # only hides this until the kernel's dirty limit; a conversion writes more than that)
+    os.sync()
+    t = time.perf_counter()
+    with open(f, "wb") as fh:
+        for _ in range(4):
+            fh.write(memoryview(a))
+        fh.flush()
+        os.fdatasync(fh.fileno())
+    out["write_disk_sustained"] = [4 * a.nbytes / (time.perf_counter() - t) / 1e9]
+    f.unlink()
     return {k: statistics.median(v) for k, v in out.items()}
 
 
@@ -202,18 +230,27 @@ def make_data(n: int, out: Path) -> Path:
     return path
 
 
-def convert(src: Path, dst: Path, workers: int) -> dict[str, Any]:
+def convert(src: Path, dst: Path, workers: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     if dst.exists():
         shutil.rmtree(dst)
     cmd = [str(Path(sys.executable).with_name("scmf-convert")), "h5ad", str(src), "--output", str(dst),
-           "--obs-columns", OBS, "--workers", str(workers), "--quiet"]
+           "--obs-columns", OBS, "--workers", str(workers), "--quiet", *extra]
     r = run_measured(cmd)
     if r["rc"] != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r['stderr_tail']}")
     return r
 
 
-def bench_conversion(files: dict[int, Path], out: Path, runs: int, workers: list[int]) -> dict[str, Any]:
+#: conversion settings measured: label -> (worker processes, extra CLI arguments)
+CONVERSION_VARIANTS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "1": (1, ()),
+    "2": (2, ()),
+    "1, --scratch-dir /dev/shm": (1, ("--scratch-dir", "/dev/shm")),
+}
+
+
+def bench_conversion(files: dict[int, Path], out: Path, runs: int,
+                     variants: dict[str, tuple[int, tuple[str, ...]]]) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for n, src in files.items():
         size = src.stat().st_size
@@ -221,12 +258,14 @@ def bench_conversion(files: dict[int, Path], out: Path, runs: int, workers: list
         warm = [read_speed(src, cold=False) for _ in range(runs)]
         entry: dict[str, Any] = {"bytes": size, "read_cold_Bps": statistics.median(cold),
                                  "read_warm_Bps": statistics.median(warm), "workers": {}}
-        for w in workers:
-            rs = [convert(src, out / "conv" / f"c{n}_w{w}", w) for _ in range(runs)]
+        for label, (w, extra) in variants.items():
+            tag = f"w{w}" if not extra else f"w{w}_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:6]
+            os.sync()  # each run starts with no dirty pages of the previous one
+            rs = [convert(src, out / "conv" / f"c{n}_{tag}", w, extra) for _ in range(runs)]
             walls = [r["wall_s"] for r in rs]
             med = statistics.median(walls)
             cpu = statistics.median(r["cpu_s"] for r in rs)
-            entry["workers"][str(w)] = {
+            entry["workers"][label] = {
                 "wall_s": walls, "cells_per_s": n / med, "cells_per_s_per_core": n / med / w,
                 "cpu_s": cpu, "cells_per_cpu_s": n / cpu,
                 "input_Bps": size / med, "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
@@ -234,8 +273,8 @@ def bench_conversion(files: dict[int, Path], out: Path, runs: int, workers: list
                 "ratio_to_cold_read": size / med / entry["read_cold_Bps"],
                 "ratio_to_warm_read": size / med / entry["read_warm_Bps"],
             }
-            print(f"  convert {n} cells, {w} worker(s): {n / med:,.0f} cells/s, "
-                  f"{size / med / 1e9:.3f} GB/s, peak RssAnon {entry['workers'][str(w)]['peak_anon_mb']:.0f} MB",
+            print(f"  convert {n} cells, {label} worker(s): {n / med:,.0f} cells/s, "
+                  f"{size / med / 1e9:.3f} GB/s, peak RssAnon {entry['workers'][label]['peak_anon_mb']:.0f} MB",
                   flush=True)
         res[str(n)] = entry
     return res
@@ -253,10 +292,11 @@ STAGES = {
     "checksum input (sha256)": ("h5ad.py", "source_fingerprint"),
     "scatter total": ("convert.py", "run_scatter"),
     "  read rows (h5py)": ("h5ad.py", "read_rows"),
-    "  align to vocabulary": ("align.py", "align_rows"),
+    "  align to vocabulary (numba kernel)": ("align.py", "align_rows_with_totals"),
     "  write bucket (np.save)": ("_npyio_impl.py", "save"),
     "gather total": ("convert.py", "run_gather"),
-    "  read buckets": ("convert.py", "_rows"),
+    "  read buckets": ("convert.py", "_npy_segment"),
+    "  copy rows into the shard (numba kernel)": ("kernels.py", "copy_rows"),
     "  write shard": ("write.py", "write_shard"),
     "    raw CSR chunk files": ("write.py", "_raw_array"),
     "    sha256 of shard arrays": ("write.py", "_sha256"),
@@ -333,7 +373,8 @@ def ours(dataset: Path, runs: int, batch_size: int = 256, workers: int = 0, outp
     r = run_measured(cmd)
     if r["rc"] != 0:
         return {"error": r["stderr_tail"].strip().splitlines()[-1]}
-    return {**last_json(r["stdout"]), "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"]}
+    return {**last_json(r["stdout"]), "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"],
+            "peak_pss_anon_mb": r["peak_pss_anon_mb"]}
 
 
 def loader_script(cells: int, runs: int, out: Path) -> dict[str, Any]:
@@ -414,7 +455,7 @@ def main() -> None:
 
     if "conversion" not in skip:
         print("conversion ...", flush=True)
-        R["conversion"] = bench_conversion(files, out, a.runs, [1, 2])
+        R["conversion"] = bench_conversion(files, out, a.runs, CONVERSION_VARIANTS)
         save()
     if "profile" not in skip:
         print("profile ...", flush=True)
