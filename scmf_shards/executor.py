@@ -6,6 +6,7 @@ and writes its own files; the driver merges the results in task order.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -46,7 +47,7 @@ class TaskRunner:
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=":0",  # any free port: None still binds 8787 and warns if taken
-                silence_logs=40,
+                silence_logs=logging.CRITICAL,  # task errors reach the driver and are reported once
             )
             self._client = Client(self._cluster)
         return self

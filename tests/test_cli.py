@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -141,3 +142,26 @@ def test_console_script_runs() -> None:
     assert out.returncode == 0
     assert "h5ad" in out.stdout
     assert "verify" in out.stdout
+
+
+@pytest.mark.slow
+def test_bad_values_with_local_workers_print_one_line_through_the_console_script(tmp_path: Path) -> None:
+    """The installed ``scmf-convert`` entry point, a local dask cluster, an input with a
+    negative count: exit 1, one line on stderr (no worker log or traceback), no manifest."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    src = tmp_path / "neg.h5ad"
+    X = sp.csr_matrix(np.array([[1.0, -2.0], [0.0, 3.0]], dtype=np.float32))
+    ad.AnnData(X=X, obs=pd.DataFrame(index=["a", "b"]), var=pd.DataFrame(index=["CD3E", "CD4"])).write_h5ad(src)
+    exe = Path(sys.executable).with_name("scmf-convert")
+    assert exe.is_file(), "the console script is installed with the package"
+    out = subprocess.run([str(exe), "h5ad", str(src), "--output", str(tmp_path / "o"), "--workers", "2",
+                          "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: {src}: rows [0, 2) of 'X' hold negative values (min -2.0); raw counts cannot be "
+        "negative. For data that is already normalised (e.g. scaled), pass --assume-normalized --no-log1p"
+    ]
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -90,3 +90,19 @@ def test_resolve_world(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_world()
     with pytest.raises(ConfigurationError, match="rank"):
         resolve_world(2, 2)
+
+
+def test_resolve_world_prefers_an_initialised_process_group(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real (one-process, gloo) torch.distributed group wins over RANK/WORLD_SIZE;
+    explicit arguments still win over both."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert resolve_world() == (0, 1)
+        assert resolve_world(rank=0, world_size=4) == (0, 4)
+    finally:
+        dist.destroy_process_group()
+    assert resolve_world() == (3, 8)
