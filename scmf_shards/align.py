@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from scmf_loader.errors import InvalidInputError, VocabularyError
+from scmf_loader.errors import InvalidInputError, ScmfError, VocabularyError
 from scmf_loader.vocab import UNK_ID, GeneVocab
 
-__all__ = ["GeneAlignment", "align_rows", "align_rows_with_totals", "build_alignment"]
+__all__ = [
+    "GeneAlignment",
+    "StoredAlignment",
+    "align_rows",
+    "align_rows_with_totals",
+    "build_alignment",
+    "store_alignment",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,54 @@ class GeneAlignment:
     def is_identity_order(self) -> bool:
         """True when kept columns already appear in vocabulary order (no re-sort needed)."""
         return bool(np.all(np.diff(self.keep_columns) > 0))
+
+
+@dataclass(frozen=True)
+class StoredAlignment:
+    """A :class:`GeneAlignment` saved in a ``.npz`` file: what tasks carry instead of the
+    arrays (a task description stays a few hundred bytes, not ~2 × 20k ints: at 100M cells a
+    conversion submits thousands of tasks). The arrays are loaded once per process."""
+
+    path: str
+    sha256: str
+    n_source_genes: int
+
+    def load(self) -> GeneAlignment:
+        """The alignment (cached per process, keyed by path and content digest)."""
+        keep, ids = _load_alignment(self.path, self.sha256)
+        return GeneAlignment(keep, ids, self.n_source_genes)
+
+    @property
+    def keep_columns(self) -> np.ndarray:
+        """See :class:`GeneAlignment`."""
+        return self.load().keep_columns
+
+    @property
+    def vocab_ids(self) -> np.ndarray:
+        """See :class:`GeneAlignment`."""
+        return self.load().vocab_ids
+
+
+def store_alignment(alignment: GeneAlignment, path: str | os.PathLike[str]) -> StoredAlignment:
+    """Write ``alignment`` to ``path`` (atomically) and return its reference."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    keep = np.ascontiguousarray(alignment.keep_columns, dtype=np.int64)
+    ids = np.ascontiguousarray(alignment.vocab_ids, dtype=np.int32)
+    digest = hashlib.sha256(keep.tobytes() + b"|" + ids.tobytes()).hexdigest()
+    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, keep_columns=keep, vocab_ids=ids)
+    os.replace(tmp, p)
+    return StoredAlignment(str(p), digest, alignment.n_source_genes)
+
+
+@lru_cache(maxsize=64)
+def _load_alignment(path: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        keep, ids = z["keep_columns"], z["vocab_ids"]
+    if hashlib.sha256(keep.tobytes() + b"|" + ids.tobytes()).hexdigest() != sha256:
+        raise ScmfError(f"{path}: gene alignment changed during the conversion")
+    return keep, ids
 
 
 def build_alignment(genes: Sequence[str], vocab: GeneVocab, source: str) -> GeneAlignment:

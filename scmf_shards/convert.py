@@ -53,7 +53,12 @@ from scmf_loader.format import (
 )
 from scmf_loader.vocab import GeneVocab, normalize_gene_id
 from scmf_shards import faults
-from scmf_shards.align import GeneAlignment, align_rows_with_totals, build_alignment
+from scmf_shards.align import (
+    GeneAlignment,
+    align_rows_with_totals,
+    build_alignment,
+    store_alignment,
+)
 from scmf_shards.executor import TaskRunner
 from scmf_shards.faults import FAULT_ENV  # noqa: F401  (re-exported for tests and docs)
 from scmf_shards.kernels import copy_rows
@@ -119,8 +124,7 @@ class ScatterTask:
     chunk: ReadChunk
     source: Any  # a picklable reader with .path, .n_genes and .read_rows (e.g. H5adSource)
     matrix: str
-    keep_columns: np.ndarray
-    vocab_ids: np.ndarray
+    alignment: Any  # GeneAlignment or StoredAlignment (keep_columns, vocab_ids)
     obs_columns: tuple[str, ...]
     categories: Mapping[str, Sequence[str]]
     counts: np.ndarray
@@ -139,8 +143,6 @@ class GatherTask:
     shard: int
     out_dir: str
     tmp_dir: str
-    chunks: tuple[int, ...]
-    chunk_sources: tuple[int, ...]
     vocab_sha256: str
     n_genes: int
     obs_columns: tuple[str, ...]
@@ -190,7 +192,7 @@ def run_scatter(task: ScatterTask) -> int:
     rows = src.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns, reuse=True)
     raw = rows.matrix
     _check_values(raw.data, task)
-    alignment = GeneAlignment(task.keep_columns, task.vocab_ids, src.n_genes)
+    alignment = GeneAlignment(task.alignment.keep_columns, task.alignment.vocab_ids, src.n_genes)
     dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
     order = np.argsort(dest, kind="stable")  # rows grouped by destination shard
     aligned, library_size = align_rows_with_totals(
@@ -240,7 +242,8 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
             return asdict_entry(entry)
     pieces = []  # (bucket dir, unused, row starts, row stops in its files, cells, lib, codes, source)
     extra_parts: dict[str, list[np.ndarray]] = {k: [] for k in task.cell_stats if k != "library_size"}
-    for c, source_index in zip(task.chunks, task.chunk_sources, strict=True):
+    chunks, chunk_sources = _shard_chunks(task.tmp_dir, task.shard)
+    for c, source_index in zip(chunks.tolist(), chunk_sources.tolist(), strict=True):
         b = _bucket_path(task.bucket_root, c)
         offsets = np.load(b / "offsets.npy")
         lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
@@ -318,6 +321,15 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     os.replace(tmp_record, record)
     faults.fault_point("gather:record")
     return d
+
+
+def _shard_chunks(tmp_dir: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks that send cells to ``shard`` and their sources, from the plan files (so a
+    gather task carries no per-chunk lists: O(1) to submit whatever the dataset size)."""
+    row = np.array(np.load(Path(tmp_dir) / "table_by_shard.npy", mmap_mode="r")[shard])
+    chunks = np.flatnonzero(row)
+    plan = json.loads((Path(tmp_dir) / "plan.json").read_text())  # ~1 ms for 6,000 chunks
+    return chunks, np.asarray(plan["chunk_sources"], dtype=np.int64)[chunks]
 
 
 def _npy_segment(path: Path, start: int, stop: int, role: str) -> np.ndarray:
@@ -566,13 +578,17 @@ def _run(
     (tmp / "plan.json.tmp").write_text(json.dumps(plan_doc))
     os.replace(tmp / "plan.json.tmp", tmp / "plan.json")  # first: marks the scratch as ours
     faults.fault_point("driver:plan")
+    tmp_table = tmp / f"table_by_shard.npy.tmp-{os.getpid()}.npy"
+    np.save(tmp_table, np.ascontiguousarray(table.T))  # one row per shard: what its gather reads
+    os.replace(tmp_table, tmp / "table_by_shard.npy")
     buckets.mkdir(parents=True, exist_ok=True)
     (tmp / "shards").mkdir(exist_ok=True)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
     vocab.save(tmp / VOCAB_NAME)
     faults.fault_point("driver:vocab")
+    stored = [store_alignment(a, tmp / "alignments" / f"s{i:05d}.npz") for i, a in enumerate(alignments)]
     prep = fit_preprocessing(  # stats pass(es) over all chunks: HVGs, scran size factors
-        options.preprocessing, sources, chunks, alignments, vocab.tokens, seed=options.seed,
+        options.preprocessing, sources, chunks, stored, vocab.tokens, seed=options.seed,
         dtype=options.dtype, matrix=options.matrix, work_dir=tmp / "preprocess", runner=runner,
     )
 
@@ -581,8 +597,7 @@ def _run(
             chunk=c,
             source=sources[c.source],
             matrix=options.matrix,
-            keep_columns=alignments[c.source].keep_columns,
-            vocab_ids=alignments[c.source].vocab_ids,
+            alignment=stored[c.source],
             obs_columns=options.obs_columns,
             categories={k: categories[k] for k in options.obs_columns},
             counts=table[c.index],
@@ -602,8 +617,6 @@ def _run(
             out_dir=str(out),
             tmp_dir=str(tmp),
             bucket_root=str(buckets),
-            chunks=tuple(int(c) for c in np.flatnonzero(table[:, s])),
-            chunk_sources=tuple(chunks[int(c)].source for c in np.flatnonzero(table[:, s])),
             vocab_sha256=vocab.sha256(),
             n_genes=len(vocab),
             obs_columns=options.obs_columns,

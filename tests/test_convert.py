@@ -305,3 +305,33 @@ def test_converter_is_importable_without_side_effects() -> None:
     code = "import scmf_shards.convert, logging; print(logging.getLogger().level)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "30"
+
+
+def test_task_descriptions_do_not_grow_with_the_number_of_chunks(
+    three_sources: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the driver submits per task (pickled, as dask sends it) stays the same size when
+    the plan has 4x more chunks: gather tasks read their chunk list from the plan files and
+    scatter tasks carry a reference to the gene alignment, not its arrays."""
+    import pickle
+
+    from scmf_shards import executor
+
+    sizes: dict[str, list[int]] = {}
+    real_map = executor.TaskRunner.map
+
+    def recording_map(self, fn, items, desc):  # type: ignore[no-untyped-def]
+        sizes.setdefault(fn.__name__, []).extend(len(pickle.dumps(i)) for i in items)
+        return real_map(self, fn, items, desc)
+
+    monkeypatch.setattr(executor.TaskRunner, "map", recording_map)
+    largest = {}
+    for chunk_size in (400, 100):
+        sizes.clear()
+        convert_h5ad(three_sources, tmp_path / f"c{chunk_size}", chunk_size=chunk_size,
+                             shard_size=500, quiet=True)
+        largest[chunk_size] = {k: max(v) for k, v in sizes.items()}
+        assert len(sizes["run_scatter"]) >= 1450 // chunk_size
+    assert largest[100]["run_gather"] == largest[400]["run_gather"]
+    assert largest[100]["run_scatter"] <= largest[400]["run_scatter"] + 64
+    assert largest[100]["run_scatter"] < 4000  # no per-gene arrays (a source has 400 genes)

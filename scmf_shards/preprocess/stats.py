@@ -229,8 +229,7 @@ class StatsTask:
     chunk: Any
     source: Any
     matrix: str
-    keep_columns: np.ndarray
-    vocab_ids: np.ndarray
+    alignment: Any  # GeneAlignment or StoredAlignment (keep_columns, vocab_ids)
     n_genes: int
     out_file: str
     seed: int = 0
@@ -267,7 +266,7 @@ def _read(task: StatsTask) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np
     if task.transform is not None and task.transform.check:
         check_counts(data, _where(task))
     a, library_size = align_rows_with_totals(
-        raw, GeneAlignment(task.keep_columns, task.vocab_ids, task.source.n_genes))
+        raw, GeneAlignment(task.alignment.keep_columns, task.alignment.vocab_ids, task.source.n_genes))
     aligned = sp.csr_matrix((a.data, a.indices, a.indptr), shape=(a.shape[0], task.n_genes))
     if task.batch_column:
         lookup = {c: i for i, c in enumerate(task.batch_categories)}
@@ -293,7 +292,7 @@ def run_stats(task: StatsTask) -> dict[str, Any]:
         with np.load(task.scran_file) as f:  # type: ignore[arg-type]
             part = ChunkScran(nf=f["nf"], labels=f["labels"], profiles=f["profiles"])
         genes = np.zeros(task.n_genes, dtype=bool)
-        genes[task.vocab_ids] = True
+        genes[task.alignment.vocab_ids] = True
         if task.clip is not None:  # the reference chunk's measured genes
             genes &= task.clip.astype(bool)
         scale = (rescale_factors(part.profiles, task.ref_profile, task.min_mean, genes)
@@ -415,8 +414,7 @@ def fit_preprocessing(
         (work_dir / stage).mkdir(exist_ok=True)
         return [
             StatsTask(stage=stage, chunk=c, source=sources[c.source], matrix=matrix,
-                      keep_columns=alignments[c.source].keep_columns,
-                      vocab_ids=alignments[c.source].vocab_ids, n_genes=n_genes,
+                      alignment=alignments[c.source], n_genes=n_genes,
                       out_file=str(work_dir / stage / f"c{c.index:06d}.npz"),
                       seed=seed * 1_000_003 + c.index,
                       allow_negative=bool(pipe.assume_normalized and not pipe.log1p),
@@ -446,7 +444,7 @@ def _fit_scran(fitted: FittedPreprocessing, tasks: Any, runner: Any) -> None:
     with np.load(files[ref[0]]) as f:
         ref_profile = np.array(f["profiles"][ref[1]])
     ref_genes = np.zeros(len(ref_profile), dtype=bool)
-    ref_genes[stage[ref[0]].vocab_ids] = True
+    ref_genes[stage[ref[0]].alignment.vocab_ids] = True
     rescale = runner.map(run_stats, tasks("rescale", scran_file=lambda c: files[c.index],
                                            ref_profile=ref_profile, clip=ref_genes,
                                            min_mean=DEFAULT_MIN_MEAN),

@@ -132,6 +132,19 @@ class H5adSource:
         with _open_h5(self.path) as f:
             self._inspect(f)
 
+    @property
+    def genes(self) -> list[str]:
+        """Gene ids of the chosen matrix's columns (``gene_column``), as strings."""
+        if self._genes is None:  # a copy sent to a worker: read again only if asked
+            with _open_h5(self.path) as f:
+                self._genes = self._read_genes(f)
+        return self._genes
+
+    def __getstate__(self) -> dict[str, Any]:
+        # tasks carry the source to workers, which never need the gene list: leave it out
+        # (20k gene names would make every task description ~300 KB)
+        return {**self.__dict__, "_genes": None}
+
     # ---- metadata -----------------------------------------------------------------------
     def _fail(self, problem: str) -> InvalidInputError:
         return InvalidInputError(f"{self.path}: {problem}")
@@ -163,10 +176,10 @@ class H5adSource:
             raise self._fail("holds no cells (empty file)")
         if self.n_genes == 0:
             raise self._fail("holds no genes")
-        self.genes = self._read_genes(f)
-        if len(self.genes) != self.n_genes:
+        self._genes: list[str] | None = self._read_genes(f)
+        if len(self._genes) != self.n_genes:
             raise self._fail(
-                f"var has {len(self.genes)} genes but '{self._x_key}' has {self.n_genes} columns"
+                f"var has {len(self._genes)} genes but '{self._x_key}' has {self.n_genes} columns"
             )
         self.obs_columns = tuple(self._frame_columns(f["obs"]))
 
