@@ -72,6 +72,8 @@ from scmf_shards.plan import (
     shard_sizes,
 )
 from scmf_shards.preprocess.stats import allows_negative, check_preprocessing, fit_preprocessing
+from scmf_shards.scratch import release as scratch_release
+from scmf_shards.scratch import release_all as scratch_release_all
 from scmf_shards.scratch import scratch
 from scmf_shards.sources.h5ad import H5adSource
 from scmf_shards.values import check_values
@@ -232,6 +234,7 @@ def run_scatter(task: ScatterTask) -> int:
 
 def run_gather(task: GatherTask) -> dict[str, Any]:
     """Gather task: collect one shard's rows from every bucket, permute, write the shard."""
+    scratch_release("h5ad.", "align.")  # the scatter stage is over: its buffers are not needed
     out_dir = Path(task.out_dir)
     relpath = shard_relpath(task.shard)
     record = Path(task.tmp_dir) / "shards" / f"{task.shard:06d}.json"
@@ -629,6 +632,7 @@ def _run(
         for s in range(len(sizes))
     ]
     shard_dicts = runner.map(run_gather, gather, desc="write shards")
+    scratch_release_all()  # in-process runs: the driver's thread ran the tasks
     shards = [_shard_entry_from_dict(d) for d in shard_dicts]
 
     vocab_path = out / VOCAB_NAME

@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["release_all", "scratch"]
+__all__ = ["release", "release_all", "scratch"]
 
 _local = threading.local()
 
@@ -32,6 +32,14 @@ def scratch(role: str, n: int, dtype: np.dtype | str) -> np.ndarray:
         pool.pop(role, None)  # free the old buffer before taking the larger one
         buf = pool[role] = np.empty(need + need // 8, dtype=np.uint8)  # headroom: fewer regrowths
     return buf[: int(n) * dtype.itemsize].view(dtype)
+
+
+def release(*prefixes: str) -> None:
+    """Drop this thread's buffers whose role starts with any of ``prefixes`` (e.g. the read
+    and alignment buffers of the scatter stage once the gather stage starts)."""
+    pool: dict[str, np.ndarray] | None = getattr(_local, "pool", None)
+    for role in [r for r in (pool or {}) if r.startswith(prefixes)]:
+        del pool[role]  # type: ignore[union-attr]
 
 
 def release_all() -> None:

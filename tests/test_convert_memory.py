@@ -1,0 +1,262 @@
+"""Memory of a conversion is bounded by ``--chunk-size`` and ``--shard-size``, never by the
+dataset size (docs/scaling.md §5).
+
+1. The same conversion (same ``--shard-size`` and ``--chunk-size``, hence the same work per
+   task) on a local dask cluster of 2 worker processes, at N and 4N cells: the peak resident
+   memory (``VmHWM``) of each worker process barely moves, although 4N cells are several
+   times the memory the tasks use.
+2. An input several times the peak resident memory of the whole converting process
+   (``scmf-convert h5ad`` in-process, ``--workers 1``, measured in that process) converts,
+   and the output verifies.
+
+Inputs are synthetic CSR ``.h5ad`` files with the same number of non-zeros in every cell
+(so every read chunk and every shard holds the same number of non-zeros at both sizes),
+written with h5py in bounded blocks. Run with ``-s`` to see the measured numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from conftest import hpc_genes
+
+MB = 2**20
+NNZ_PER_CELL = 1_000  # over ~19k genes: ~8 KB of CSR (float32 values, int32 indices) a cell
+# 1. two dataset sizes on 2 workers, the same chunk (2M non-zeros) and shard (5M non-zeros)
+CHUNK_SIZE, SHARD_SIZE = 2_048, 5_000
+SMALL_CELLS, BIG_CELLS = 20_000, 80_000  # ~150 and ~610 MB of CSR
+# 2. one large input in-process: chunks of 4.1M and shards of 10M non-zeros (fewer tasks)
+LARGE_CHUNK_SIZE, LARGE_SHARD_SIZE = 4_096, 10_000
+LARGE_CELLS = 192_000  # ~1.5 GB of CSR
+
+
+def _attrs(node: h5py.HLObject, enc: str, version: str) -> None:
+    node.attrs["encoding-type"] = enc
+    node.attrs["encoding-version"] = version
+
+
+def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
+    d = group.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+    _attrs(d, "string-array", "0.2.0")
+
+
+def write_fixed_nnz_h5ad(path: Path, n_cells: int, nnz_per_cell: int = NNZ_PER_CELL, seed: int = 0,
+                         dtype: str = "float32") -> Path:
+    """An .h5ad over the human protein-coding genes whose every cell has ``nnz_per_cell``
+    non-zeros (one gene drawn in each of ``nnz_per_cell`` equal gene ranges, counts 1..29),
+    CSR with int64 indptr, contiguous datasets as anndata writes them, obs ``cell_type``.
+    Written in blocks of cells: the writer's memory does not grow with ``n_cells``."""
+    genes = hpc_genes()
+    n_genes, k = len(genes), nnz_per_cell
+    stride = n_genes // k
+    rng = np.random.default_rng(seed)
+    first = np.arange(k, dtype=np.int32) * np.int32(stride)
+    block = 8_192
+    with h5py.File(path, "w") as f:
+        _attrs(f, "anndata", "0.1.0")
+        x = f.create_group("X")
+        _attrs(x, "csr_matrix", "0.1.0")
+        x.attrs["shape"] = (n_cells, n_genes)
+        data = x.create_dataset("data", (n_cells * k,), dtype=dtype)
+        indices = x.create_dataset("indices", (n_cells * k,), dtype=np.int32)
+        for s in range(0, n_cells, block):
+            e = min(n_cells, s + block)
+            cols = rng.integers(0, stride, (e - s, k), dtype=np.int16).astype(np.int32)
+            cols += first
+            indices[s * k : e * k] = cols.ravel()
+            data[s * k : e * k] = (cols.ravel() * np.int32(7919) % 29 + 1).astype(dtype)
+        x.create_dataset("indptr", data=np.arange(n_cells + 1, dtype=np.int64) * k)
+        obs = f.create_group("obs")
+        _attrs(obs, "dataframe", "0.2.0")
+        obs.attrs["_index"] = "_index"
+        obs.attrs["column-order"] = np.array(["cell_type"], dtype=object)
+        _strings(obs, "_index", [f"{path.stem}-{i}" for i in range(n_cells)])
+        ct = obs.create_group("cell_type")
+        _attrs(ct, "categorical", "0.2.0")
+        ct.attrs["ordered"] = False
+        _strings(ct, "categories", ["B cell", "NK cell", "T cell", "monocyte"])
+        codes = ct.create_dataset("codes", data=rng.integers(0, 4, n_cells).astype(np.int8))
+        _attrs(codes, "array", "0.2.0")
+        var = f.create_group("var")
+        _attrs(var, "dataframe", "0.2.0")
+        var.attrs["_index"] = "_index"
+        var.attrs["column-order"] = np.array([], dtype="float64")
+        _strings(var, "_index", list(genes))
+        for g in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
+            _attrs(f.create_group(g), "dict", "0.1.0")
+    return path
+
+
+def csr_bytes(n_cells: int) -> int:
+    """Bytes of the CSR matrix of an input of ``n_cells`` cells (values, indices, indptr)."""
+    return n_cells * NNZ_PER_CELL * 8 + (n_cells + 1) * 8
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Paths of the inputs (written on first use by :func:`_input`; ~2.2 GB in all, deleted
+    at the end of the module: pytest keeps the last few temporary directories)."""
+    d = tmp_path_factory.mktemp("mem_inputs")
+    yield {"small": d / "small.h5ad", "big": d / "big.h5ad", "large": d / "large.h5ad"}
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _input(inputs: dict[str, Path], which: str) -> Path:
+    """The input ``which``, written on first use."""
+    p = inputs[which]
+    if not p.exists():
+        write_fixed_nnz_h5ad(p, {"small": SMALL_CELLS, "big": BIG_CELLS, "large": LARGE_CELLS}[which])
+    return p
+
+
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process (``VmHWM``), MB; runs inside a dask worker too."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _warm_up() -> float:
+    """Import what conversion tasks import; this worker's peak RSS after that, MB."""
+    import anndata  # noqa: F401
+    import h5py  # noqa: F401
+    import zarr  # noqa: F401
+
+    import scmf_shards.convert  # noqa: F401
+    import scmf_shards.write  # noqa: F401
+
+    return _vm_hwm_mb()
+
+
+def _convert_on_two_workers(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """``convert_h5ad(..., workers=2)``: the converter starts and stops its own local cluster
+    (scmf_shards.executor.TaskRunner). The runner is wrapped to read each worker's VmHWM once
+    its processes are up (after the imports) and again just before the cluster is closed."""
+    from scmf_shards import executor
+    from scmf_shards.convert import convert_h5ad
+
+    seen: dict[str, dict[str, float]] = {}
+    enter, exit_ = executor.TaskRunner.__enter__, executor.TaskRunner.__exit__
+
+    def measured_enter(self: executor.TaskRunner) -> executor.TaskRunner:
+        runner = enter(self)
+        assert self._cluster is not None, "workers=2 should start a local cluster"
+        self._client.wait_for_workers(2)
+        seen["base"] = self._client.run(_warm_up)
+        return runner
+
+    def measured_exit(self: executor.TaskRunner, *exc: object) -> None:
+        if self._client is not None:
+            seen["peak"] = self._client.run(_vm_hwm_mb)
+        exit_(self, *exc)
+
+    with monkeypatch.context() as m:
+        m.setattr(executor.TaskRunner, "__enter__", measured_enter)
+        m.setattr(executor.TaskRunner, "__exit__", measured_exit)
+        t0 = time.perf_counter()
+        manifest = convert_h5ad([src], out, workers=2, shard_size=SHARD_SIZE, chunk_size=CHUNK_SIZE,
+                                obs_columns=("cell_type",), quiet=True)
+        seconds = time.perf_counter() - t0
+    names = sorted(seen["peak"])
+    assert len(names) == 2, names
+    assert sorted(seen["base"]) == names  # the same two workers throughout
+    return {
+        "n_cells": manifest.n_cells, "nnz": manifest.nnz, "n_shards": len(manifest.shards),
+        "seconds": seconds, "input_mb": src.stat().st_size / MB,
+        "base_mb": [seen["base"][w] for w in names], "peak_mb": [seen["peak"][w] for w in names],
+        "task_mb": [seen["peak"][w] - seen["base"][w] for w in names],
+    }
+
+
+@pytest.mark.slow
+def test_worker_peak_rss_does_not_follow_the_dataset_size(
+    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = _convert_on_two_workers(_input(inputs, "small"), tmp_path / "small", monkeypatch)
+    big = _convert_on_two_workers(_input(inputs, "big"), tmp_path / "big", monkeypatch)
+    for name, r in (("small", small), ("big", big)):
+        print(f"\n2 workers, {r['n_cells']:,} cells ({r['input_mb']:.0f} MB input, {r['n_shards']} shards, "
+              f"chunk {CHUNK_SIZE}, shard {SHARD_SIZE}): worker peak RSS "
+              f"{[round(v) for v in r['peak_mb']]} MB (after imports {[round(v) for v in r['base_mb']]} MB, "
+              f"tasks +{[round(v) for v in r['task_mb']]} MB), {r['seconds']:.1f} s [{name}]")
+    assert (small["n_cells"], big["n_cells"]) == (SMALL_CELLS, BIG_CELLS)
+    assert big["nnz"] == BIG_CELLS * NNZ_PER_CELL
+
+    added_data_mb = (csr_bytes(BIG_CELLS) - csr_bytes(SMALL_CELLS)) / MB
+    # The setup means something: the bigger dataset is several times what the tasks use, so
+    # memory that followed the dataset (even a fraction of it per worker) would dominate.
+    assert csr_bytes(BIG_CELLS) / MB > 3 * max(small["task_mb"] + big["task_mb"])
+    # 4x the cells: the peak of every worker stays within 1.3x of the smaller run ...
+    assert max(big["peak_mb"]) < 1.3 * min(small["peak_mb"])
+    # ... and what the tasks added grew by well under a tenth of the added data
+    growth_mb = max(big["task_mb"]) - min(small["task_mb"])
+    assert growth_mb < 0.1 * added_data_mb, (growth_mb, added_data_mb)
+    shutil.rmtree(tmp_path / "small")
+    shutil.rmtree(tmp_path / "big")
+
+
+_CONVERT_MEASURED = r"""
+import atexit, json, sys
+
+def vm_hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+import anndata, scmf_shards.convert, scmf_shards.write  # what the conversion imports anyway
+from scmf_shards.cli import main
+
+base = vm_hwm_mb()
+report = sys.argv[1]
+atexit.register(lambda: open(report, "w").write(json.dumps({"base_mb": base, "peak_mb": vm_hwm_mb()})))
+sys.argv = ["scmf-convert", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_input_several_times_the_process_memory_converts_and_verifies(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    from scmf_loader.format import read_manifest
+    from scmf_shards.verify import verify_dataset
+
+    src = _input(inputs, "large")
+    out = tmp_path / "ds"
+    report = tmp_path / "rss.json"
+    cmd = [sys.executable, "-c", _CONVERT_MEASURED, str(report), "h5ad", str(src), "--output", str(out),
+           "--chunk-size", str(LARGE_CHUNK_SIZE), "--shard-size", str(LARGE_SHARD_SIZE), "--obs-columns", "cell_type",
+           "--workers", "1", "--quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rss = json.loads(report.read_text())
+    input_mb = src.stat().st_size / MB
+    print(f"\nin-process, {LARGE_CELLS:,} cells, {input_mb:.0f} MB input (CSR {csr_bytes(LARGE_CELLS) / MB:.0f} MB), "
+          f"chunk {LARGE_CHUNK_SIZE}, shard {LARGE_SHARD_SIZE}: process peak RSS {rss['peak_mb']:.0f} MB "
+          f"(after imports {rss['base_mb']:.0f} MB, conversion +{rss['peak_mb'] - rss['base_mb']:.0f} MB), "
+          f"input = {input_mb / rss['peak_mb']:.1f}x the peak, {seconds:.1f} s")
+
+    # the whole process, imports included, peaked at under a third of the input, and what
+    # the conversion added to the imports at under a fifth
+    assert rss["peak_mb"] < input_mb / 3
+    assert rss["peak_mb"] - rss["base_mb"] < input_mb / 5
+    assert verify_dataset(out) == []
+    m = read_manifest(out)
+    assert (m.n_cells, m.nnz) == (LARGE_CELLS, LARGE_CELLS * NNZ_PER_CELL)
+    assert sum(s.n_cells for s in m.shards) == LARGE_CELLS
+    assert len(m.shards) == -(-LARGE_CELLS // LARGE_SHARD_SIZE)
+    shutil.rmtree(out)
