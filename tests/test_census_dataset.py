@@ -245,3 +245,150 @@ def test_io_batches_do_not_change_the_batches(census_root: CensusRoot) -> None:
         for c in a.obs:
             np.testing.assert_array_equal(a.obs[c].numpy(), b.obs[c].numpy())
         np.testing.assert_array_equal(a.stats["library_size"].numpy(), b.stats["library_size"].numpy())
+
+
+def test_library_size_covers_all_genes_with_a_var_filter(
+    census_root: CensusRoot, reference: dict[int, dict[int, float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # library_size is each cell's total over ALL genes of the Census (what normalize_total
+    # gives on the source), not over the genes a var filter selects
+    keep = list(census_root.adata.var_names[:20])
+    ds = _dataset(census_root, var_filter=f"feature_id in {keep}", shuffle=False, batch_size=32)
+    assert ds.query.n_genes == 20
+    x = census_root.adata.X.tocsr()
+    selected = census_root.adata[:, keep].X.tocsr()
+    full_sums = np.asarray(x.sum(axis=1)).ravel()
+    batches = list(ds)
+    for batch in batches:
+        ids = batch.cell_ids.numpy()
+        np.testing.assert_allclose(batch.stats["library_size"].numpy(), full_sums[ids], rtol=0, atol=1e-6)
+    ids = np.concatenate([b.cell_ids.numpy() for b in batches])
+    library = np.concatenate([b.stats["library_size"].numpy() for b in batches])
+    assert np.all(library > np.asarray(selected[ids].sum(axis=1)).ravel())  # not the filtered genes' sum
+    # a root without the obs column raw_sum: whole rows of X["raw"] are summed instead
+    monkeypatch.setattr(ds.query, "obs_columns_available",
+                        tuple(c for c in ds.query.obs_columns_available if c != "raw_sum"))
+    np.testing.assert_array_equal(
+        np.concatenate([b.stats["library_size"].numpy() for b in ds]), library)
+    np.testing.assert_array_equal(ds.query.library_sizes(np.sort(ids)), full_sums[np.sort(ids)])
+    # the values and genes are still only the filtered ones
+    first = batches[0]
+    ptr = first.indptr.numpy()
+    for r, j in enumerate(first.cell_ids.tolist()):
+        genes = set(first.indices[ptr[r] : ptr[r + 1]].tolist())
+        assert genes <= set(ds.vocab.encode(keep).tolist())
+        assert genes == {g for g in reference[j] if g in set(ds.vocab.encode(keep).tolist())}
+
+
+# ---- lifetimes of the SOMA handles and TileDB contexts ---------------------------------------
+def test_one_context_per_process_and_deterministic_close(census_root: CensusRoot) -> None:
+    from scmf_loader.census_query import CensusQuery, CensusSpec
+    from scmf_loader.errors import InvalidInputError
+
+    a = _dataset(census_root).query
+    b = _dataset(census_root, obs_filter="tissue == 'lung'").query
+    context = a.experiment().context
+    assert b.experiment().context is context  # not one context (and thread pools) per root
+    # a query whose construction fails closes what it opened before raising
+    opened: list[Any] = []
+    real = CensusQuery._open_root
+
+    def spy(self: Any, version: Any) -> Any:
+        opened.append(real(self, version))
+        return opened[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CensusQuery, "_open_root", spy)
+        with pytest.raises(InvalidInputError, match="selects no cells"):
+            CensusQuery(CensusSpec(uri=census_root.uri, obs_filter="tissue == 'brain'"))
+    assert len(opened) == 1
+    assert opened[0].closed
+    # close() closes the handles; the query reopens them on its next read
+    root = a._handles.root
+    a.close()
+    assert root.closed
+    indptr, _, _ = a.read(a.obs_joinids[:5])
+    assert indptr.size == 6
+    a.close()
+    b.close()
+
+
+def test_copies_share_handles_until_the_last_closes(census_root: CensusRoot) -> None:
+    import pickle
+
+    from scmf_loader import census_query
+
+    ds = _dataset(census_root, obs_filter="tissue == 'liver'")
+    blob = pickle.dumps(ds.query)
+    one, two = pickle.loads(blob), pickle.loads(blob)
+    ids = one.obs_joinids[:8]
+    ref = ds.query.read(ids)
+    for q in (one, two):
+        for got, want in zip(q.read(ids), ref, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert one._handles is two._handles  # one open root for the copies in this process
+    root = one._handles.root
+    one.close()
+    assert not root.closed  # two still uses it
+    np.testing.assert_array_equal(two.read(ids)[2], ref[2])
+    two.close()
+    assert root.closed
+    # evicted cache entries are closed once unused
+    copies = []
+    for tissue in ("lung", "heart", "blood", "liver", "heart left ventricle"):
+        q = pickle.loads(pickle.dumps(_dataset(census_root, obs_filter=f"tissue == '{tissue}'").query))
+        q.experiment()
+        copies.append(q)
+    first_root = copies[0]._handles.root
+    assert len(census_query._PROCESS_CACHE) <= census_query._CACHE_SIZE
+    assert not first_root.closed  # evicted, but copies[0] still uses it
+    copies[0].close()
+    assert first_root.closed
+    for q in copies[1:]:
+        q.close()
+    ds.query.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_never_uses_the_parent_handles(census_root: CensusRoot) -> None:
+    import os
+    import pickle
+    import time
+
+    ds = _dataset(census_root, shuffle=False)
+    parent_exp = ds.query.experiment()
+    parent_ctx = parent_exp.context
+    expected = ds.query.read(ds.query.obs_joinids[:10])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report and leave without running any of the parent's cleanup
+        code = 1
+        try:
+            exp = ds.query.experiment()
+            got = ds.query.read(ds.query.obs_joinids[:10])
+            same = all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+            os.write(w, pickle.dumps((exp is not parent_exp, exp.context is not parent_ctx, same)))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("forked child hung")
+        time.sleep(0.05)
+    with os.fdopen(r, "rb") as f:
+        report = f.read()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pickle.loads(report) == (True, True, True)
+    # the parent's handles are untouched by the child
+    assert ds.query.experiment() is parent_exp
+    assert not parent_exp.closed
+    for got, want in zip(ds.query.read(ds.query.obs_joinids[:10]), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    ds.query.close()

@@ -28,7 +28,10 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from conftest import hpc_genes
+from make_bench_data import _attrs, _strings  # noqa: E402  (the same AnnData encoding helpers)
 
 MB = 2**20
 NNZ_PER_CELL = 1_000  # over ~19k genes: ~8 KB of CSR (float32 values, int32 indices) a cell
@@ -38,16 +41,6 @@ SMALL_CELLS, BIG_CELLS = 20_000, 80_000  # ~150 and ~610 MB of CSR
 # 2. one large input in-process: chunks of 4.1M and shards of 10M non-zeros (fewer tasks)
 LARGE_CHUNK_SIZE, LARGE_SHARD_SIZE = 4_096, 10_000
 LARGE_CELLS = 192_000  # ~1.5 GB of CSR
-
-
-def _attrs(node: h5py.HLObject, enc: str, version: str) -> None:
-    node.attrs["encoding-type"] = enc
-    node.attrs["encoding-version"] = version
-
-
-def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
-    d = group.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
-    _attrs(d, "string-array", "0.2.0")
 
 
 def write_fixed_nnz_h5ad(path: Path, n_cells: int, nnz_per_cell: int = NNZ_PER_CELL, seed: int = 0,

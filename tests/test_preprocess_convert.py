@@ -17,6 +17,7 @@ from preprocess_helpers import (
     read_h5ad,
     scanpy_hvg,
     scanpy_normalize,
+    simulate_sized_counts,
     write_h5ad,
 )
 
@@ -203,15 +204,8 @@ def test_out_of_core_scran_recovers_size_factors_as_well_as_in_memory_scran(tmp_
     simulation's true cell sizes (three groups with different expressed genes)."""
     from scmf_shards.preprocess.scran import scran_size_factors
 
-    rng = np.random.default_rng(11)
     n_cells, n_genes = 2000, 1000
-    base = rng.gamma(0.4, 1.5, n_genes)
-    group = rng.integers(0, 3, n_cells)
-    fold = np.ones((3, n_genes))
-    for k in range(3):
-        fold[k, rng.choice(n_genes, n_genes // 8, replace=False)] = 5.0
-    true = np.exp(rng.normal(0, 0.5, n_cells))
-    x = rng.poisson(rng.gamma(4.0, true[:, None] * base[None] * fold[group] / 4.0)).astype(np.float32)
+    x, true = simulate_sized_counts(n_cells, n_genes, 11, shape=4.0, dtype="float32")
     src = write_h5ad(tmp_path / "sim.h5ad", x, hpc_genes()[:n_genes], 11)
     convert_h5ad([src], tmp_path / "ds", chunk_size=500, shard_size=n_cells, quiet=True,
                  preprocessing={"normalize": "scran"})

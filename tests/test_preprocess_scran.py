@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from preprocess_helpers import simulate_sized_counts
 
 from scmf_shards.preprocess.scran import (
     LOWWEIGHT,
@@ -26,14 +27,7 @@ from scmf_shards.preprocess.scran import (
 
 
 def _simulate(n_cells: int, n_genes: int, seed: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    base = rng.gamma(0.5, 2.0, n_genes)
-    types = rng.integers(0, 3, n_cells)
-    fold = np.ones((3, n_genes))
-    for t in range(3):
-        fold[t, rng.choice(n_genes, n_genes // 10, replace=False)] = 5.0
-    size = np.exp(rng.normal(0, 0.5, n_cells))
-    x = rng.poisson(rng.gamma(5.0, size[:, None] * base * fold[types] / 5.0)).astype(np.float64)
+    x, size = simulate_sized_counts(n_cells, n_genes, seed)
     return sp.csr_matrix(x), size
 
 
