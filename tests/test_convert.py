@@ -200,6 +200,41 @@ def test_raw_and_layer_matrices(tmp_path: Path) -> None:
         convert_h5ad([path], tmp_path / "bad", matrix="layer:nope", quiet=True)
 
 
+def test_gene_column_from_var_and_raw_var_with_ensembl_versions(tmp_path: Path) -> None:
+    """``gene_column`` picks a var column (of raw/var for ``matrix="raw"``): here versioned
+    Ensembl ids while var_names are meaningless; every value lands at its gene's token, read
+    back through anndata and compared cell by cell."""
+    import pandas as pd
+
+
+    vocab = GeneVocab.human_protein_coding()
+    ids = vocab.tokens[10:40]
+    rng = np.random.default_rng(5)
+    order = rng.permutation(30)
+    versioned = [f"{ids[i]}.{rng.integers(1, 20)}" for i in order]
+    counts = sp.random(25, 30, density=0.4, format="csr", random_state=1, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 9)
+    var = pd.DataFrame({"gene_ids": versioned}, index=[f"feature{i}" for i in range(30)])
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(25)])
+    a = ad.AnnData(X=counts, var=var, obs=obs)
+    a.raw = ad.AnnData(X=counts * 2, var=var, obs=obs)
+    path = tmp_path / "ens.h5ad"
+    a.write_h5ad(path)
+    for matrix, factor in (("X", 1), ("raw", 2)):
+        out = tmp_path / matrix
+        m = convert_h5ad([path], out, matrix=matrix, gene_column="gene_ids", quiet=True, shard_size=10)
+        assert m.sources[0].genes_matched == 30
+        for shard in sorted((out / "shards").glob("*.zarr")):
+            got = ad.read_zarr(shard)
+            rows = [int(c[1:]) for c in got.obs_names]
+            cols = vocab.encode([ids[i] for i in order])
+            np.testing.assert_array_equal(got.X.toarray()[:, cols], factor * counts[rows].toarray())
+    with pytest.raises(InvalidInputError, match="var has no column 'nope'"):
+        convert_h5ad([path], tmp_path / "bad", gene_column="nope", quiet=True)
+    with pytest.raises(VocabularyError, match="none of its 30 genes is in the vocabulary"):
+        convert_h5ad([path], tmp_path / "bad2", quiet=True)  # var_names are not genes
+
+
 # ---- bad input: one clear error, naming the file, and no manifest -----------------------
 def _assert_no_dataset(out: Path) -> None:
     assert not (out / "manifest.json").exists()
