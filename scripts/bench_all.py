@@ -77,9 +77,12 @@ def _tree(pid: int) -> list[int]:
         return []
 
 
-def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | None = None,
+                 pss: bool = False) -> dict[str, Any]:
     """Run ``cmd``; return rc, wall seconds, stdout, stderr tail, and the peak over time of the
-    process tree's summed RSS and RssAnon (MB)."""
+    process tree's summed RSS and RssAnon (MB), and with ``pss`` of Pss_Anon (reading
+    ``smaps_rollup`` walks every mapping: it costs the sampler ~25% of a core, so only the
+    loader runs, whose workers share pages, ask for it)."""
     import resource
 
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -87,6 +90,7 @@ def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | No
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})})
     peak = {"rss": 0, "anon": 0, "pss_anon": 0}
+    want_pss = pss
     done = threading.Event()
 
     def sample() -> None:
@@ -96,7 +100,7 @@ def run_measured(cmd: list[str], timeout: float = 1800, env: dict[str, str] | No
                 r, a = _status_kb(p)
                 rss += r
                 anon += a
-                pss += _pss_anon_kb(p)
+                pss += _pss_anon_kb(p) if want_pss else 0
             peak["rss"] = max(peak["rss"], rss)
             peak["anon"] = max(peak["anon"], anon)
             peak["pss_anon"] = max(peak["pss_anon"], pss)
@@ -370,7 +374,7 @@ def ours(dataset: Path, runs: int, batch_size: int = 256, workers: int = 0, outp
            "--batches", str(n_batches)]
     if max_genes:
         cmd += ["--max-genes", str(max_genes)]
-    r = run_measured(cmd)
+    r = run_measured(cmd, pss=workers > 0)
     if r["rc"] != 0:
         return {"error": r["stderr_tail"].strip().splitlines()[-1]}
     return {**last_json(r["stdout"]), "peak_rss_mb": r["peak_rss_mb"], "peak_anon_mb": r["peak_anon_mb"],
