@@ -5,7 +5,8 @@ An :class:`~torch.utils.data.IterableDataset` with the batch format of
 :class:`~scmf_loader.batch.CSRBatch` over the gene vocabulary (``indices`` are vocabulary
 ids, ``values`` the raw counts of ``X["raw"]``, ``cell_ids`` the cells' Census
 ``soma_joinid``, ``obs`` int64 codes into :attr:`CensusDataset.categories`, ``stats``
-``library_size`` = the cell's total raw count), or with ``batch_size=None`` one cell at a time
+``library_size`` = the cell's total raw count over all genes of the Census, also with a
+``var_filter``: Census obs ``raw_sum``, or whole rows summed where a root lacks it), or with ``batch_size=None`` one cell at a time
 as the seed's dict (``expression``, ``gene_indices``, ``n_genes``, ``metadata``).
 
 Which cells form each batch follows the loader's samplers on the query's cells in sorted
@@ -284,7 +285,10 @@ class CensusDataset(torch.utils.data.IterableDataset):
         indptr, indices, data = self.query.read(sorted_ids)
         lengths = np.diff(indptr)
         rows = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
-        library = np.bincount(rows, weights=data.astype(np.float64), minlength=lengths.size)
+        if self.query.spec.var_filter is None:  # the rows read are whole: sum them
+            library = np.bincount(rows, weights=data.astype(np.float64), minlength=lengths.size)
+        else:  # totals over all genes of the Census, not only the genes of the var filter
+            library = self.query.library_sizes(sorted_ids)
         vocab_ids = self._col_map[indices]
         keep = vocab_ids >= 0
         rows, vocab_ids, data = rows[keep], vocab_ids[keep], data[keep]

@@ -17,13 +17,27 @@ millions long). A copy in another process reopens the Census lazily, re-runs the
 checks it against the recorded digests, so a Census that changed under a pinned release is an
 error, never silently different cells. ``tiledbsoma`` and ``cellxgene_census`` are imported
 only when a query is opened: this module imports with numpy alone.
+
+Lifetimes of the TileDB objects (TileDB contexts own thread pools; an object must not outlive
+its context, and none may be used or destroyed in a forked child):
+
+- one ``SOMATileDBContext`` per process and TileDB configuration (:func:`_context`), shared by
+  every root opened there and never destroyed, instead of a new context per opened root;
+- handles are closed deterministically: a query whose construction fails closes what it
+  opened before raising, :meth:`CensusQuery.close` closes handles no other live copy uses,
+  and handles evicted from the per-process cache are closed once unused (the cache is closed
+  at exit);
+- in a forked child, every handle and context inherited from the parent is kept alive,
+  untouched and never freed (``os.register_at_fork``), and the child opens its own.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +59,8 @@ DEFAULT_OBS_COLUMNS = ("cell_type", "tissue", "assay", "disease", "donor_id", "d
 MEASUREMENT = "RNA"
 X_LAYER = "raw"
 GENE_COLUMN = "feature_id"
+#: Census obs column: each cell's total of ``X["raw"]`` over all genes of the experiment
+RAW_SUM = "raw_sum"
 _READ_CELLS = 4096  # cells per SOMA read inside one call of CensusQuery.read
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -170,13 +186,20 @@ class CensusQuery:
             tiledb_config=spec.tiledb_config,
         )
         self.requested_version = spec.census_version
-        self._handles: tuple[Any, Any] | None = None
-        self._pid = os.getpid()
+        self._handles: _Handles | None = None
         self._arrays: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         #: keep the joinid arrays when pickled (one copy per DataLoader worker) instead of
         #: re-running the query in the new process (one copy per converter task)
         self.pickle_arrays = False
         self.census_version = ""  # set while resolving; used in messages
+        try:
+            self._plan()
+        except BaseException:
+            # close now, not whenever the traceback (which holds this frame) is collected
+            self.close()
+            raise
+
+    def _plan(self) -> None:
         self.census_version = self._resolve()
         exp = self.experiment()
         self.experiment_uri = str(exp.uri)
@@ -217,11 +240,11 @@ class CensusQuery:
                 "reading CELLxGENE Census needs the 'census' extra: "
                 "pip install 'scmodelforge-data[census]'"
             ) from exc
-        config = dict(self.spec.tiledb_config) if self.spec.tiledb_config else None
         try:
+            context = _context(self.spec.tiledb_config)
             if self.spec.uri is not None:
-                return cellxgene_census.open_soma(uri=self.spec.uri, tiledb_config=config)
-            return cellxgene_census.open_soma(census_version=version, tiledb_config=config)
+                return cellxgene_census.open_soma(uri=self.spec.uri, context=context)
+            return cellxgene_census.open_soma(census_version=version, context=context)
         except Exception as exc:
             target = self.spec.uri if self.spec.uri is not None else f"census_version {version!r}"
             raise InvalidInputError(
@@ -299,8 +322,8 @@ class CensusQuery:
                 f"{self.describe()}: experiment has no measurement {MEASUREMENT!r} with "
                 f"X layer {X_LAYER!r}"
             )
-        self._handles = (root, exp)
-        self._pid = os.getpid()
+        self._handles = _Handles(root, exp)
+        self._handles.users.add(self)
 
     def _cache_key(self) -> tuple[Any, ...]:
         s = self.spec
@@ -310,29 +333,38 @@ class CensusQuery:
     def experiment(self) -> Any:
         """The open SOMA Experiment, (re)opened in this process when needed (copies of one
         query unpickled in the same process share one handle and one set of joinids)."""
-        if self._handles is None or self._pid != os.getpid():
-            if self._handles is not None:  # inherited through fork: never touch, never free
-                _INHERITED.append(self._handles)
-            self._handles = None
-            cached = _PROCESS_CACHE.get(self._cache_key())
-            if cached is not None and cached[0] == os.getpid() and cached[1] is not None:
-                self._handles = cached[1]
-                self._pid = os.getpid()
-            else:
-                root = self._open_root(self.census_version)
-                self._set_handles(root)
-                _remember(self._cache_key(), self._handles, None)
+        handles = self._handles
+        if handles is not None and handles.usable():
+            return handles.exp
+        if handles is not None and handles.pid != os.getpid():
+            _INHERITED.append(handles)  # inherited through fork: never touch, never free
+        self._handles = None
+        cached = _PROCESS_CACHE.get(self._cache_key())
+        if cached is not None and cached[0] is not None and cached[0].usable():
+            self._handles = cached[0]
+            self._handles.users.add(self)
+        else:
+            root = self._open_root(self.census_version)
+            self._set_handles(root)
+            _remember(self._cache_key(), self._handles, None)
         assert self._handles is not None
-        return self._handles[1]
+        return self._handles.exp
 
     def close(self) -> None:
-        """Close the SOMA handles (reopened on the next read)."""
-        if self._handles is not None and self._pid == os.getpid():
-            cached = _PROCESS_CACHE.get(self._cache_key())
-            if cached is not None and cached[1] is self._handles:
-                del _PROCESS_CACHE[self._cache_key()]
-            self._handles[0].close()
-        self._handles = None
+        """Close the SOMA handles (reopened on the next read); handles shared with another
+        live copy of this query in this process stay open until that copy is done too."""
+        handles, self._handles = self._handles, None
+        if handles is None:
+            return
+        if handles.pid != os.getpid():  # inherited through fork: never touch, never free
+            _INHERITED.append(handles)
+            return
+        handles.users.discard(self)
+        if not handles.users:
+            entry = _PROCESS_CACHE.get(self._cache_key())
+            if entry is not None and entry[0] is handles:
+                _PROCESS_CACHE[self._cache_key()] = (None, entry[1])  # keep the joinids
+            handles.close()
 
     # ---- the query -----------------------------------------------------------------------
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -365,8 +397,8 @@ class CensusQuery:
     def _ensure_arrays(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if self._arrays is None:
             cached = _PROCESS_CACHE.get(self._cache_key())
-            if cached is not None and cached[2] is not None:
-                self._arrays = cached[2]
+            if cached is not None and cached[1] is not None:
+                self._arrays = cached[1]
                 return self._arrays
             obs, var, genes = self._load_arrays()
             if _digest(obs) != self.obs_digest or _genes_digest(genes) != self.genes_digest:
@@ -375,9 +407,7 @@ class CensusQuery:
                     "when it was planned; the Census root changed under a pinned release"
                 )
             self._arrays = (obs, var, genes)
-            entry = _PROCESS_CACHE.get(self._cache_key())
-            handles = entry[1] if entry is not None and entry[0] == os.getpid() else None
-            _remember(self._cache_key(), handles, self._arrays)
+            _remember(self._cache_key(), None, self._arrays)
         return self._arrays
 
     @property
@@ -403,7 +433,9 @@ class CensusQuery:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("_pid", None)  # pickled by an earlier version
         self.__dict__.update(state)
+        self._handles = None
 
     # ---- reads ---------------------------------------------------------------------------
     def read(self, joinids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -455,6 +487,35 @@ class CensusQuery:
         data = np.concatenate(data_parts) if data_parts else np.zeros(0, self.dtype)
         return indptr, indices, data.astype(self.dtype, copy=False)
 
+    def library_sizes(self, joinids: np.ndarray) -> np.ndarray:
+        """Each cell's total raw count over *all* genes of the experiment, whatever the var
+        filter (float64, in ``joinids`` order; ``joinids`` sorted and unique): the Census obs
+        column ``raw_sum`` when the root has it (complete for these cells), else the sums of
+        whole rows of ``X["raw"]``."""
+        joinids = np.asarray(joinids, dtype=np.int64)
+        if joinids.size == 0:
+            return np.zeros(0, dtype=np.float64)
+        exp = self.experiment()
+        if RAW_SUM in self.obs_columns_available:
+            table = exp.obs.read(coords=(joinids,), column_names=["soma_joinid", RAW_SUM]).concat()
+            ids = table.column("soma_joinid").to_numpy()
+            sums = table.column(RAW_SUM).to_numpy()
+            if ids.size == joinids.size and sums.dtype.kind in "iuf":
+                out = np.empty(joinids.size, dtype=np.float64)
+                out[np.searchsorted(joinids, ids)] = sums
+                if not np.isnan(out).any():
+                    return out
+        x = exp.ms[MEASUREMENT].X[X_LAYER]
+        out = np.zeros(joinids.size, dtype=np.float64)
+        for lo in range(0, joinids.size, _READ_CELLS):
+            part = joinids[lo : lo + _READ_CELLS]
+            for table in x.read(coords=(part,)).tables():
+                rows = table.column("soma_dim_0").to_numpy()
+                vals = table.column("soma_data").to_numpy().astype(np.float64)
+                out[lo : lo + part.size] += np.bincount(
+                    _positions(part, rows), weights=vals, minlength=part.size)
+        return out
+
     def check_obs_columns(self, columns: Sequence[str]) -> None:
         """Raise if any requested obs column is missing from the Census obs."""
         missing = [c for c in columns if c not in self.obs_columns_available]
@@ -504,26 +565,115 @@ def _positions(part: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.searchsorted(part, rows)
 
 
-#: per process: query key -> (pid, SOMA handles, (obs joinids, var joinids, genes))
-_PROCESS_CACHE: dict[tuple[Any, ...], tuple[int, Any, Any]] = {}
+class _Handles:
+    """An open Census root and its experiment, owned by the process that opened them. Copies
+    of one query in that process may share them (``users``: the live queries using them); they
+    are closed when the last user closes, or when the cache drops them and no query uses them."""
+
+    def __init__(self, root: Any, exp: Any) -> None:
+        self.root: Any = root
+        self.exp: Any = exp
+        self.pid = os.getpid()
+        self.users: weakref.WeakSet[CensusQuery] = weakref.WeakSet()
+        self.cached = False
+
+    def usable(self) -> bool:
+        return self.pid == os.getpid() and self.root is not None
+
+    def close(self) -> None:
+        if self.pid != os.getpid() or self.root is None:
+            return  # never touch a parent's handles in a forked child
+        root, self.root, self.exp = self.root, None, None
+        root.close()
+
+    def drop(self) -> None:
+        """No longer cached: close now unless a live query still uses the handles (then its
+        close() does, or they are freed with it, their context alive)."""
+        self.cached = False
+        if not self.users:
+            self.close()
+
+
+#: per process: query key -> (shared SOMA handles or None, (obs joinids, var joinids, genes))
+_PROCESS_CACHE: dict[tuple[Any, ...], tuple[_Handles | None, Any]] = {}
 _CACHE_SIZE = 4
-#: SOMA handles a forked process inherited from its parent. TileDB objects must not be
-#: used or destroyed in a forked child (that crashes), so they are kept alive, unused.
+#: per process: TileDB configuration -> the one SOMATileDBContext of this process for it
+_CONTEXTS: dict[tuple[tuple[str, str], ...], Any] = {}
+#: TileDB objects a forked child inherited from its parent (handles, contexts). They must not
+#: be used or destroyed in the child (their thread pools do not exist there: that crashes), so
+#: they are kept here, unused, for the life of the process (see _after_fork_in_child).
 _INHERITED: list[Any] = []
 
 
-def _remember(key: tuple[Any, ...], handles: Any, arrays: Any) -> None:
+def _context(tiledb_config: Mapping[str, Any] | None) -> Any:
+    """The ``SOMATileDBContext`` of this process for ``tiledb_config`` (the cellxgene_census
+    defaults plus these settings), created once and shared by every root opened here: every
+    context owns TileDB thread pools, and arrays must never outlive their context."""
+    key = tuple(sorted((str(k), str(v)) for k, v in (tiledb_config or {}).items()))
+    context = _CONTEXTS.get(key)
+    if context is None:
+        import cellxgene_census
+
+        config = dict(tiledb_config) if tiledb_config else None
+        context = cellxgene_census.get_default_soma_context(tiledb_config=config)
+        _CONTEXTS[key] = context
+    return context
+
+
+def _remember(key: tuple[Any, ...], handles: _Handles | None, arrays: Any) -> None:
     old = _PROCESS_CACHE.pop(key, None)
-    if old is not None and old[0] == os.getpid():
-        handles = handles if handles is not None else old[1]
-        arrays = arrays if arrays is not None else old[2]
-    elif old is not None:
-        _INHERITED.append(old[1])
+    if old is not None:
+        if handles is None:
+            handles = old[0]
+        elif old[0] is not None and old[0] is not handles:
+            old[0].drop()
+        arrays = arrays if arrays is not None else old[1]
+    if handles is not None and not handles.usable():
+        handles = None
     while len(_PROCESS_CACHE) >= _CACHE_SIZE:
-        evicted = _PROCESS_CACHE.pop(next(iter(_PROCESS_CACHE)))
-        if evicted[0] != os.getpid():
-            _INHERITED.append(evicted[1])
-    _PROCESS_CACHE[key] = (os.getpid(), handles, arrays)
+        evicted = _PROCESS_CACHE.pop(next(iter(_PROCESS_CACHE)))[0]
+        if evicted is not None and evicted is not handles:
+            evicted.drop()
+    if handles is not None:
+        handles.cached = True
+    _PROCESS_CACHE[key] = (handles, arrays)
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: set the parent's cached handles and contexts aside, alive and
+    untouched, so that the child opens its own (queries holding a parent's handles notice the
+    pid on their next use)."""
+    if _PROCESS_CACHE or _CONTEXTS:
+        _INHERITED.append((dict(_PROCESS_CACHE), dict(_CONTEXTS)))
+        _PROCESS_CACHE.clear()
+        _CONTEXTS.clear()
+
+
+def _pin(obj: Any) -> None:
+    """One extra reference to ``obj`` that is never released: not even the interpreter
+    shutdown of a forked child that exits normally frees what ``_INHERITED`` holds."""
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    except Exception:  # pragma: no cover - not CPython
+        pass
+
+
+def _close_cache_at_exit() -> None:
+    """Close this process's cached handles before interpreter shutdown tears modules down in
+    an arbitrary order (forked children leave with ``os._exit`` and never get here)."""
+    entries = list(_PROCESS_CACHE.values())
+    _PROCESS_CACHE.clear()
+    for handles, _ in entries:
+        if handles is not None:
+            handles.drop()
+
+
+_pin(_INHERITED)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_cache_at_exit)
 
 
 def _summary(root: Any) -> dict[str, str]:
