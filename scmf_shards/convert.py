@@ -200,6 +200,8 @@ def run_scatter(task: ScatterTask) -> int:
     aligned, library_size = align_rows_with_totals(
         raw, alignment, dtype=task.dtype if task.transform is None else None, row_order=order,
         reuse=True)  # scratch buffers: written out below, before this task returns
+    if rows.library_size is not None:  # the source knows totals over genes it did not return
+        library_size = np.asarray(rows.library_size, dtype=np.float64)[order]
     extra_stats: dict[str, np.ndarray] = {}
     if task.transform is not None:  # HVG restriction, baked normalisation, size factors
         where = f"{src.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"

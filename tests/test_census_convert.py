@@ -363,3 +363,26 @@ def test_cli_preprocessing_options_match_the_h5ad_path(census_root: CensusRoot, 
     for cell, (idx, val, _) in a.items():
         np.testing.assert_array_equal(idx, b[cell][0])
         np.testing.assert_array_equal(val, b[cell][1])
+
+
+def test_var_filter_conversion_keeps_library_size_over_all_genes(census_root: CensusRoot, tmp_path: Path) -> None:
+    """``scmf-convert census --var-filter``: values only for the selected genes, but each
+    cell's library_size is its total over all Census genes (as normalize_total on the source)."""
+    import anndata as ad
+
+    from scmf_shards.sources.census import convert_census
+
+    keep = list(census_root.adata.var_names[:20])
+    m = convert_census(tmp_path / "ds", uri=census_root.uri, obs_filter=FILTER,
+                       var_filter=f"feature_id in {keep}", **OPTS)
+    full = np.asarray(census_root.adata.X.sum(axis=1)).ravel()
+    part = np.asarray(census_root.adata[:, keep].X.sum(axis=1)).ravel()
+    seen = 0
+    for shard in sorted((tmp_path / "ds" / "shards").glob("*.zarr")):
+        a = ad.read_zarr(shard)
+        ids = np.array([int(c) for c in a.obs_names])
+        np.testing.assert_allclose(a.obs["library_size"].to_numpy(), full[ids], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a.X.sum(axis=1)).ravel(), part[ids], rtol=1e-6)
+        assert (full[ids] > part[ids]).any()
+        seen += a.n_obs
+    assert seen == m.n_cells > 0

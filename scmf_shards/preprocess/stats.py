@@ -267,6 +267,8 @@ def _read(task: StatsTask) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np
         check_counts(data, _where(task))
     a, library_size = align_rows_with_totals(
         raw, GeneAlignment(task.alignment.keep_columns, task.alignment.vocab_ids, task.source.n_genes))
+    if rows.library_size is not None:  # totals over genes the source did not return
+        library_size = np.asarray(rows.library_size, dtype=np.float64)
     aligned = sp.csr_matrix((a.data, a.indices, a.indptr), shape=(a.shape[0], task.n_genes))
     if task.batch_column:
         lookup = {c: i for i, c in enumerate(task.batch_categories)}

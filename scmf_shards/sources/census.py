@@ -120,7 +120,11 @@ class CensusSource:
         matrix = sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
         cell_ids = np.array([str(j) for j in joinids.tolist()], dtype=object)
         obs = self.query.read_obs(joinids, list(obs_columns))
-        return RowChunk(start=start, stop=stop, matrix=matrix, cell_ids=cell_ids, obs=obs)
+        # with a var filter the matrix holds some genes only: the library size is still the
+        # cell's total over all genes of the experiment (raw_sum, else whole rows)
+        totals = self.query.library_sizes(joinids) if self.query.spec.var_filter else None
+        return RowChunk(start=start, stop=stop, matrix=matrix, cell_ids=cell_ids, obs=obs,
+                        library_size=totals)
 
     def fingerprint(self) -> dict[str, object]:
         """What identifies the cells read (hashed into ``dataset_id``): concrete release,

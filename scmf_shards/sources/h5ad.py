@@ -104,6 +104,8 @@ class RowChunk:
     matrix: sp.csr_matrix
     cell_ids: np.ndarray
     obs: dict[str, np.ndarray]
+    library_size: np.ndarray | None = None  # totals over all genes of the source, when
+    #                                          ``matrix`` holds only some of them (float64)
 
 
 class H5adSource:
