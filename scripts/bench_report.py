@@ -258,7 +258,9 @@ def write(R: dict[str, Any], docs: Path) -> None:
             wall = bl.get("cells_per_s_wall_time", bl.get("cells_per_s", {}))
             cpu = bl.get("cells_per_s_cpu_time", {})
             lines += [f"| {k} | {_k(val)} | {_k(cpu[k]) if k in cpu else ''} |" for k, val in wall.items()]
-            lines += [f"| {k} (RssAnon {val['rss_anon_mb']:.0f} MB) | {_k(val['cells_per_s'])} | |"
+            lines += [f"| {k} (RssAnon {val['rss_anon_mb']:.0f} MB"
+                      + (f", Pss_Anon {val['pss_anon_mb']:.0f} MB" if val.get("pss_anon_mb") else "")
+                      + f") | {_k(val['cells_per_s'])} | |"
                       for k, val in bl.get("workers", {}).items()]
             rw = bl.get("ratios_wall_time", bl.get("ratios", {}))
             rc = bl.get("ratios_cpu_time", {})
