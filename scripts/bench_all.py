@@ -430,12 +430,18 @@ def main() -> None:
     ap.add_argument("--peers-python", default="/work/peers-venv/bin/python")
     ap.add_argument("--skip", default="", help="comma list of: conversion,profile,loader,peers,scdl")
     ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--merge", action="store_true",
+                    help="start from OUT/results.json and redo only the phases not skipped")
     a = ap.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, a.skip.split(",")))
     peers_py = a.peers_python if Path(a.peers_python).exists() else None
     R: dict[str, Any] = {"machine": machine(), "versions": versions(peers_py), "runs": a.runs}
+    if a.merge and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        R = {**old, "merged_phases_rerun": sorted({"conversion", "profile", "loader", "peers"} - skip),
+             "machine_rerun": R["machine"]}
     print("machine:", R["machine"], flush=True)
 
     if a.input:
@@ -452,8 +458,9 @@ def main() -> None:
     R["data"] = {"files": {str(n): str(p) for n, p in files.items()}, "nnz_per_cell": _nnz(big) / big_n,
                  "bytes_per_cell": big.stat().st_size / big_n}
 
-    print("primitives ...", flush=True)
-    R["primitives_GBps"] = primitives(out)
+    if not (a.merge and "conversion" in skip and "primitives_GBps" in R):
+        print("primitives ...", flush=True)
+        R["primitives_GBps"] = primitives(out)
     def save() -> None:
         (out / "results.json").write_text(json.dumps(R, indent=1, default=str))
 

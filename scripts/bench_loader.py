@@ -266,11 +266,14 @@ def main(argv: list[str] | None = None) -> int:
 
     contiguous = CellDataLoader(ds, batch_size=BATCH, num_workers=0, drop_last=False)
     epoch_ranges = []  # the (shard map, first, last value) of every batch of its epoch, in its order
-    for b in contiguous:
-        first = int(b.cell_ids[0])
-        s = int(np.searchsorted(ds.shard_offsets, first, side="right") - 1)
-        lo = first - int(ds.shard_offsets[s])
-        epoch_ranges.append((maps[s], int(maps[s].indptr[lo]), int(maps[s].indptr[lo + len(b.cell_ids)])))
+    for b in contiguous:  # a batch is one contiguous range, except the tails that span shards
+        ids = b.cell_ids.numpy()
+        shards = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
+        cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
+        for first, last in zip(np.r_[0, cut].tolist(), np.r_[cut, len(ids)].tolist(), strict=True):
+            s = int(shards[first])
+            m, lo = maps[s], int(ids[first] - ds.shard_offsets[s])
+            epoch_ranges.append((m, int(m.indptr[lo]), int(m.indptr[lo + last - first])))
 
     def raw_numpy_read_loader_order() -> None:
         """An epoch of the loader's reads (its batches' byte ranges, in its block-shuffled

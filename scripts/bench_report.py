@@ -207,6 +207,10 @@ def write(R: dict[str, Any], docs: Path) -> None:
         "per cell in the `.h5ad` (contiguous CSR, float32 values, int32 indices, int64 indptr), obs "
         "`cell_type`/`batch`/`donor`",
         "",
+        *([f"- re-run with `--merge`: the {', '.join(R['merged_phases_rerun'])} phase(s) were measured again on "
+           f"{R['machine_rerun']['date']} (load average at start "
+           f"{tuple(round(x, 1) for x in R['machine_rerun']['loadavg_start'])}); every other number is from the run above", ""]
+          if R.get("merged_phases_rerun") else []),
         "Machine limits in the same run (GB/s, one core): " + ", ".join(
             f"{k} {val:.2f}" for k, val in R.get("primitives_GBps", {}).items()),
         "",
