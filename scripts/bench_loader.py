@@ -265,15 +265,21 @@ def main(argv: list[str] | None = None) -> int:
             np.copyto(ibuf[: hi - lo], m.indices[lo:hi])
 
     contiguous = CellDataLoader(ds, batch_size=BATCH, num_workers=0, drop_last=False)
-    epoch_ranges = []  # the (shard map, first, last value) of every batch of its epoch, in its order
-    for b in contiguous:  # a batch is one contiguous range, except the tails that span shards
-        ids = b.cell_ids.numpy()
-        shards = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
-        cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
-        for first, last in zip(np.r_[0, cut].tolist(), np.r_[cut, len(ids)].tolist(), strict=True):
-            s = int(shards[first])
-            m, lo = maps[s], int(ids[first] - ds.shard_offsets[s])
-            epoch_ranges.append((m, int(m.indptr[lo]), int(m.indptr[lo + last - first])))
+    def byte_ranges(batches: Any) -> list[tuple[Any, int, int]]:
+        """(shard map, first, last value) of every contiguous run of cells of ``batches``
+        (arrays of global row ids), in order: what a loader reading them touches."""
+        out = []
+        for ids in batches:
+            shards = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
+            cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
+            for first, last in zip(np.r_[0, cut].tolist(), np.r_[cut, len(ids)].tolist(), strict=True):
+                s = int(shards[first])
+                m, lo = maps[s], int(ids[first] - ds.shard_offsets[s])
+                out.append((m, int(m.indptr[lo]), int(m.indptr[lo + last - first])))
+        return out
+
+    # one epoch of the contiguous loader (a batch is one range, except tails spanning shards)
+    epoch_ranges = byte_ranges(b.cell_ids.numpy() for b in contiguous)
 
     def raw_numpy_read_loader_order() -> None:
         """An epoch of the loader's reads (its batches' byte ranges, in its block-shuffled
@@ -291,14 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             touch(b.values.numpy(), b.indices.numpy())
 
     mixed = CellDataLoader(ds, batch_size=BATCH, block_size=32, num_workers=0, drop_last=False)
-    runs = []  # the byte ranges of the mixed loader's next epoch, for np.copyto
-    for ids in BlockShuffleSampler(ds, BATCH, block_size=32, drop_last=False).batches(0):
-        shards = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
-        cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
-        for first, last in zip(np.r_[0, cut].tolist(), np.r_[cut, len(ids)].tolist(), strict=True):
-            s = int(shards[first])
-            m, lo = maps[s], int(ids[first] - ds.shard_offsets[s])
-            runs.append((m, int(m.indptr[lo]), int(m.indptr[lo + last - first])))
+    # the byte ranges of the mixed loader's epoch, for np.copyto
+    runs = byte_ranges(BlockShuffleSampler(ds, BATCH, block_size=32, drop_last=False).batches(0))
 
     def np_copyto_mixed_ranges() -> None:
         pos = 0
