@@ -55,6 +55,7 @@ from scmf_loader.vocab import GeneVocab, normalize_gene_id
 from scmf_shards import faults
 from scmf_shards.align import (
     GeneAlignment,
+    StoredAlignment,
     align_rows_with_totals,
     build_alignment,
     store_alignment,
@@ -77,19 +78,13 @@ from scmf_shards.scratch import release_all as scratch_release_all
 from scmf_shards.scratch import scratch
 from scmf_shards.sources.h5ad import H5adSource
 from scmf_shards.values import check_values
-from scmf_shards.write import write_shard
+from scmf_shards.write import attempt_name, write_shard
 
 __all__ = ["convert_h5ad", "convert_sources", "resolve_vocab"]
 
 TMP_DIR = ".scmf-tmp"
 LOCK_NAME = ".scmf-lock"
 CELL_STATS = ("library_size",)
-def _attempt_name(path: Path) -> Path:
-    """A temporary sibling of ``path`` unique to this attempt: a task of a killed driver that
-    still runs on a remote worker never writes into the temporary files of its re-run."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-
-
 def _created_by() -> str:
     try:
         return f"scmodelforge-data {version('scmodelforge-data')}"
@@ -126,7 +121,7 @@ class ScatterTask:
     chunk: ReadChunk
     source: Any  # a picklable reader with .path, .n_genes and .read_rows (e.g. H5adSource)
     matrix: str
-    alignment: Any  # GeneAlignment or StoredAlignment (keep_columns, vocab_ids)
+    alignment: StoredAlignment  # a reference: the arrays are loaded where the task runs
     obs_columns: tuple[str, ...]
     categories: Mapping[str, Sequence[str]]
     counts: np.ndarray
@@ -145,6 +140,7 @@ class GatherTask:
     shard: int
     out_dir: str
     tmp_dir: str
+    bucket_root: str  # where the buckets live (TMP_DIR/buckets, or in --scratch-dir)
     vocab_sha256: str
     n_genes: int
     obs_columns: tuple[str, ...]
@@ -153,7 +149,6 @@ class GatherTask:
     shuffle: bool
     dtype: str
     cell_stats: tuple[str, ...] = CELL_STATS
-    bucket_root: str = ""  # where the buckets live (default: TMP_DIR/buckets)
 
 
 def _bucket_path(bucket_root: str, chunk: int) -> Path:
@@ -180,11 +175,6 @@ def _codes(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
     return codes.astype(np.int32)
 
 
-def _check_values(data: np.ndarray, task: ScatterTask) -> None:
-    where = f"{task.source.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"
-    check_values(data, task.dtype, where, allow_negative=task.allow_negative)
-
-
 def run_scatter(task: ScatterTask) -> int:
     """Scatter task: read, validate and align one chunk; write it grouped by shard."""
     out = Path(task.bucket_dir)
@@ -193,8 +183,9 @@ def run_scatter(task: ScatterTask) -> int:
     src = task.source
     rows = src.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns, reuse=True)
     raw = rows.matrix
-    _check_values(raw.data, task)
-    alignment = GeneAlignment(task.alignment.keep_columns, task.alignment.vocab_ids, src.n_genes)
+    where = f"{src.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"
+    check_values(raw.data, task.dtype, where, allow_negative=task.allow_negative)
+    alignment = task.alignment.load()
     dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
     order = np.argsort(dest, kind="stable")  # rows grouped by destination shard
     aligned, library_size = align_rows_with_totals(
@@ -204,14 +195,13 @@ def run_scatter(task: ScatterTask) -> int:
         library_size = np.asarray(rows.library_size, dtype=np.float64)[order]
     extra_stats: dict[str, np.ndarray] = {}
     if task.transform is not None:  # HVG restriction, baked normalisation, size factors
-        where = f"{src.path}: rows [{task.chunk.start}, {task.chunk.stop}) of '{task.matrix}'"
         aligned, extra_stats = task.transform.apply(raw, aligned, library_size, where, order=order)
     offsets = np.concatenate([[0], np.cumsum(task.counts)]).astype(np.int64)
     if task.obs_columns:
         codes = np.stack([_codes(rows.obs[c], task.categories[c])[order] for c in task.obs_columns], axis=1)
     else:
         codes = np.zeros((len(order), 0), dtype=np.int32)
-    tmp = _attempt_name(out)
+    tmp = attempt_name(out)
     tmp.mkdir(parents=True)
     np.save(tmp / "data.npy", aligned.data.astype(task.dtype, copy=False))
     faults.fault_point("scatter:partial")
@@ -242,9 +232,9 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     record = Path(task.tmp_dir) / "shards" / f"{task.shard:06d}.json"
     final = out_dir / relpath
     if record.is_file() and final.is_dir():
-        entry = _shard_entry_from_dict(json.loads(record.read_text()))
+        entry = ShardEntry.from_dict(json.loads(record.read_text()), task.shard)
         if _shard_verifies(out_dir, entry):
-            return asdict_entry(entry)
+            return entry.to_dict()
     pieces = []  # (bucket dir, unused, row starts, row stops in its files, cells, lib, codes, source)
     extra_parts: dict[str, list[np.ndarray]] = {k: [] for k in task.cell_stats if k != "library_size"}
     chunks, chunk_sources = _shard_chunks(task.tmp_dir, task.shard)
@@ -319,8 +309,8 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
             k: np.concatenate(v)[perm] if v else np.zeros(0) for k, v in extra_parts.items()}},
     )
     faults.fault_point("gather:shard")
-    d = asdict_entry(entry)
-    tmp_record = _attempt_name(record)
+    d = entry.to_dict()
+    tmp_record = attempt_name(record)
     tmp_record.write_text(json.dumps(d))
     faults.fault_point("gather:record-tmp")
     os.replace(tmp_record, record)
@@ -367,15 +357,6 @@ def _vocab_tokens(tmp_dir: str, vocab_sha256: str) -> tuple[str, ...]:
     if vocab.sha256() != vocab_sha256:
         raise ScmfError(f"{tmp_dir}/{VOCAB_NAME}: vocabulary changed during the conversion")
     return tuple(vocab.tokens)
-
-
-def asdict_entry(entry: ShardEntry) -> dict[str, Any]:
-    """A shard entry as a JSON-ready dict."""
-    return entry.to_dict()
-
-
-def _shard_entry_from_dict(d: Mapping[str, Any]) -> ShardEntry:
-    return ShardEntry.from_dict(d, 0)
 
 
 def _shard_verifies(out_dir: Path, entry: ShardEntry) -> bool:
@@ -635,7 +616,7 @@ def _run(
     ]
     shard_dicts = runner.map(run_gather, gather, desc="write shards")
     scratch_release_all()  # in-process runs: the driver's thread ran the tasks
-    shards = [_shard_entry_from_dict(d) for d in shard_dicts]
+    shards = [ShardEntry.from_dict(d, i) for i, d in enumerate(shard_dicts)]
 
     vocab_path = out / VOCAB_NAME
     shutil.copyfile(tmp / VOCAB_NAME, out / (VOCAB_NAME + ".tmp"))

@@ -32,7 +32,13 @@ from scmf_loader.format import (
     shard_array_relpath,
 )
 
-__all__ = ["write_shard"]
+__all__ = ["attempt_name", "write_shard"]
+
+
+def attempt_name(path: Path) -> Path:
+    """A temporary sibling of ``path`` unique to this attempt: a task of a killed driver that
+    still runs on a remote worker never writes into the temporary files of its re-run."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def _raw_array(group: zarr.Group, root: Path, name: str, values: np.ndarray) -> None:
@@ -88,7 +94,7 @@ def write_shard(
     from anndata.experimental import write_dispatched
 
     final = Path(final_path)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    tmp = attempt_name(final)
     step = after_step or (lambda label: None)
     indices = np.ascontiguousarray(indices, dtype=INDEX_DTYPE)
     indptr = np.ascontiguousarray(indptr, dtype=INDPTR_DTYPE)
