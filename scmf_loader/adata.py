@@ -59,7 +59,7 @@ class _Input:
     def __init__(self, name: str, adata: Any, vocab: GeneVocab, gene_column: str) -> None:
         import scipy.sparse as sp
 
-        from scmf_shards.align import build_alignment
+        from scmf_loader.align import build_alignment
 
         genes = adata.var_names if gene_column == "var_names" else adata.var[gene_column]
         self.alignment = build_alignment([str(g) for g in genes], vocab, name)

@@ -1,10 +1,12 @@
-"""Gene alignment: map a source's gene columns onto vocabulary ids (pure functions)."""
+"""Converter-side gene alignment: stored alignments for tasks and the compiled row pass.
+
+The gene -> token alignment itself (:class:`GeneAlignment`, :func:`build_alignment`) lives in
+:mod:`scmf_loader.align`; it is re-exported here for the converter's modules."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -12,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from scmf_loader.errors import InvalidInputError, ScmfError, VocabularyError
-from scmf_loader.vocab import UNK_ID, GeneVocab
+from scmf_loader.align import GeneAlignment, build_alignment, column_map
+from scmf_loader.errors import ScmfError
 
 __all__ = [
     "GeneAlignment",
@@ -21,36 +23,9 @@ __all__ = [
     "align_rows",
     "align_rows_with_totals",
     "build_alignment",
+    "column_map",
     "store_alignment",
 ]
-
-
-@dataclass(frozen=True)
-class GeneAlignment:
-    """How one source's columns map onto a vocabulary.
-
-    ``keep_columns``: source column numbers kept, ordered by their vocabulary id;
-    ``vocab_ids``: the vocabulary id of each kept column (strictly increasing, int32).
-    """
-
-    keep_columns: np.ndarray
-    vocab_ids: np.ndarray
-    n_source_genes: int
-
-    @property
-    def n_matched(self) -> int:
-        """Number of source genes found in the vocabulary."""
-        return int(self.keep_columns.size)
-
-    @property
-    def n_dropped(self) -> int:
-        """Number of source genes outside the vocabulary (dropped)."""
-        return self.n_source_genes - self.n_matched
-
-    @property
-    def is_identity_order(self) -> bool:
-        """True when kept columns already appear in vocabulary order (no re-sort needed)."""
-        return bool(np.all(np.diff(self.keep_columns) > 0))
 
 
 @dataclass(frozen=True)
@@ -99,42 +74,6 @@ def _load_alignment(path: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
     if hashlib.sha256(keep.tobytes() + b"|" + ids.tobytes()).hexdigest() != sha256:
         raise ScmfError(f"{path}: gene alignment changed during the conversion")
     return keep, ids
-
-
-def build_alignment(genes: Sequence[str], vocab: GeneVocab, source: str) -> GeneAlignment:
-    """Align gene names to ``vocab``. Duplicate genes (after stripping Ensembl versions and
-    resolving symbol aliases) are an error; so is a source with no gene in the vocabulary."""
-    ids = vocab.encode(genes)
-    seen: dict[int, int] = {}
-    for col, gid in enumerate(ids.tolist()):
-        if gid == UNK_ID:
-            continue
-        if gid < 4:
-            raise InvalidInputError(f"{source}: gene {genes[col]!r} is a reserved special token")
-        if gid in seen:
-            raise InvalidInputError(
-                f"{source}: duplicate gene ids: columns {seen[gid]} ({genes[seen[gid]]!r}) and "
-                f"{col} ({genes[col]!r}) both map to vocabulary token {vocab.decode([gid])[0]!r}"
-            )
-        seen[gid] = col
-    if not seen:
-        raise VocabularyError(
-            f"{source}: none of its {len(genes)} genes is in the vocabulary {vocab.name!r} "
-            f"(first genes: {list(genes[:3])}); check --gene-column and --vocab"
-        )
-    order = sorted(seen)
-    return GeneAlignment(
-        keep_columns=np.fromiter((seen[g] for g in order), dtype=np.int64, count=len(order)),
-        vocab_ids=np.asarray(order, dtype=np.int32),
-        n_source_genes=len(genes),
-    )
-
-
-def column_map(alignment: GeneAlignment) -> np.ndarray:
-    """Source column -> vocabulary id (int32), ``-1`` for columns outside the vocabulary."""
-    cmap = np.full(alignment.n_source_genes, -1, dtype=np.int32)
-    cmap[alignment.keep_columns] = alignment.vocab_ids
-    return cmap
 
 
 def align_rows(matrix: sp.csr_matrix, alignment: GeneAlignment) -> sp.csr_matrix:
