@@ -157,12 +157,18 @@ class DatasetStore:
                 continue
             f = self.shard_dir(shard) / a.path
             try:
-                mm = np.memmap(f, dtype=dtypes[name], mode="r", shape=(a.nbytes // np.dtype(dtypes[name]).itemsize,))
+                # copy-on-write (MAP_PRIVATE): reads stay zero copy, and an in-place write
+                # through a torch view (torch ignores numpy's read-only flag) copies only the
+                # touched pages of this process instead of crashing on a read-only map; the
+                # file never changes. numpy views stay read-only.
+                mm = np.memmap(f, dtype=dtypes[name], mode="c", shape=(a.nbytes // np.dtype(dtypes[name]).itemsize,))
             except FileNotFoundError:
                 raise ShardNotFoundError(f"{f}: shard array file is missing (listed in the manifest)") from None
             except ValueError as exc:  # file shorter than the requested shape
                 raise ShardSizeError(f"{f}: shorter than the {a.nbytes} bytes the manifest says ({exc})") from None
-            arrays[name] = mm.view(np.ndarray)  # plain ndarray: slicing is ~20x cheaper
+            view = mm.view(np.ndarray)  # plain ndarray: slicing is ~20x cheaper
+            view.flags.writeable = False
+            arrays[name] = view
         maps = ShardArrays(indptr=arrays["indptr"], indices=arrays["indices"], data=arrays["data"])
         if maps.indptr.size and (maps.indptr[0] != 0 or maps.indptr[-1] != entry.nnz):
             raise ChecksumMismatchError(

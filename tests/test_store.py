@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -175,3 +176,25 @@ def test_corrupt_bytes_caught_by_verify_only(copy: Path) -> None:
 
 def test_verify_passes_on_intact_dataset(loader_dataset: Path) -> None:
     open_dataset(loader_dataset, verify=True)
+
+
+def test_in_place_write_on_a_mapped_array_leaves_the_file_unchanged(copy: Path) -> None:
+    """The maps are copy-on-write: a torch in-place op on a zero-copy view (torch ignores
+    numpy's read-only flag) must neither crash nor change the shard file."""
+    import torch
+
+    store = open_dataset(copy)
+    f = store.shard_dir(0) / store.manifest.shards[0].arrays["data"].path
+    before = f.read_bytes()
+    arrays = store.csr(0)
+    assert not arrays.data.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "array is not writable"
+        t = torch.from_numpy(arrays.data[:50])
+    t.log1p_()
+    t.fill_(12345)
+    assert float(arrays.data[0]) == 12345  # the write went to this process's private pages
+    assert f.read_bytes() == before
+    assert sha256_file(f) == store.manifest.shards[0].arrays["data"].sha256
+    fresh = open_dataset(copy).csr(0)
+    np.testing.assert_array_equal(fresh.data, np.frombuffer(before, dtype=fresh.data.dtype))
