@@ -202,7 +202,7 @@ def test_out_of_core_scran_recovers_size_factors_as_well_as_in_memory_scran(tmp_
     """Size factors computed chunk by chunk at conversion (pre-clustering and pooling per
     chunk, rescaled across chunks) vs scran on the whole matrix in memory, both against the
     simulation's true cell sizes (three groups with different expressed genes)."""
-    from scmf_shards.preprocess.scran import scran_size_factors
+    from scmf_loader.preprocess.scran import scran_size_factors
 
     n_cells, n_genes = 2000, 1000
     x, true = simulate_sized_counts(n_cells, n_genes, 11, shape=4.0, dtype="float32")

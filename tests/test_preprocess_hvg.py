@@ -9,7 +9,7 @@ import scipy.sparse as sp
 from preprocess_helpers import ad, assert_close, counts, scanpy_hvg, scanpy_normalize
 
 from scmf_loader.errors import ScmfError
-from scmf_shards.preprocess.hvg import MomentStats, highly_variable_genes
+from scmf_loader.preprocess.hvg import MomentStats, highly_variable_genes
 
 FLAVORS = ["seurat", "cell_ranger", "seurat_v3"]
 

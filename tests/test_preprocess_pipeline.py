@@ -13,7 +13,7 @@ from preprocess_helpers import ad, counts, scanpy_hvg, scanpy_normalize
 from scmf_loader.batch import CSRBatch
 from scmf_loader.errors import ConfigurationError, InvalidInputError, ScmfError
 from scmf_loader.preprocess import PreprocessingPipeline, cell_divisors, transform_values
-from scmf_shards.preprocess.scran import scran_size_factors
+from scmf_loader.preprocess.scran import scran_size_factors
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_apply_batch_equals_dense_call(x: np.ndarray, normalize: str | None) -> 
 def test_torch_path_matches_numpy_within_an_ulp(x: np.ndarray) -> None:
     import scipy.sparse as sp
 
-    from scmf_loader.preprocess import _torch_transform
+    from scmf_loader.preprocess.transform import torch_transform as _torch_transform
 
     m = sp.csr_matrix(x)
     div = cell_divisors(x.sum(axis=1, dtype=np.float64), normalize="library_size", target_sum=1e4, dtype=np.float32)

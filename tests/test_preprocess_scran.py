@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 from preprocess_helpers import simulate_sized_counts
 
-from scmf_shards.preprocess.scran import (
+from scmf_loader.preprocess.scran import (
     LOWWEIGHT,
     _solve_ring,
     chunk_size_factors,

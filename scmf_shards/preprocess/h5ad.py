@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from scmf_loader.errors import DatasetExistsError, InvalidInputError
-from scmf_loader.preprocess import PreprocessingPipeline
+from scmf_loader.preprocess.pipeline import PreprocessingPipeline
 from scmf_shards.align import GeneAlignment, align_rows
 from scmf_shards.executor import TaskRunner
 from scmf_shards.plan import plan_chunks

@@ -5,7 +5,7 @@ up to three extra stages of independent tasks, one task per read chunk, through 
 :class:`~scmf_shards.executor.TaskRunner`:
 
 1. ``scran`` (``normalize: scran``): per chunk, quick clusters and within-cluster pooled
-   size factors (:func:`~scmf_shards.preprocess.scran.chunk_size_factors`); a cheap second
+   size factors (:func:`~scmf_loader.preprocess.scran.chunk_size_factors`); a cheap second
    stage rescales every cluster against the reference cluster of the whole dataset, and the
    driver centres the factors to mean one over all cells;
 2. ``moments`` (HVG selection): per chunk and batch, per-gene sums of the flavor's
@@ -31,23 +31,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from scmf_loader.errors import ConfigurationError, InvalidInputError, ScmfError
-from scmf_loader.preprocess import (
-    PreprocessingPipeline,
-    cell_divisors,
-    check_counts,
-    compute_dtype,
-    transform_values,
-)
-from scmf_shards import faults
-from scmf_shards.align import GeneAlignment, align_rows_with_totals
-from scmf_shards.preprocess.hvg import (
+from scmf_loader.preprocess.hvg import (
     MomentStats,
     hvg_values,
     select_dispersion,
     select_seurat_v3,
     seurat_v3_fit,
 )
-from scmf_shards.preprocess.scran import (
+from scmf_loader.preprocess.pipeline import PreprocessingPipeline
+from scmf_loader.preprocess.schema import CONFIG_KEYS, PREPROCESSING_ALIASES
+from scmf_loader.preprocess.scran import (
     DEFAULT_MAX_CLUSTER_SIZE,
     DEFAULT_MIN_CLUSTER_SIZE,
     DEFAULT_MIN_MEAN,
@@ -56,6 +49,14 @@ from scmf_shards.preprocess.scran import (
     chunk_size_factors,
     rescale_factors,
 )
+from scmf_loader.preprocess.transform import (
+    cell_divisors,
+    check_counts,
+    compute_dtype,
+    transform_values,
+)
+from scmf_shards import faults
+from scmf_shards.align import GeneAlignment, align_rows_with_totals
 from scmf_shards.values import check_values
 
 __all__ = [
@@ -71,11 +72,9 @@ __all__ = [
     "run_stats",
 ]
 
-#: keys of the ``preprocessing:`` config section (and ConvertOptions.preprocessing)
-PREPROCESSING_KEYS = ("normalize", "target_sum", "log1p", "hvg_selection", "hvg_flavor",
-                      "hvg_batch_key", "assume_normalized", "bake")
-PREPROCESSING_ALIASES = {"hvg": "hvg_selection", "n_top_genes": "hvg_selection", "flavor": "hvg_flavor",
-            "batch_key": "hvg_batch_key"}
+#: keys of the ``preprocessing:`` config section (and ConvertOptions.preprocessing); the
+#: one list lives in :mod:`scmf_loader.preprocess.schema`
+PREPROCESSING_KEYS = CONFIG_KEYS
 DEFAULT_BAKE = False
 _FLOAT_DTYPES = ("float32", "float64")
 

@@ -1,6 +1,7 @@
 """``PreprocessingPipeline``: normalisation, ``log1p`` and a highly-variable-gene subset.
 
-The same arithmetic runs in three places and gives the same numbers in each:
+The same arithmetic (:mod:`scmf_loader.preprocess.transform`) runs in three places and gives
+the same numbers in each:
 
 * in memory, on a dense cells × genes array (:meth:`PreprocessingPipeline.__call__`), the
   seed's interface; numerically what ``scanpy.pp.normalize_total`` + ``scanpy.pp.log1p``
@@ -10,142 +11,42 @@ The same arithmetic runs in three places and gives the same numbers in each:
   when it is not baked, from the per-cell ``library_size`` / ``size_factor`` stored with the
   cells.
 
-Arithmetic (that of scanpy): values are computed in float64 when the input is float64 and in
-float32 otherwise; a cell's divisor is ``float32(library_size) / float32(target_sum)`` (or its
-scran size factor), a divisor of zero becomes one (an empty cell stays zero), then
-``values / divisor`` and ``numpy.log1p``. On CPU tensors the numpy kernels run on the same
-memory (zero copy), so baked and on-the-fly batches are bit-identical; on other devices the
-same operations run in torch (equal to within one float32 ulp).
-
-Fitting what needs the whole dataset (HVG statistics, scran size factors) lives in
-:mod:`scmf_shards.preprocess`; this module imports numpy and torch only.
+On CPU tensors the numpy kernels run on the same memory (zero copy), so baked and on-the-fly
+batches are bit-identical; on other devices the same operations run in torch (equal to within
+one float32 ulp). Fitting in memory (:meth:`PreprocessingPipeline.fit`) uses
+:mod:`scmf_loader.preprocess.hvg` and :mod:`scmf_loader.preprocess.scran`; the converter's
+out-of-core fitting passes feed the same selection functions.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # torch is imported only when a tensor is actually processed, so the
-    import torch  # converter's workers (which import this module) never load it.
-
 from scmf_loader.errors import ConfigurationError, InvalidInputError
+from scmf_loader.preprocess.hvg import highly_variable_genes
+from scmf_loader.preprocess.schema import (
+    CELL_STAT_OF,
+    HVG_FLAVORS,
+    INFO_KEYS,
+    NORMALIZE_METHODS,
+    PIPELINE_KEYS,
+)
+from scmf_loader.preprocess.scran import scran_size_factors
+from scmf_loader.preprocess.transform import (
+    cell_divisors,
+    check_counts,
+    compute_dtype,
+    is_tensor,
+    torch_transform,
+    transform_values,
+)
 
-__all__ = [
-    "CELL_STAT_OF",
-    "HVG_FLAVORS",
-    "NORMALIZE_METHODS",
-    "PreprocessingPipeline",
-    "cell_divisors",
-    "check_counts",
-    "compute_dtype",
-    "transform_values",
-]
-
-NORMALIZE_METHODS = ("library_size", "scran")
-HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
-#: per-cell statistic (an obs column of the shards) that each normalisation divides by
-CELL_STAT_OF = {"library_size": "library_size", "scran": "size_factor"}
-#: keys of a pipeline's dict form; extra keys the manifest adds (read and ignored here)
-_KEYS = ("normalize", "target_sum", "log1p", "hvg_selection", "hvg_flavor", "hvg_batch_key",
-         "assume_normalized", "hvg_genes")
-_INFO_KEYS = ("baked", "bake", "cell_stat", "scran", "n_hvg_genes")
-
-
-# ---- kernels (shared by __call__, the converter and apply_batch) ---------------------------
-def compute_dtype(dtype: Any) -> np.dtype:
-    """The dtype normalised values are computed in: float64 for float64 input, else float32
-    (scanpy converts integer counts to float32)."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def cell_divisors(
-    stat: np.ndarray, *, normalize: str, target_sum: float | None, dtype: Any
-) -> np.ndarray:
-    """Per-cell divisors in the compute dtype of ``dtype``: ``library_size / target_sum`` for
-    ``"library_size"``, the size factor itself for ``"scran"``; zeros become one."""
-    dt = compute_dtype(dtype)
-    s = np.asarray(stat, dtype=np.float64).astype(dt)
-    if normalize == "library_size":
-        s = s / dt.type(target_sum)
-    elif normalize != "scran":
-        raise ConfigurationError(f"normalize must be one of {NORMALIZE_METHODS}, got {normalize!r}")
-    return s + (s == 0)
-
-
-def transform_values(
-    values: np.ndarray, indptr: np.ndarray | None, divisors: np.ndarray | None, log1p: bool,
-    dtype: Any = None,
-) -> np.ndarray:
-    """Normalise and log-transform the non-zeros of a CSR matrix (a new array).
-
-    ``values``: the non-zeros; ``indptr``: row pointers (``len(divisors) + 1``); ``divisors``:
-    one per row from :func:`cell_divisors` (None: no normalisation). ``dtype``: the compute
-    dtype (default: that of ``divisors``, else from ``values``).
-    """
-    dt = np.dtype(dtype) if dtype is not None else (
-        divisors.dtype if divisors is not None else compute_dtype(values.dtype)
-    )
-    out = np.array(values, dtype=dt, copy=True)
-    if divisors is not None:
-        if indptr is None:
-            raise ValueError("indptr is required with divisors")
-        lengths = np.diff(np.asarray(indptr))
-        np.divide(out, np.repeat(divisors.astype(dt, copy=False), lengths), out=out)
-    if log1p:
-        np.log1p(out, out=out)
-    return out
-
-
-def check_counts(values: np.ndarray, where: str) -> None:
-    """Raise :class:`InvalidInputError` unless ``values`` are non-negative integers."""
-    v = np.asarray(values)
-    if v.size == 0:
-        return
-    if v.dtype.kind == "f":
-        if not np.isfinite(v).all():
-            raise InvalidInputError(f"{where} hold NaN or infinite values")
-        frac = v != np.floor(v)
-        if frac.any():
-            example = v[frac][0]
-            raise InvalidInputError(
-                f"{where} hold non-integer values (e.g. {float(example)!r}), which are not raw "
-                "counts; normalising them again is wrong. If the data is already normalised, "
-                "pass --assume-normalized (assume_normalized=True), or use --normalize none"
-            )
-    if v.dtype.kind in "if" and v.min() < 0:
-        raise InvalidInputError(
-            f"{where} hold negative values (min {v.min()!r}), which are not raw counts; if the "
-            "data is already normalised, pass --assume-normalized or use --normalize none"
-        )
-
-
-def _is_tensor(x: Any) -> bool:
-    """True for a torch tensor, without importing torch (if torch is not loaded, x is none)."""
-    torch_mod = sys.modules.get("torch")
-    return torch_mod is not None and isinstance(x, torch_mod.Tensor)
-
-
-def _torch_transform(
-    values: torch.Tensor, indptr: torch.Tensor, divisors: np.ndarray | None, log1p: bool,
-    dtype: np.dtype,
-) -> torch.Tensor:
-    import torch
-
-    tdtype = torch.float64 if dtype == np.float64 else torch.float32
-    out = values.to(tdtype).clone()
-    if divisors is not None:
-        lengths = (indptr[1:] - indptr[:-1]).to(values.device)
-        div = torch.as_tensor(divisors, device=values.device).to(tdtype)
-        out = out / torch.repeat_interleave(div, lengths)
-    if log1p:
-        out = torch.log1p(out)
-    return out
+__all__ = ["PreprocessingPipeline"]
 
 
 # ---- the pipeline --------------------------------------------------------------------------
@@ -270,10 +171,10 @@ class PreprocessingPipeline:
         (informational keys such as ``baked`` are ignored; unknown keys are an error)."""
         if not isinstance(d, Mapping):
             raise ConfigurationError(f"preprocessing must be a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(_KEYS) - set(_INFO_KEYS))
+        unknown = sorted(set(d) - set(PIPELINE_KEYS) - set(INFO_KEYS))
         if unknown:
-            raise ConfigurationError(f"unknown preprocessing key(s) {unknown}; known: {list(_KEYS)}")
-        return cls(**{k: d[k] for k in _KEYS if k in d})
+            raise ConfigurationError(f"unknown preprocessing key(s) {unknown}; known: {list(PIPELINE_KEYS)}")
+        return cls(**{k: d[k] for k in PIPELINE_KEYS if k in d})
 
     @classmethod
     def for_loader(cls, preprocessing: Mapping[str, Any]) -> PreprocessingPipeline | None:
@@ -324,8 +225,6 @@ class PreprocessingPipeline:
             elif size_factors is not None:
                 stat = np.asarray(size_factors, dtype=np.float64)
             else:
-                from scmf_shards.preprocess.scran import scran_size_factors
-
                 stat = scran_size_factors(x)
             div = cell_divisors(stat, normalize=self.normalize, target_sum=self.target_sum, dtype=dt)
             np.divide(out, div[:, None], out=out)
@@ -355,8 +254,6 @@ class PreprocessingPipeline:
         return self
 
     def _select(self, processed: np.ndarray, names: np.ndarray, batch_labels: Any) -> np.ndarray:
-        from scmf_shards.preprocess.hvg import highly_variable_genes
-
         result = highly_variable_genes(
             processed, n_top_genes=int(self.hvg_selection or 0), flavor=self.hvg_flavor,
             batch_labels=batch_labels, gene_names=[str(g) for g in names],
@@ -403,7 +300,7 @@ class PreprocessingPipeline:
                 f"(it has {sorted(stats)}); was the dataset converted with this normalisation?"
             )
         stat = stats[name]
-        if _is_tensor(stat):
+        if is_tensor(stat):
             stat = stat.detach().cpu().numpy()
         return cell_divisors(stat, normalize=self.normalize, target_sum=self.target_sum, dtype=dtype)
 
@@ -414,16 +311,16 @@ class PreprocessingPipeline:
         (numpy arrays or torch tensors) and ``stats`` (per-cell ``library_size`` /
         ``size_factor``). Returns a new array of the same kind (float32, or float64 for
         float64 input)."""
-        if _is_tensor(values):
+        if is_tensor(values):
             import torch
 
             dt = compute_dtype(torch.empty(0, dtype=values.dtype).numpy().dtype)
             div = self.divisors_for(stats, dt)
             if values.device.type == "cpu":
-                ip = indptr.numpy() if _is_tensor(indptr) else np.asarray(indptr)
+                ip = indptr.numpy() if is_tensor(indptr) else np.asarray(indptr)
                 return torch.from_numpy(transform_values(values.numpy(), ip, div, self.log1p, dt))
-            ip_t = indptr if _is_tensor(indptr) else torch.as_tensor(indptr)
-            return _torch_transform(values, ip_t, div, self.log1p, dt)
+            ip_t = indptr if is_tensor(indptr) else torch.as_tensor(indptr)
+            return torch_transform(values, ip_t, div, self.log1p, dt)
         v = np.asarray(values)
         dt = compute_dtype(v.dtype)
         return transform_values(v, np.asarray(indptr), self.divisors_for(stats, dt), self.log1p, dt)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from scmf_loader.errors import ConfigurationError, InvalidInputError, ScmfError
-from scmf_loader.preprocess import HVG_FLAVORS
+from scmf_loader.preprocess.schema import HVG_FLAVORS
 
 __all__ = [
     "HvgResult",
