@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from scmf_loader.store import DatasetStore, open_dataset
 
 _LAZY = {
+    "AnnDataStore": "scmf_loader.adata",
     "BatchAwareSampler": "scmf_loader.samplers",
     "BatchSampler": "scmf_loader.samplers",
     "BlockShuffleSampler": "scmf_loader.samplers",
@@ -61,6 +62,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AnnDataStore",
     "BatchAwareSampler",
     "BatchSampler",
     "BlockShuffleSampler",

@@ -1,4 +1,5 @@
-"""The quick path: AnnData objects or ``.h5ad`` files served without conversion.
+"""The quick path (:class:`AnnDataStore`): AnnData objects or ``.h5ad`` files served without
+conversion.
 
 For small data. Inputs are held in memory (``.h5ad`` files are read with
 ``anndata.read_h5ad``); each batch's rows are sliced straight from the CSR arrays with numpy
@@ -22,7 +23,7 @@ from scmf_loader.batch import gather_rows
 from scmf_loader.errors import InvalidInputError
 from scmf_loader.vocab import GeneVocab, normalize_gene_id
 
-__all__ = ["AnnDataSource"]
+__all__ = ["AnnDataSource", "AnnDataStore"]
 
 
 def _load(item: Any) -> tuple[str, Any]:
@@ -99,8 +100,9 @@ class _Input:
         return lengths, ids.astype(np.int32), values
 
 
-class AnnDataSource:
-    """AnnData inputs (objects or ``.h5ad`` paths) as the shards of a dataset.
+class AnnDataStore:
+    """AnnData inputs (objects or ``.h5ad`` paths) as the shards of a dataset: the seed's
+    lazy ``.h5ad`` store, what ``CellDataset(adata_or_h5ad_path)`` reads from.
 
     ``gene_vocab`` defaults to the union of the inputs' genes; ``obs_columns`` defaults to
     the categorical or string obs columns every input has. ``source`` (the input's name) is
@@ -177,3 +179,7 @@ class AnnDataSource:
     def cell_names(self, shard: int) -> np.ndarray:
         """The original cell ids (obs names) of input ``shard``."""
         return self._cell_names[shard]
+
+
+#: the former name of :class:`AnnDataStore` (kept while ``scmf_loader.dataset`` imports it)
+AnnDataSource = AnnDataStore
