@@ -6,8 +6,10 @@ An :class:`~torch.utils.data.IterableDataset` with the batch format of
 ids, ``values`` the raw counts of ``X["raw"]``, ``cell_ids`` the cells' Census
 ``soma_joinid``, ``obs`` int64 codes into :attr:`CensusDataset.categories`, ``stats``
 ``library_size`` = the cell's total raw count over all genes of the Census, also with a
-``var_filter``: Census obs ``raw_sum``, or whole rows summed where a root lacks it), or with ``batch_size=None`` one cell at a time
-as the seed's dict (``expression``, ``gene_indices``, ``n_genes``, ``metadata``).
+``var_filter``: Census obs ``raw_sum``, or whole rows summed where a root lacks it), or with
+``batch_size=None`` one cell at a time as the seed's dict (``expression``, ``gene_indices``,
+``n_genes``, ``metadata``). Genes are aligned to the vocabulary by
+:func:`scmf_loader.align.build_alignment`, the same alignment as the converter's.
 
 Which cells form each batch follows the loader's samplers on the query's cells in sorted
 ``soma_joinid`` order: :class:`~scmf_loader.samplers.BlockShuffleSampler` (blocks of
@@ -33,16 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from scmf_loader.align import build_alignment, column_map
 from scmf_loader.batch import CSRBatch, as_tensor
-from scmf_loader.census_query import (
-    DEFAULT_OBS_COLUMNS,
-    CensusQuery,
-    CensusSpec,
-    build_value_filter,
-)
-from scmf_loader.errors import ConfigurationError, InvalidInputError, VocabularyError
+from scmf_loader.census.filters import DEFAULT_OBS_COLUMNS, build_value_filter
+from scmf_loader.census.query import CensusQuery, CensusSpec
+from scmf_loader.errors import ConfigurationError
 from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSampler
-from scmf_loader.vocab import UNK_ID, GeneVocab, normalize_gene_id
+from scmf_loader.vocab import GeneVocab, normalize_gene_id
 
 __all__ = ["CensusDataset", "default_block_size"]
 
@@ -68,24 +67,33 @@ def _resolve_vocab(spec: GeneVocab | str, genes: Sequence[str]) -> GeneVocab:
     return GeneVocab.from_file(spec)
 
 
-def _column_map(genes: Sequence[str], vocab: GeneVocab, where: str) -> np.ndarray:
-    """Vocabulary id of each query gene (int64), -1 for genes outside the vocabulary."""
-    ids = vocab.encode(genes)
-    ids = np.where(ids == UNK_ID, -1, ids)
-    kept = ids[ids >= 0]
-    if kept.size == 0:
-        raise VocabularyError(
-            f"{where}: none of its {len(genes)} genes is in the vocabulary {vocab.name!r}"
+def _check_arguments(
+    batch_size: int | None, max_genes: int | None, io_batches: int, preprocessing: Any
+) -> None:
+    """Raise :class:`~scmf_loader.errors.ConfigurationError` for a bad batching argument."""
+    if isinstance(io_batches, bool) or not isinstance(io_batches, int) or io_batches < 1:
+        raise ConfigurationError(f"io_batches must be an integer >= 1, got {io_batches!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigurationError(f"batch_size must be >= 1 or None, got {batch_size!r}")
+    if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
+        raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
+    if preprocessing is not None and not (
+        hasattr(preprocessing, "apply_batch") or callable(preprocessing)
+    ):
+        raise ConfigurationError(
+            "preprocessing must have an apply_batch(batch) method or be callable"
         )
-    if np.unique(kept).size != kept.size:
-        values, counts = np.unique(kept, return_counts=True)
-        dup = int(values[counts > 1][0])
-        cols = np.flatnonzero(ids == dup)[:2].tolist()
-        raise InvalidInputError(
-            f"{where}: genes {genes[cols[0]]!r} and {genes[cols[1]]!r} both map to vocabulary "
-            f"token {vocab.decode([dup])[0]!r}"
-        )
-    return ids.astype(np.int64)
+
+
+def _make_sampler(
+    n_cells: int, read_size: int, block_size: int | None, shuffle: bool, **world: Any
+) -> BatchSampler:
+    """The block-shuffled (or, with ``shuffle=False``, sequential) sampler over the query's
+    cells; ``world``: ``drop_last``, ``seed``, ``rank``, ``world_size``."""
+    if not shuffle:
+        return SequentialSampler(n_cells, read_size, **world)
+    bs = block_size if block_size is not None else default_block_size(read_size)
+    return BlockShuffleSampler(n_cells, read_size, block_size=bs, **world)
 
 
 def _take_rows(
@@ -124,8 +132,12 @@ class CensusDataset(torch.utils.data.IterableDataset):
     truncates single-cell items to their highest-expressed genes; ``io_batches`` batches of
     one worker are read with one SOMA query (fewer, larger reads; memory ~ their size).
 
-    Construction resolves the query and reads the category lists of ``obs_columns``; every
-    problem is an :class:`~scmf_loader.errors.InvalidInputError` then, not mid-epoch.
+    Construction resolves the query, aligns its genes and reads the category lists of
+    ``obs_columns``; every problem is raised then, not mid-epoch (an
+    :class:`~scmf_loader.errors.InvalidInputError` for the query,
+    :class:`~scmf_loader.errors.VocabularyError` when no gene is in the vocabulary,
+    :class:`~scmf_loader.errors.ConfigurationError` for a bad argument), and what the query
+    opened is closed before raising.
     """
 
     def __init__(
@@ -152,56 +164,45 @@ class CensusDataset(torch.utils.data.IterableDataset):
         tiledb_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(io_batches, bool) or not isinstance(io_batches, int) or io_batches < 1:
-            raise ConfigurationError(f"io_batches must be an integer >= 1, got {io_batches!r}")
+        _check_arguments(batch_size, max_genes, io_batches, preprocessing)
         self.io_batches = io_batches
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ConfigurationError(f"batch_size must be >= 1 or None, got {batch_size!r}")
-        if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
-            raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
-        if preprocessing is not None and not (
-            hasattr(preprocessing, "apply_batch") or callable(preprocessing)
-        ):
-            raise ConfigurationError("preprocessing must have an apply_batch(batch) method or be callable")
-        self.query = CensusQuery(
-            CensusSpec(
-                organism=organism,
-                obs_filter=build_value_filter(filters, obs_filter),
-                var_filter=var_filter,
-                census_version=census_version,
-                uri=uri,
-                tiledb_config=tiledb_config,
-            )
-        )
-        self.query.pickle_arrays = True  # one copy per worker beats re-running the query
         self.batch_size = batch_size
         self.max_genes = max_genes
         self.preprocessing = preprocessing
         self.obs_columns = tuple(obs_columns)
+        self.query = CensusQuery(CensusSpec(
+            organism=organism, obs_filter=build_value_filter(filters, obs_filter),
+            var_filter=var_filter, census_version=census_version, uri=uri,
+            tiledb_config=tiledb_config,
+        ))
+        self.query.pickle_arrays = True  # one copy per worker beats re-running the query
+        try:
+            self._plan(gene_vocab)
+            self.sampler: BatchSampler = _make_sampler(
+                self.query.n_cells, batch_size if batch_size is not None else _CELL_READ_SIZE,
+                block_size, shuffle, drop_last=drop_last, seed=seed, rank=rank,
+                world_size=world_size,
+            )
+        except BaseException:
+            self.query.close()  # now, not whenever the traceback is collected
+            raise
+        self.epoch = 0
+
+    def _plan(self, gene_vocab: GeneVocab | str) -> None:
+        """Check the obs columns, align the query's genes to the vocabulary (the loader's one
+        alignment, :func:`~scmf_loader.align.build_alignment`) and read the categories."""
         self.query.check_obs_columns(self.obs_columns)
         genes = self.query.genes
         self.vocab = _resolve_vocab(gene_vocab, genes)
-        self._col_map = _column_map(genes, self.vocab, self.query.describe())
-        kept = self._col_map[self._col_map >= 0]
-        self._monotone = bool(np.all(np.diff(kept) > 0))
-        self.categories: dict[str, list[str]] = {}
-        for c in self.obs_columns:
-            self.categories[c] = sorted({v for v in self.query.obs_values(c) if v is not None})
+        alignment = build_alignment(genes, self.vocab, self.query.describe())
+        #: query gene position -> vocabulary id, -1 outside the vocabulary
+        self._col_map = column_map(alignment).astype(np.int64)
+        self._monotone = alignment.is_identity_order
+        self.categories: dict[str, list[str]] = {
+            c: sorted({v for v in self.query.obs_values(c) if v is not None})
+            for c in self.obs_columns
+        }
         self._lookup = {c: {v: i for i, v in enumerate(cats)} for c, cats in self.categories.items()}
-        read_size = batch_size if batch_size is not None else _CELL_READ_SIZE
-        self.sampler: BatchSampler
-        if shuffle:
-            bs = block_size if block_size is not None else default_block_size(read_size)
-            self.sampler = BlockShuffleSampler(
-                self.query.n_cells, read_size, block_size=bs, drop_last=drop_last, seed=seed,
-                rank=rank, world_size=world_size,
-            )
-        else:
-            self.sampler = SequentialSampler(
-                self.query.n_cells, read_size, drop_last=drop_last, seed=seed, rank=rank,
-                world_size=world_size,
-            )
-        self.epoch = 0
 
     # ---- description ----------------------------------------------------------------------
     @property

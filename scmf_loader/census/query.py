@@ -13,111 +13,39 @@ URI, unresolvable release) raises :class:`~scmf_loader.errors.InvalidInputError`
 one-line message, before anything is read or written.
 
 Picklable: the SOMA handle is never pickled, and neither are the joinid arrays (they can be
-millions long). A copy in another process reopens the Census lazily, re-runs the query and
-checks it against the recorded digests, so a Census that changed under a pinned release is an
-error, never silently different cells. ``tiledbsoma`` and ``cellxgene_census`` are imported
-only when a query is opened: this module imports with numpy alone.
-
-Lifetimes of the TileDB objects (TileDB contexts own thread pools; an object must not outlive
-its context, and none may be used or destroyed in a forked child):
-
-- one ``SOMATileDBContext`` per process and TileDB configuration (:func:`_context`), shared by
-  every root opened there and never destroyed, instead of a new context per opened root;
-- handles are closed deterministically: a query whose construction fails closes what it
-  opened before raising, :meth:`CensusQuery.close` closes handles no other live copy uses,
-  and handles evicted from the per-process cache are closed once unused (the cache is closed
-  at exit);
-- in a forked child, every handle and context inherited from the parent is kept alive,
-  untouched and never freed (``os.register_at_fork``), and the child opens its own.
+millions long) unless asked. A copy in another process reopens the Census lazily, re-runs the
+query and checks it against the recorded digests, so a Census that changed under a pinned
+release is an error, never silently different cells. ``tiledbsoma`` and ``cellxgene_census``
+are imported only when a query is opened, and the TileDB lifetimes (one context per process,
+shared handles, fork and exit hooks installed on the first open) live in
+:mod:`scmf_loader.census.handles`: this module imports with numpy alone, with no side effect.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
 import re
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from scmf_loader.census import handles as _h
+from scmf_loader.census.filters import normalize_organism
+from scmf_loader.census.reads import read_csr, row_sums
 from scmf_loader.errors import InvalidInputError
+from scmf_loader.labels import stringify
 
-__all__ = [
-    "DEFAULT_OBS_COLUMNS",
-    "CensusQuery",
-    "CensusSpec",
-    "build_value_filter",
-    "normalize_organism",
-]
+__all__ = ["GENE_COLUMN", "MEASUREMENT", "RAW_SUM", "X_LAYER", "CensusQuery", "CensusSpec"]
 
-#: obs columns kept when none are asked for
-DEFAULT_OBS_COLUMNS = ("cell_type", "tissue", "assay", "disease", "donor_id", "dataset_id")
 MEASUREMENT = "RNA"
 X_LAYER = "raw"
 GENE_COLUMN = "feature_id"
 #: Census obs column: each cell's total of ``X["raw"]`` over all genes of the experiment
 RAW_SUM = "raw_sum"
-_READ_CELLS = 4096  # cells per SOMA read inside one call of CensusQuery.read
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-def normalize_organism(name: str) -> str:
-    """``"Homo sapiens"`` / ``"homo-sapiens"`` → ``"homo_sapiens"`` (the Census key)."""
-    return re.sub(r"[\s\-]+", "_", str(name).strip()).lower()
-
-
-def _literal(key: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, str):
-        if "'" not in value:
-            return f"'{value}'"
-        if '"' not in value:
-            return f'"{value}"'
-        raise InvalidInputError(
-            f"filters: value {value!r} of {key!r} holds both quote characters; use --obs-filter"
-        )
-    raise InvalidInputError(
-        f"filters: value {value!r} of {key!r} is a {type(value).__name__}; expected a string, "
-        "number, boolean or a list of them"
-    )
-
-
-def build_value_filter(
-    filters: Mapping[str, Any] | None = None, obs_filter: str | None = None
-) -> str | None:
-    """One SOMA ``value_filter`` from the seed's ``filters`` mapping (a list becomes an ``in``
-    filter, a scalar ``==``) and/or a filter expression, joined with ``and``. Keys are sorted,
-    so the same mapping always gives the same string."""
-    parts: list[str] = []
-    if filters:
-        if not isinstance(filters, Mapping):
-            raise InvalidInputError(
-                f"filters must be a mapping of obs column -> value(s), got {type(filters).__name__}"
-            )
-        for key in sorted(filters):
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
-                raise InvalidInputError(f"filters: {key!r} is not an obs column name")
-            value = filters[key]
-            if isinstance(value, list | tuple):
-                if not value:
-                    raise InvalidInputError(f"filters: {key!r} lists no values")
-                parts.append(f"{key} in [{', '.join(_literal(key, v) for v in value)}]")
-            else:
-                parts.append(f"{key} == {_literal(key, value)}")
-    if obs_filter is not None and str(obs_filter).strip():
-        parts.append(str(obs_filter).strip())
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    return " and ".join(f"({p})" for p in parts)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -132,20 +60,6 @@ def _digest(values: np.ndarray) -> str:
 
 def _genes_digest(genes: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(genes).encode("utf-8")).hexdigest()
-
-
-def stringify(values: Sequence[Any]) -> np.ndarray:
-    """Values as an object array of ``str`` (``None`` for NA), the same way the h5ad source
-    writes them (``True``/``False`` for booleans, ``str(x)`` otherwise)."""
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        if v is None or (isinstance(v, float) and v != v):
-            out[i] = None
-        elif isinstance(v, bytes):
-            out[i] = v.decode("utf-8")
-        else:
-            out[i] = str(v)
-    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,7 +100,7 @@ class CensusQuery:
             tiledb_config=spec.tiledb_config,
         )
         self.requested_version = spec.census_version
-        self._handles: _Handles | None = None
+        self._handles: _h.Handles | None = None
         self._arrays: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         #: keep the joinid arrays when pickled (one copy per DataLoader worker) instead of
         #: re-running the query in the new process (one copy per converter task)
@@ -241,7 +155,7 @@ class CensusQuery:
                 "pip install 'scmodelforge-data[census]'"
             ) from exc
         try:
-            context = _context(self.spec.tiledb_config)
+            context = _h.context(self.spec.tiledb_config)
             if self.spec.uri is not None:
                 return cellxgene_census.open_soma(uri=self.spec.uri, context=context)
             return cellxgene_census.open_soma(census_version=version, context=context)
@@ -322,7 +236,7 @@ class CensusQuery:
                 f"{self.describe()}: experiment has no measurement {MEASUREMENT!r} with "
                 f"X layer {X_LAYER!r}"
             )
-        self._handles = _Handles(root, exp)
+        self._handles = _h.Handles(root, exp)
         self._handles.users.add(self)
 
     def _cache_key(self) -> tuple[Any, ...]:
@@ -337,16 +251,16 @@ class CensusQuery:
         if handles is not None and handles.usable():
             return handles.exp
         if handles is not None and handles.pid != os.getpid():
-            _INHERITED.append(handles)  # inherited through fork: never touch, never free
+            _h.set_aside(handles)  # inherited through fork: never touch, never free
         self._handles = None
-        cached = _PROCESS_CACHE.get(self._cache_key())
+        cached = _h.lookup(self._cache_key())
         if cached is not None and cached[0] is not None and cached[0].usable():
             self._handles = cached[0]
             self._handles.users.add(self)
         else:
             root = self._open_root(self.census_version)
             self._set_handles(root)
-            _remember(self._cache_key(), self._handles, None)
+            _h.remember(self._cache_key(), self._handles, None)
         assert self._handles is not None
         return self._handles.exp
 
@@ -357,13 +271,11 @@ class CensusQuery:
         if handles is None:
             return
         if handles.pid != os.getpid():  # inherited through fork: never touch, never free
-            _INHERITED.append(handles)
+            _h.set_aside(handles)
             return
         handles.users.discard(self)
         if not handles.users:
-            entry = _PROCESS_CACHE.get(self._cache_key())
-            if entry is not None and entry[0] is handles:
-                _PROCESS_CACHE[self._cache_key()] = (None, entry[1])  # keep the joinids
+            _h.release(self._cache_key(), handles)  # keep the joinids cached
             handles.close()
 
     # ---- the query -----------------------------------------------------------------------
@@ -396,7 +308,7 @@ class CensusQuery:
 
     def _ensure_arrays(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if self._arrays is None:
-            cached = _PROCESS_CACHE.get(self._cache_key())
+            cached = _h.lookup(self._cache_key())
             if cached is not None and cached[1] is not None:
                 self._arrays = cached[1]
                 return self._arrays
@@ -407,7 +319,7 @@ class CensusQuery:
                     "when it was planned; the Census root changed under a pinned release"
                 )
             self._arrays = (obs, var, genes)
-            _remember(self._cache_key(), None, self._arrays)
+            _h.remember(self._cache_key(), None, self._arrays)
         return self._arrays
 
     @property
@@ -445,47 +357,9 @@ class CensusQuery:
         joinids = np.asarray(joinids, dtype=np.int64)
         if joinids.size > 1 and np.any(np.diff(joinids) <= 0):
             raise ValueError("joinids must be sorted and unique")
-        var = self.var_joinids
         x = self.experiment().ms[MEASUREMENT].X[X_LAYER]
-        all_genes = self.spec.var_filter is None
-        var_is_range = bool(var.size and var[0] == 0 and var[-1] == var.size - 1)
-        counts = np.zeros(joinids.size, dtype=np.int64)
-        cols_parts: list[np.ndarray] = []
-        data_parts: list[np.ndarray] = []
-        for lo in range(0, joinids.size, _READ_CELLS):
-            part = joinids[lo : lo + _READ_CELLS]
-            coords = (part,) if all_genes else (part, var)
-            rows_p, cols_p, vals_p = [], [], []
-            for table in x.read(coords=coords).tables():
-                rows_p.append(table.column("soma_dim_0").to_numpy())
-                cols_p.append(table.column("soma_dim_1").to_numpy())
-                vals_p.append(table.column("soma_data").to_numpy())
-            if not rows_p:
-                continue
-            rows = np.concatenate(rows_p)
-            var_ids = np.concatenate(cols_p)
-            vals = np.concatenate(vals_p)
-            if var_is_range:  # var joinids 0..n-1: the joinid is the position
-                cols = var_ids
-            else:
-                cols = np.searchsorted(var, var_ids)
-                keep = cols < var.size
-                keep[keep] = var[cols[keep]] == var_ids[keep]
-                if not keep.all():
-                    rows, cols, vals = rows[keep], cols[keep], vals[keep]
-            pos = _positions(part, rows)
-            key = pos * np.int64(var.size + 1) + cols
-            if key.size > 1 and np.any(np.diff(key) <= 0):
-                order = np.argsort(key, kind="stable")  # long sorted runs: fast
-                pos, cols, vals = pos[order], cols[order], vals[order]
-            counts[lo : lo + part.size] = np.bincount(pos, minlength=part.size)
-            cols_parts.append(cols.astype(np.int32))
-            data_parts.append(vals)
-        indptr = np.zeros(joinids.size + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        indices = np.concatenate(cols_parts) if cols_parts else np.zeros(0, np.int32)
-        data = np.concatenate(data_parts) if data_parts else np.zeros(0, self.dtype)
-        return indptr, indices, data.astype(self.dtype, copy=False)
+        return read_csr(x, joinids, self.var_joinids, all_genes=self.spec.var_filter is None,
+                        dtype=self.dtype)
 
     def library_sizes(self, joinids: np.ndarray) -> np.ndarray:
         """Each cell's total raw count over *all* genes of the experiment, whatever the var
@@ -505,16 +379,7 @@ class CensusQuery:
                 out[np.searchsorted(joinids, ids)] = sums
                 if not np.isnan(out).any():
                     return out
-        x = exp.ms[MEASUREMENT].X[X_LAYER]
-        out = np.zeros(joinids.size, dtype=np.float64)
-        for lo in range(0, joinids.size, _READ_CELLS):
-            part = joinids[lo : lo + _READ_CELLS]
-            for table in x.read(coords=(part,)).tables():
-                rows = table.column("soma_dim_0").to_numpy()
-                vals = table.column("soma_data").to_numpy().astype(np.float64)
-                out[lo : lo + part.size] += np.bincount(
-                    _positions(part, rows), weights=vals, minlength=part.size)
-        return out
+        return row_sums(exp.ms[MEASUREMENT].X[X_LAYER], joinids)
 
     def check_obs_columns(self, columns: Sequence[str]) -> None:
         """Raise if any requested obs column is missing from the Census obs."""
@@ -550,130 +415,6 @@ class CensusQuery:
             value_filter=self.spec.obs_filter, column_names=[column]
         ).concat()
         return stringify(table.column(column).to_pylist())
-
-
-def _positions(part: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Position of each joinid of ``rows`` in the sorted ``part``: a lookup table when
-    ``part`` spans a narrow range of joinids, a binary search otherwise."""
-    lo, span = int(part[0]), int(part[-1] - part[0]) + 1
-    if span == part.size:
-        return rows - lo
-    if span <= 16 * part.size:
-        table = np.empty(span, dtype=np.int64)
-        table[part - lo] = np.arange(part.size)
-        return table[rows - lo]
-    return np.searchsorted(part, rows)
-
-
-class _Handles:
-    """An open Census root and its experiment, owned by the process that opened them. Copies
-    of one query in that process may share them (``users``: the live queries using them); they
-    are closed when the last user closes, or when the cache drops them and no query uses them."""
-
-    def __init__(self, root: Any, exp: Any) -> None:
-        self.root: Any = root
-        self.exp: Any = exp
-        self.pid = os.getpid()
-        self.users: weakref.WeakSet[CensusQuery] = weakref.WeakSet()
-        self.cached = False
-
-    def usable(self) -> bool:
-        return self.pid == os.getpid() and self.root is not None
-
-    def close(self) -> None:
-        if self.pid != os.getpid() or self.root is None:
-            return  # never touch a parent's handles in a forked child
-        root, self.root, self.exp = self.root, None, None
-        root.close()
-
-    def drop(self) -> None:
-        """No longer cached: close now unless a live query still uses the handles (then its
-        close() does, or they are freed with it, their context alive)."""
-        self.cached = False
-        if not self.users:
-            self.close()
-
-
-#: per process: query key -> (shared SOMA handles or None, (obs joinids, var joinids, genes))
-_PROCESS_CACHE: dict[tuple[Any, ...], tuple[_Handles | None, Any]] = {}
-_CACHE_SIZE = 4
-#: per process: TileDB configuration -> the one SOMATileDBContext of this process for it
-_CONTEXTS: dict[tuple[tuple[str, str], ...], Any] = {}
-#: TileDB objects a forked child inherited from its parent (handles, contexts). They must not
-#: be used or destroyed in the child (their thread pools do not exist there: that crashes), so
-#: they are kept here, unused, for the life of the process (see _after_fork_in_child).
-_INHERITED: list[Any] = []
-
-
-def _context(tiledb_config: Mapping[str, Any] | None) -> Any:
-    """The ``SOMATileDBContext`` of this process for ``tiledb_config`` (the cellxgene_census
-    defaults plus these settings), created once and shared by every root opened here: every
-    context owns TileDB thread pools, and arrays must never outlive their context."""
-    key = tuple(sorted((str(k), str(v)) for k, v in (tiledb_config or {}).items()))
-    context = _CONTEXTS.get(key)
-    if context is None:
-        import cellxgene_census
-
-        config = dict(tiledb_config) if tiledb_config else None
-        context = cellxgene_census.get_default_soma_context(tiledb_config=config)
-        _CONTEXTS[key] = context
-    return context
-
-
-def _remember(key: tuple[Any, ...], handles: _Handles | None, arrays: Any) -> None:
-    old = _PROCESS_CACHE.pop(key, None)
-    if old is not None:
-        if handles is None:
-            handles = old[0]
-        elif old[0] is not None and old[0] is not handles:
-            old[0].drop()
-        arrays = arrays if arrays is not None else old[1]
-    if handles is not None and not handles.usable():
-        handles = None
-    while len(_PROCESS_CACHE) >= _CACHE_SIZE:
-        evicted = _PROCESS_CACHE.pop(next(iter(_PROCESS_CACHE)))[0]
-        if evicted is not None and evicted is not handles:
-            evicted.drop()
-    if handles is not None:
-        handles.cached = True
-    _PROCESS_CACHE[key] = (handles, arrays)
-
-
-def _after_fork_in_child() -> None:
-    """In a forked child: set the parent's cached handles and contexts aside, alive and
-    untouched, so that the child opens its own (queries holding a parent's handles notice the
-    pid on their next use)."""
-    if _PROCESS_CACHE or _CONTEXTS:
-        _INHERITED.append((dict(_PROCESS_CACHE), dict(_CONTEXTS)))
-        _PROCESS_CACHE.clear()
-        _CONTEXTS.clear()
-
-
-def _pin(obj: Any) -> None:
-    """One extra reference to ``obj`` that is never released: not even the interpreter
-    shutdown of a forked child that exits normally frees what ``_INHERITED`` holds."""
-    try:
-        import ctypes
-
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
-    except Exception:  # pragma: no cover - not CPython
-        pass
-
-
-def _close_cache_at_exit() -> None:
-    """Close this process's cached handles before interpreter shutdown tears modules down in
-    an arbitrary order (forked children leave with ``os._exit`` and never get here)."""
-    entries = list(_PROCESS_CACHE.values())
-    _PROCESS_CACHE.clear()
-    for handles, _ in entries:
-        if handles is not None:
-            handles.drop()
-
-
-_pin(_INHERITED)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_close_cache_at_exit)
 
 
 def _summary(root: Any) -> dict[str, str]:

@@ -28,15 +28,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from scmf_loader.census_query import (
-    DEFAULT_OBS_COLUMNS,
-    GENE_COLUMN,
-    MEASUREMENT,
-    X_LAYER,
-    CensusQuery,
-    CensusSpec,
-    build_value_filter,
-)
+from scmf_loader.census.filters import DEFAULT_OBS_COLUMNS, build_value_filter
+from scmf_loader.census.query import GENE_COLUMN, MEASUREMENT, X_LAYER, CensusQuery, CensusSpec
 from scmf_loader.format import Manifest
 from scmf_shards.options import ConvertOptions
 from scmf_shards.sources.h5ad import RowChunk

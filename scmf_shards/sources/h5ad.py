@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from scmf_loader.census_query import stringify
 from scmf_loader.errors import InvalidInputError
+from scmf_loader.labels import stringify
 from scmf_shards.scratch import scratch
 
 __all__ = ["H5adSource", "RowChunk", "is_url", "source_fingerprint"]
