@@ -13,11 +13,54 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from scmf_loader.errors import InvalidInputError
 from scmf_shards.scratch import scratch
 
 __all__ = ["align_csr", "copy_rows"]
 
 _INSERTION_MAX = 32  # rows this short are insertion-sorted
+
+
+@njit(cache=True, nogil=True)
+def _insertion_sort(keys, vals):  # pragma: no cover - compiled
+    """Sort a short row (``keys`` with their ``vals``) in place."""
+    for i in range(1, keys.size):
+        key = keys[i]
+        val = vals[i]
+        j = i - 1
+        while j >= 0 and keys[j] > key:
+            keys[j + 1] = keys[j]
+            vals[j + 1] = vals[j]
+            j -= 1
+        keys[j + 1] = key
+        vals[j + 1] = val
+
+
+@njit(cache=True, nogil=True)
+def _radix_sort(keys, vals, tmp_i, tmp_d, counts, n_passes):  # pragma: no cover - compiled
+    """LSD radix sort (8-bit digits) of a row in place; ``tmp_*``: scratch of the row's size."""
+    m = keys.size
+    src_i, dst_i = keys, tmp_i[:m]
+    src_d, dst_d = vals, tmp_d[:m]
+    shift = 0
+    for _ in range(n_passes):
+        counts[:] = 0
+        for i in range(m):
+            counts[((src_i[i] >> shift) & 255) + 1] += 1
+        for b in range(256):
+            counts[b + 1] += counts[b]
+        for i in range(m):
+            b = (src_i[i] >> shift) & 255
+            pos = counts[b]
+            dst_i[pos] = src_i[i]
+            dst_d[pos] = src_d[i]
+            counts[b] = pos + 1
+        src_i, dst_i = dst_i, src_i
+        src_d, dst_d = dst_d, src_d
+        shift += 8
+    if n_passes % 2 == 1:  # the sorted row ended in the scratch buffers
+        keys[:] = src_i
+        vals[:] = src_d
 
 
 @njit(cache=True, nogil=True)
@@ -49,40 +92,9 @@ def _align(indptr, indices, data, cmap, order, out_indptr, out_indices, out_data
         if presorted or m < 2:
             continue
         if m <= _INSERTION_MAX:
-            for i in range(o + 1, o + m):
-                key = out_indices[i]
-                val = out_data[i]
-                j = i - 1
-                while j >= o and out_indices[j] > key:
-                    out_indices[j + 1] = out_indices[j]
-                    out_data[j + 1] = out_data[j]
-                    j -= 1
-                out_indices[j + 1] = key
-                out_data[j + 1] = val
-            continue
-        src_i = out_indices[o : o + m]
-        src_d = out_data[o : o + m]
-        dst_i = tmp_i[:m]
-        dst_d = tmp_d[:m]
-        shift = 0
-        for _ in range(n_passes):
-            counts[:] = 0
-            for i in range(m):
-                counts[((src_i[i] >> shift) & 255) + 1] += 1
-            for b in range(256):
-                counts[b + 1] += counts[b]
-            for i in range(m):
-                b = (src_i[i] >> shift) & 255
-                pos = counts[b]
-                dst_i[pos] = src_i[i]
-                dst_d[pos] = src_d[i]
-                counts[b] = pos + 1
-            src_i, dst_i = dst_i, src_i
-            src_d, dst_d = dst_d, src_d
-            shift += 8
-        if n_passes % 2 == 1:  # the sorted row ended in the scratch buffers
-            out_indices[o : o + m] = src_i
-            out_data[o : o + m] = src_d
+            _insertion_sort(out_indices[o:q], out_data[o:q])
+        else:
+            _radix_sort(out_indices[o:q], out_data[o:q], tmp_i, tmp_d, counts, n_passes)
     return q
 
 
@@ -116,7 +128,7 @@ def align_csr(
     else:
         order = np.ascontiguousarray(row_order, dtype=np.int64)
         if order.shape != (n,):
-            raise ValueError(f"row_order has shape {order.shape}, expected ({n},)")
+            raise InvalidInputError(f"align_csr: row_order has shape {order.shape}, expected ({n},)")
     out_indptr = np.zeros(n + 1, dtype=np.int64)
     out_dtype = np.dtype(out_dtype or data.dtype)
     if reuse:
@@ -159,7 +171,7 @@ def copy_rows(
     stops = np.ascontiguousarray(stops, dtype=np.int64)
     dest = np.ascontiguousarray(dest, dtype=np.int64)
     if not (starts.shape == stops.shape == dest.shape):
-        raise ValueError("starts, stops and dest must have the same length")
+        raise InvalidInputError("copy_rows: starts, stops and dest must have the same length")
     if starts.size and (
         int((stops - starts).min()) < 0
         or int(stops.max()) > min(src_data.size, src_indices.size)
@@ -167,5 +179,5 @@ def copy_rows(
         or int(dest.min()) < 0
         or int((dest + stops - starts).max()) > min(out_data.size, out_indices.size)
     ):
-        raise ValueError("a row segment lies outside its source or destination array")
+        raise InvalidInputError("copy_rows: a row segment lies outside its source or destination array")
     _copy_rows(src_data, src_indices, starts, stops, dest, out_data, out_indices)
