@@ -282,7 +282,7 @@ def test_library_size_covers_all_genes_with_a_var_filter(
 
 # ---- lifetimes of the SOMA handles and TileDB contexts ---------------------------------------
 def test_one_context_per_process_and_deterministic_close(census_root: CensusRoot) -> None:
-    from scmf_loader.census_query import CensusQuery, CensusSpec
+    from scmf_loader.census.query import CensusQuery, CensusSpec
     from scmf_loader.errors import InvalidInputError
 
     a = _dataset(census_root).query
@@ -316,7 +316,7 @@ def test_one_context_per_process_and_deterministic_close(census_root: CensusRoot
 def test_copies_share_handles_until_the_last_closes(census_root: CensusRoot) -> None:
     import pickle
 
-    from scmf_loader import census_query
+    from scmf_loader.census import handles
 
     ds = _dataset(census_root, obs_filter="tissue == 'liver'")
     blob = pickle.dumps(ds.query)
@@ -340,7 +340,7 @@ def test_copies_share_handles_until_the_last_closes(census_root: CensusRoot) -> 
         q.experiment()
         copies.append(q)
     first_root = copies[0]._handles.root
-    assert len(census_query._PROCESS_CACHE) <= census_query._CACHE_SIZE
+    assert len(handles._PROCESS_CACHE) <= handles._CACHE_SIZE
     assert not first_root.closed  # evicted, but copies[0] still uses it
     copies[0].close()
     assert first_root.closed
