@@ -10,10 +10,8 @@ converter's worker processes do — does not import torch.
 >>> for batch in loader: ...                           # doctest: +SKIP
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from scmf_loader.errors import (
     ChecksumMismatchError,
@@ -28,12 +26,11 @@ from scmf_loader.errors import (
 )
 from scmf_loader.vocab import GeneVocab
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from scmf_loader.batch import CSRBatch
     from scmf_loader.census import CensusDataset
     from scmf_loader.dataloader import CellDataLoader
     from scmf_loader.dataset import CellDataset
-    from scmf_loader.partition import Partition, partition, resolve_world
     from scmf_loader.preprocess import PreprocessingPipeline
     from scmf_loader.samplers import (
         BatchAwareSampler,
@@ -42,6 +39,7 @@ if TYPE_CHECKING:
         SequentialSampler,
     )
     from scmf_loader.store import DatasetStore, open_dataset
+    from scmf_loader.world import Partition, partition, resolve_world
 
 _LAZY = {
     "AnnDataStore": "scmf_loader.adata",
@@ -53,12 +51,12 @@ _LAZY = {
     "CellDataset": "scmf_loader.dataset",
     "CensusDataset": "scmf_loader.census",
     "DatasetStore": "scmf_loader.store",
-    "Partition": "scmf_loader.partition",
+    "Partition": "scmf_loader.world",
     "PreprocessingPipeline": "scmf_loader.preprocess",
     "SequentialSampler": "scmf_loader.samplers",
     "open_dataset": "scmf_loader.store",
-    "partition": "scmf_loader.partition",
-    "resolve_world": "scmf_loader.partition",
+    "partition": "scmf_loader.world",
+    "resolve_world": "scmf_loader.world",
 }
 
 __all__ = [
@@ -90,14 +88,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'scmf_loader' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public API only (``__all__``): no helper names, no submodules."""
+    return sorted(__all__)

@@ -2,15 +2,21 @@
 
 Every sampler yields whole batches (int64 arrays of global row ids) and follows one plan:
 
-* An epoch is an ordered list of ``n_batches`` batches, reachable by random access
-  (:meth:`BatchSampler.batch`). Every batch holds ``batch_size`` cells except a final
-  partial one (kept when ``drop_last=False``), so ``n_batches`` is the same every epoch.
-* Shards are visited in an order drawn from ``(seed, epoch)``. Each shard contributes the
-  full batches that fit in it; its left-over cells (at most a batch or so per shard) join a
+* An epoch is an ordered list of ``n_batches`` batches (the same number every epoch),
+  reachable by random access (:meth:`BatchSampler.batch`), all of ``batch_size`` cells but
+  a final partial one with ``drop_last=False``.
+* With ``drop_last=True`` an epoch serves the most cells that fill whole batches on every
+  rank (``n_cells // (batch_size * world_size) * world_size`` batches). The cells left out
+  are one stretch of the dataset seen as a ring (:meth:`BatchSampler.left_out`), its start
+  drawn from ``seed`` and moved by a golden-ratio step each epoch: every cell is left out
+  with the same probability (as with torch's ``DistributedSampler``) and, over epochs,
+  equally often.
+* Each shard serves its kept cells (all of them unless the left-out stretch touches it), in
+  shards visited in an order drawn from ``(seed, epoch)``. Each shard contributes the full
+  batches that fit in it; its left-over cells (at most a batch or so per shard) join a
   *tail stream* cut into batches, each read right after the shards it draws from.
-* Ranks and DataLoader workers split the epoch by :func:`~scmf_loader.partition.partition`
-  (``DistributedSampler`` semantics on whole batches; each rank reads one contiguous
-  stretch of the order, so it touches about ``1/world_size`` of the shards).
+* Ranks and DataLoader workers split the epoch by :func:`~scmf_loader.world.partition`
+  (``DistributedSampler`` semantics on whole batches, a contiguous stretch per rank).
 * ``state_dict()`` / ``load_state_dict()`` store ``(epoch, batches_done)``; iteration
   resumes at exactly the next batch of that epoch.
 
@@ -21,6 +27,7 @@ read, never O(cells): no permutation of the whole dataset is ever built.
 from __future__ import annotations
 
 import bisect
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 
 from scmf_loader.errors import ConfigurationError
-from scmf_loader.partition import Partition, partition, resolve_world
+from scmf_loader.world import Partition, partition, resolve_world
 
 __all__ = ["BatchAwareSampler", "BatchSampler", "BlockShuffleSampler", "SequentialSampler"]
 
@@ -44,10 +51,23 @@ def _rng(seed: int, epoch: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, *keys]))
 
 
+_GOLDEN, _DROP_KEY = 0.6180339887498949, 0x5C3F  # the left-out stretch: step per epoch, seed key
+
+
+def _ring_pieces(base: int, n: int, shift: int, p0: int, p1: int) -> list[tuple[int, int]]:
+    """Global ``(first id, length)`` runs of kept positions ``[p0, p1)`` of a shard of ``n``
+    cells at global id ``base`` (position ``p`` is local cell ``(shift + p) % n``)."""
+    lo, hi = shift + p0, shift + p1
+    if hi <= n or lo >= n:
+        return [(base + lo % n, p1 - p0)]
+    return [(base + lo, n - lo), (base, hi - n)]
+
+
 class _Layout:
     """One epoch's layout, all O(shards): the shard ``order``, ``full`` batches per shard, a
-    per-shard ``grid`` offset (the sampler's own use) and the tail stream's pieces
-    ``(shard, first global id, length)`` in stream (shard order) order.
+    per-shard ``grid`` offset (the sampler's own use), the tail stream's pieces ``(shard,
+    first global id, length)`` in stream order, and per shard the ``kept`` cells served from
+    local cell ``shift`` on (kept position ``p`` is local cell ``(shift + p) % size``).
 
     The epoch order visits shards in ``order``; after a shard's full batches come the tail
     batches its pieces complete, so a tail batch is read right after the shards it draws
@@ -57,11 +77,12 @@ class _Layout:
 
     def __init__(
         self, order: np.ndarray, full: np.ndarray, grid: np.ndarray, tails: list[tuple[int, int, int]],
-        batch_size: int,
+        batch_size: int, kept: tuple[np.ndarray, np.ndarray],
     ) -> None:
         self.order = order
         self.full = full
         self.grid = grid
+        self.shift, self.kept = kept
         tail = np.asarray(tails, dtype=np.int64).reshape(-1, 3)
         self.tail_starts = tail[:, 1]  # global id of each tail piece's first cell
         self.tail_cum = np.zeros(len(tail) + 1, dtype=np.int64)
@@ -122,18 +143,50 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         self.drop_last = bool(drop_last)
         self.seed = seed
         self.rank, self.world_size = resolve_world(rank, world_size)
-        self.epoch = 0
-        self._start = 0
-        self._done = 0
+        self.epoch = self._start = self._done = 0
         self._layout_cache: tuple[int, _Layout] | None = None
         self._shard_cache: tuple[tuple[int, int], Any] | None = None
 
     # ---- epoch arithmetic ---------------------------------------------------------------
     @property
     def n_batches(self) -> int:
-        """Batches in one epoch's order, before the split over ranks (the same every epoch)."""
-        full, rest = divmod(self.n_cells, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        """Batches in one epoch's order, before the split over ranks (the same every epoch);
+        with ``drop_last`` a multiple of ``world_size``, all full."""
+        if self.drop_last:
+            return self.n_cells // (self.batch_size * self.world_size) * self.world_size
+        return -(-self.n_cells // self.batch_size)
+
+    def left_out(self, epoch: int) -> tuple[int, int]:
+        """``(start, count)``: ``epoch`` leaves out global ids ``start, start + 1, ...`` modulo
+        ``n_cells`` (``count`` is 0 without ``drop_last``); ``start`` is uniform over the
+        cells and moves by a golden-ratio step each epoch."""
+        count = self.n_cells - self.n_batches * self.batch_size
+        if count <= 0:
+            return 0, 0
+        u = np.random.default_rng(np.random.SeedSequence([self.seed, _DROP_KEY])).random()
+        start = int((u + epoch * _GOLDEN) % 1.0 * self.n_cells)
+        return min(start, self.n_cells - 1), count
+
+    def _kept(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per shard, ``(shift, kept)``: ``epoch`` serves ``kept`` local cells from ``shift``
+        on (modulo its size): all but those :meth:`left_out` drops."""
+        sizes = self.shard_sizes
+        shift, kept = np.zeros(len(sizes), dtype=np.int64), sizes.copy()
+        start, count = self.left_out(epoch)
+        if count == 0:
+            return shift, kept
+        base, n = self.shard_offsets[:-1], self.n_cells
+        for g0, g1 in ((start, min(start + count, n)), (0, max(start + count - n, 0))):
+            lo, hi = np.clip(g0 - base, 0, sizes), np.clip(g1 - base, 0, sizes)
+            kept -= hi - lo
+            shift = np.where((hi > lo) & (hi < sizes), hi, shift)  # kept cells start after the cut
+        return shift, kept
+
+    def with_drop_last(self, drop_last: bool) -> BatchSampler:
+        """A copy of this sampler with ``drop_last`` set (what a loader given it uses)."""
+        other = copy.copy(self)
+        other.drop_last, other._layout_cache, other._shard_cache = bool(drop_last), None, None
+        return other
 
     def partition(self, num_workers: int = 0, worker_id: int = 0) -> Partition:
         """The positions of the epoch order this rank (and worker) reads."""
@@ -159,9 +212,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         layout = self._layout(epoch)
         shard, b = layout.locate(index)
         if shard >= 0:
-            ids = self._shard_batch(epoch, shard, b)
-            ids += self._offsets[shard]
-            return ids
+            return self._shard_batch(epoch, shard, b) + self._offsets[shard]
         lo = b * self.batch_size
         return self._stream(layout, lo, min(lo + self.batch_size, int(layout.tail_cum[-1])))
 
@@ -237,7 +288,7 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
         raise NotImplementedError
 
     def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
-        """Local row ids (a fresh int64 array) of batch ``b`` of ``shard``."""
+        """Local row ids (int64) of batch ``b`` of ``shard``."""
         raise NotImplementedError
 
     def _stream(self, layout: _Layout, lo: int, hi: int) -> np.ndarray:
@@ -254,17 +305,28 @@ class BatchSampler(torch.utils.data.Sampler[np.ndarray]):
 
 
 class SequentialSampler(BatchSampler):
-    """Batches of consecutive cells in dataset order, the same every epoch (for evaluation).
-    A batch crossing a shard boundary is two runs; every other batch is zero copy."""
+    """Batches of consecutive cells in dataset order (for evaluation), the same every epoch
+    with ``drop_last=False``. With ``drop_last=True`` the cells skipped are the stretch of
+    :meth:`~BatchSampler.left_out`, which moves every epoch so that no cell is skipped more
+    often than another; the batch that spans it is two runs. A batch crossing a shard
+    boundary is two runs too; every other batch is zero copy."""
 
     def batch(self, epoch: int, index: int) -> np.ndarray:
-        """Global row ids of batch ``index``: ``[index * batch_size, ...)``."""
-        return np.arange(*self.batch_or_range(epoch, index), dtype=np.int64)
+        """Global row ids of batch ``index``: the ``index``-th ``batch_size`` kept cells."""
+        item = self.batch_or_range(epoch, index)
+        return np.arange(*item, dtype=np.int64) if isinstance(item, tuple) else item
 
-    def batch_or_range(self, epoch: int, index: int) -> tuple[int, int]:
-        """Every batch is a range."""
+    def batch_or_range(self, epoch: int, index: int) -> np.ndarray | tuple[int, int]:
+        """A range, but for the batch that spans the left-out stretch (ids)."""
         lo = index * self.batch_size
-        return lo, min(lo + self.batch_size, self.n_cells)
+        hi = min(lo + self.batch_size, self.n_cells)
+        start, count = self.left_out(epoch)
+        wrap = max(start + count - self.n_cells, 0)  # > 0: the stretch wraps, kept is [wrap, start)
+        if wrap or hi <= start or count == 0:
+            return lo + wrap, hi + wrap
+        if lo >= start:
+            return lo + count, hi + count
+        return np.concatenate([np.arange(lo, start, dtype=np.int64), np.arange(start + count, hi + count, dtype=np.int64)])
 
 
 class BlockShuffleSampler(BatchSampler):
@@ -295,17 +357,17 @@ class BlockShuffleSampler(BatchSampler):
         sizes = self.shard_sizes
         order = rng.permutation(len(sizes))
         offset = rng.integers(0, self.block_size, size=len(sizes))
-        full = np.maximum(sizes - offset, 0) // self.batch_size
+        shift, kept = self._kept(epoch)
+        full = np.maximum(kept - offset, 0) // self.batch_size
         offset = np.where(full > 0, offset, 0)
         tails = []
         for s in order.tolist():
-            base, n, o = int(self.shard_offsets[s]), int(sizes[s]), int(offset[s])
+            base, n, o, m, at = (int(x[s]) for x in (self.shard_offsets, sizes, offset, kept, shift))
             end = o + int(full[s]) * self.batch_size
-            if o:
-                tails.append((s, base, o))
-            if end < n:
-                tails.append((s, base + end, n - end))
-        return _Layout(order, full, offset, tails, self.batch_size)
+            for p0, p1 in ((0, o), (end, m)):  # kept positions before and after the grid
+                if p1 > p0:
+                    tails.extend((s, g, length) for g, length in _ring_pieces(base, n, at, p0, p1))
+        return _Layout(order, full, offset, tails, self.batch_size, (shift, kept))
 
     def _make_shard_plan(self, epoch: int, shard: int) -> np.ndarray:
         layout = self._layout(epoch)
@@ -316,20 +378,31 @@ class BlockShuffleSampler(BatchSampler):
         return np.sort(starts.reshape(n_full, k), axis=1)
 
     def batch_or_range(self, epoch: int, index: int) -> np.ndarray | tuple[int, int]:
-        """With one block per batch, a shard's batch is a range."""
+        """With one block per batch, a shard's batch is a range (but for one that wraps
+        around the end of a shard the left-out stretch cut: ids)."""
         if self.block_size == self.batch_size:
-            shard, b = self._layout(epoch).locate(index)
+            layout = self._layout(epoch)
+            shard, b = layout.locate(index)
             if shard >= 0:
-                start = self._offsets[shard] + int(self._shard_plan(epoch, shard)[b, 0])
-                return start, start + self.batch_size
+                n = self._offsets[shard + 1] - self._offsets[shard]
+                lo = int(layout.shift[shard]) + int(self._shard_plan(epoch, shard)[b, 0])
+                if lo + self.batch_size <= n or lo >= n:
+                    start = self._offsets[shard] + lo % n
+                    return start, start + self.batch_size
         return self.batch(epoch, index)
 
     def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
         starts = self._shard_plan(epoch, shard)[b]
-        if len(starts) == 1:
+        shift = int(self._layout(epoch).shift[shard])
+        if len(starts) == 1 and not shift:
             s = int(starts[0])
             return np.arange(s, s + self.block_size, dtype=np.int64)
-        return (starts[:, None] + np.arange(self.block_size, dtype=np.int64)).ravel()
+        ids = (starts[:, None] + np.arange(self.block_size, dtype=np.int64)).ravel()
+        if shift:  # kept positions -> local cells, in increasing order
+            ids += shift
+            ids %= self._offsets[shard + 1] - self._offsets[shard]
+            ids.sort()
+        return ids
 
 
 class BatchAwareSampler(BatchSampler):
@@ -340,9 +413,9 @@ class BatchAwareSampler(BatchSampler):
     proportion in the dataset; every cell is still read exactly once per epoch.
     ``balanced=True``: every batch holds the categories present in its shard in equal
     numbers (±1); rare categories repeat and common ones are subsampled within an epoch,
-    so per-epoch coverage is not exact. Batches are gathers (one copy per batch). Missing
-    values (code -1) form a category of their own. Left-over cells of each shard (fewer
-    than a batch) form the tail batches as in every sampler.
+    so per-epoch coverage is not exact (nor uniform over cells). Batches are gathers (one
+    copy per batch). Missing values (code -1) form a category of their own. ``drop_last``
+    and the tail batches work as in every sampler (a loader applies its own ``drop_last``).
     """
 
     def __init__(self, dataset: Any, key: str = "batch", batch_size: int = 64, *, balanced: bool = False, **kwargs: Any) -> None:
@@ -361,18 +434,25 @@ class BatchAwareSampler(BatchSampler):
         rng = _rng(self.seed, epoch, 0)
         sizes = self.shard_sizes
         order = rng.permutation(len(sizes))
-        rest = sizes % self.batch_size
-        hole = (rng.random(len(sizes)) * (sizes - rest + 1)).astype(np.int64)
-        tails = [
-            (s, int(self.shard_offsets[s] + hole[s]), int(rest[s])) for s in order.tolist() if rest[s]
-        ]
-        return _Layout(order, sizes // self.batch_size, hole, tails, self.batch_size)
+        shift, kept = self._kept(epoch)
+        rest = kept % self.batch_size
+        hole = (rng.random(len(sizes)) * (kept - rest + 1)).astype(np.int64)  # kept positions
+        tails = []
+        for s in order.tolist():
+            if rest[s]:
+                pieces = _ring_pieces(int(self.shard_offsets[s]), int(sizes[s]), int(shift[s]),
+                                      int(hole[s]), int(hole[s] + rest[s]))
+                tails.extend((s, g, length) for g, length in pieces)
+        return _Layout(order, kept // self.batch_size, hole, tails, self.batch_size, (shift, kept))
 
     def _make_shard_plan(self, epoch: int, shard: int) -> np.ndarray:
-        n, bs = int(self.shard_sizes[shard]), self.batch_size
-        lo = int(self._layout(epoch).grid[shard])
-        hi = lo + n % bs
-        cells = np.concatenate([np.arange(lo, dtype=np.int64), np.arange(hi, n, dtype=np.int64)])
+        layout, bs = self._layout(epoch), self.batch_size
+        m, lo = int(layout.kept[shard]), int(layout.grid[shard])
+        hi = lo + m % bs
+        cells = np.concatenate([np.arange(lo, dtype=np.int64), np.arange(hi, m, dtype=np.int64)])
+        shift = int(layout.shift[shard])
+        if shift:  # kept positions -> local cells
+            cells = (cells + shift) % int(self.shard_sizes[shard])
         codes = np.asarray(self.dataset.obs_codes(shard, self.key))[cells].astype(np.int64)
         rng = _rng(self.seed, epoch, 2, shard)
         perm = rng.permutation(len(cells))
@@ -415,4 +495,4 @@ class BatchAwareSampler(BatchSampler):
         return np.concatenate(drawn)[order]
 
     def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
-        return self._shard_plan(epoch, shard)[b].copy()  # the caller shifts it in place
+        return self._shard_plan(epoch, shard)[b]  # a view: the caller adds the offset (a copy)

@@ -2,7 +2,7 @@
 
 ``make(rank, world_size)`` builds a fresh sampler. DataLoader workers are simulated the way a
 ``DataLoader`` hands a map-style sampler's items out (item ``i`` to worker ``i % workers``,
-results merged back in order), using the worker split of :func:`scmf_loader.partition`;
+results merged back in order), using the worker split of :func:`scmf_loader.world.partition`;
 ``tests/test_dataloader.py`` checks the same against real worker processes.
 """
 

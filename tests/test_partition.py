@@ -8,7 +8,7 @@ import pytest
 from torch.utils.data import DistributedSampler
 
 from scmf_loader.errors import ConfigurationError
-from scmf_loader.partition import partition, resolve_world
+from scmf_loader.world import partition, resolve_world
 
 WORLDS = list(itertools.product(range(1, 9), (False, True)))
 
