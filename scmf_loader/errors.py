@@ -17,7 +17,9 @@ __all__ = [
     "InvalidInputError",
     "ManifestError",
     "ManifestNotFoundError",
+    "ObsColumnNotFoundError",
     "ScmfError",
+    "ShardCorruptError",
     "ShardNotFoundError",
     "ShardSizeError",
     "VocabularyError",
@@ -50,6 +52,20 @@ class ShardSizeError(ScmfError, OSError):
 
 class ChecksumMismatchError(ScmfError, OSError):
     """A file's checksum differs from the one recorded in the manifest."""
+
+
+class ShardCorruptError(ScmfError, OSError):
+    """A shard is structurally invalid: its files have the sizes the manifest says, but their
+    content breaks the format (``indptr`` not running from 0 to ``nnz``, an obs column listed
+    in the manifest missing from the shard, zarr metadata disagreeing with the manifest, ...).
+    The message names the shard, the array and the first bad position."""
+
+
+class ObsColumnNotFoundError(ScmfError, KeyError):
+    """An obs column or per-cell statistic was asked for that the dataset does not keep."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return Exception.__str__(self)
 
 
 class VocabularyError(ScmfError):

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from scmf_loader.errors import ManifestError, ManifestNotFoundError
-from scmf_loader.format import Manifest, other_files_digest, read_manifest, sha256_file
+from scmf_loader.format import Manifest, read_manifest
+from scmf_loader.format.integrity import iter_problems
 
 __all__ = ["dataset_info", "format_info", "verify_dataset"]
 
@@ -17,54 +18,17 @@ __all__ = ["dataset_info", "format_info", "verify_dataset"]
 def verify_dataset(
     directory: str | os.PathLike[str], progress: Callable[[int], Any] | None = None
 ) -> list[str]:
-    """Recompute every checksum of a dataset directory. Returns one line per problem
-    (missing manifest, missing or truncated file, checksum mismatch); empty when all holds."""
+    """Check a dataset directory completely with the one integrity checker
+    (:func:`scmf_loader.format.integrity.iter_problems`: the vocabulary hash, every shard's
+    files, sha256s and other-files digest, and its full structure). Returns one line per
+    problem (at most one per shard; a missing manifest also says what a killed conversion
+    left); empty when all holds."""
     d = Path(directory)
     try:
         manifest = read_manifest(d)
     except (ManifestNotFoundError, ManifestError) as exc:
-        problems = [str(exc)]
-        problems.extend(_unfinished(d))
-        return problems
-    problems: list[str] = []
-    vocab_path = d / manifest.vocab["path"]
-    if not vocab_path.is_file():
-        problems.append(f"{vocab_path}: missing vocabulary file")
-    elif "file_sha256" in manifest.vocab and sha256_file(vocab_path) != manifest.vocab["file_sha256"]:
-        problems.append(f"{vocab_path}: checksum mismatch")
-    for shard in manifest.shards:
-        sdir = d / shard.path
-        if not sdir.is_dir():
-            problems.append(f"{sdir}: missing shard")
-            if progress:
-                progress(1)
-            continue
-        for name, arr in shard.arrays.items():
-            f = sdir / arr.path
-            if arr.nbytes == 0:
-                if f.is_file() and f.stat().st_size != 0:
-                    problems.append(f"{f}: {name} should be empty, has {f.stat().st_size} bytes")
-                continue
-            if not f.is_file():
-                problems.append(f"{f}: missing {name} array file")
-                continue
-            size = f.stat().st_size
-            if size != arr.nbytes:
-                problems.append(f"{f}: truncated or resized: {size} bytes, expected {arr.nbytes}")
-                continue
-            if sha256_file(f) != arr.sha256:
-                problems.append(f"{f}: checksum mismatch in {name} (sha256 differs from manifest)")
-        if shard.other_files is not None:
-            found = other_files_digest(sdir)
-            if found != shard.other_files:
-                problems.append(
-                    f"{sdir}: obs/var/zarr metadata differ from the manifest ({found.n_files} files, "
-                    f"{found.nbytes} bytes; expected {shard.other_files.n_files} files, "
-                    f"{shard.other_files.nbytes} bytes, sha256 {shard.other_files.sha256[:12]}…)"
-                )
-        if progress:
-            progress(1)
-    return problems
+        return [str(exc), *_unfinished(d)]
+    return [str(p) for p in iter_problems(d, manifest, level="checksum", structure=True, progress=progress)]
 
 
 def _unfinished(d: Path) -> list[str]:
