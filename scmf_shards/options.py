@@ -1,30 +1,127 @@
-"""Options of a conversion: one frozen dataclass shared by the Python API, CLI and YAML."""
+"""Options of a conversion: ONE list of option names (:data:`OPTIONS`) from which the CLI
+options (:mod:`scmf_shards.cli`), the YAML keys of the ``data:`` section
+(:mod:`scmf_shards.config`) and the Python API (:class:`ConvertOptions`, the
+``preprocessing`` mapping) derive.
+
+Each :class:`Option` names one setting once: its Python name (a :class:`ConvertOptions`
+field, a ``preprocessing`` key, or a query argument of ``convert_census``), its CLI flag,
+the YAML keys that also set it, and its help text; defaults come from
+:class:`ConvertOptions` itself (shown in ``--help`` as ``[default]``).
+
+Names per layer: the user-facing name of storing preprocessed values is ``bake`` (CLI
+``--bake``, YAML ``bake:``, ``preprocessing={"bake": True}``); the manifest records the
+fact as ``baked`` (see :data:`MANIFEST_NAMES`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from scmf_loader.errors import ScmfError
 from scmf_loader.format import VALUE_DTYPES
 
-__all__ = ["RESERVED_OBS_COLUMNS", "ConvertOptions"]
+__all__ = ["MANIFEST_NAMES", "OPTIONS", "RESERVED_OBS_COLUMNS", "ConvertOptions", "Option", "options_in"]
 
 RESERVED_OBS_COLUMNS = ("source",)
+#: option name -> the manifest key that records it (where the two differ)
+MANIFEST_NAMES = {"bake": "baked"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting. ``group``: ``common`` (every converting command), ``h5ad``, ``census``
+    (query arguments of ``convert_census``), ``preprocessing`` (keys of the ``preprocessing``
+    mapping), ``output`` (the output path) or ``run`` (set by arguments or YAML only, no flag
+    of its own). :class:`ConvertOptions` has one field per ``common`` and ``h5ad`` option,
+    plus ``preprocessing``. ``kind``: ``str``, ``int`` (``min``),
+    ``float``, ``bool`` (``--x/--no-x``), ``flag`` (``--x``), ``dir`` or ``choice``."""
+
+    name: str
+    group: str
+    help: str
+    kind: str = "str"
+    flag: str | None = None  # default: --name-with-dashes
+    short: str | None = None
+    min: int | None = None
+    choices: tuple[str, ...] = ()
+    yaml: tuple[str, ...] = ()  # YAML keys that also set it (aliases)
+
+    @property
+    def cli_flag(self) -> str:
+        """The long CLI flag, e.g. ``--shard-size``."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("inputs", "run", "Input files (paths or fsspec URLs).", yaml=("paths",)),
+    Option("output", "output", "Dataset directory to write.", short="-o"),
+    Option("source", "run", "local/h5ad or cellxgene_census/census: which command the file is for."),
+    Option("vocab", "common", "human_protein_coding, union, or a vocabulary file (.json/.tsv)",
+           yaml=("gene_vocab",)),
+    Option("obs_columns", "common", "Comma-separated obs columns to keep."),
+    Option("shard_size", "common", "Maximum cells per shard. Shards are balanced: N cells make "
+           "ceil(N / shard_size) shards whose sizes differ by at most one (1,100 cells with 500 give "
+           "3 shards of 366-367)", kind="int", min=1),
+    Option("chunk_size", "common", "Cells read per task; bounds memory", kind="int", min=1),
+    Option("shuffle", "common", "Global seeded shuffle", kind="bool"),
+    Option("seed", "common", "Shuffle seed", kind="int", min=0),
+    Option("dtype", "common", "Stored value dtype", kind="choice", choices=VALUE_DTYPES),
+    Option("workers", "common", "Local worker processes (dask) [1: in-process].", kind="int", min=1,
+           yaml=("num_shards_workers",)),
+    Option("scheduler", "common", "Address of a dask.distributed scheduler."),
+    Option("scratch_dir", "common", "Where the shuffle's temporary buckets go (fast local disk, /dev/shm) "
+           "[inside --output]; every worker must see it.", kind="dir"),
+    Option("overwrite", "common", "Replace an existing scmf dataset.", kind="flag"),
+    Option("quiet", "common", "No progress bars.", kind="flag", short="-q"),
+    Option("gene_column", "h5ad", "var column holding gene ids"),
+    Option("matrix", "h5ad", "X, raw, or layer:NAME"),
+    Option("organism", "census", "homo_sapiens (default) or mus_musculus."),
+    Option("census_version", "census", "Census release: a date (2025-11-08), or stable/latest (resolved "
+           "and recorded) [stable; with --uri, the root's own build date]."),
+    Option("obs_filter", "census", "SOMA obs value filter, e.g. \"tissue in ['lung','heart'] and "
+           "is_primary_data == True\"."),
+    Option("var_filter", "census", "SOMA var value filter (genes to keep)."),
+    Option("uri", "census", "A Census-shaped SOMA root (local path or s3://) instead of the public Census."),
+    Option("filters", "run", "Census obs filters: a mapping of obs column -> value(s) (YAML only)."),
+    Option("preprocessing", "run", "The preprocessing mapping (YAML: a preprocessing: section)."),
+    Option("normalize", "preprocessing", "library_size (scale cells to --target-sum), scran (pooled size "
+           "factors) or none. Any preprocessing option turns preprocessing on [library_size]."),
+    Option("target_sum", "preprocessing", "Counts per cell after library_size normalisation [10000].",
+           kind="float"),
+    Option("log1p", "preprocessing", "Natural log(1 + x) after normalising [on].", kind="bool"),
+    Option("hvg_selection", "preprocessing", "Keep this many highly variable genes (chosen on all inputs "
+           "together).", kind="int", flag="--hvg", yaml=("hvg", "n_top_genes")),
+    Option("hvg_flavor", "preprocessing", "seurat (default), cell_ranger or seurat_v3 (scanpy's flavors; "
+           "seurat_v3 needs scikit-misc).", yaml=("flavor",)),
+    Option("hvg_batch_key", "preprocessing", "obs column: select HVGs within each batch and merge "
+           "(scanpy's batch_key).", yaml=("batch_key",)),
+    Option("bake", "preprocessing", "Store preprocessed values (bake) or raw counts plus per-cell "
+           "library_size/size_factor that the loader applies per batch [no-bake].", kind="bool"),
+    Option("assume_normalized", "preprocessing", "The input is already normalised: no counts check, no "
+           "normalisation.", kind="flag"),
+)
+
+
+def options_in(*groups: str) -> tuple[Option, ...]:
+    """The options of the given groups, in :data:`OPTIONS` order."""
+    return tuple(o for o in OPTIONS if o.group in groups)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ConvertOptions:
-    """Everything that controls a conversion.
+    """Everything that controls a conversion (see :data:`OPTIONS` for each option's meaning).
 
-    Attributes mirror the ``scmf-convert h5ad`` options: ``vocab`` is
-    ``"human_protein_coding"``, ``"union"`` or a vocabulary file; ``matrix`` is ``"X"``,
-    ``"raw"`` or ``"layer:NAME"``; ``shard_size`` is cells per shard; ``chunk_size`` is cells
-    read per task (bounds memory; part of the dataset definition because it shapes the
-    shuffle); ``workers``/``scheduler`` say where tasks run and never change the output;
-    ``scratch_dir`` puts the shuffle's temporary buckets (as many bytes as the dataset) on
-    another file system, e.g. node-local SSD or ``/dev/shm`` (default: inside the output).
+    ``vocab`` is ``"human_protein_coding"``, ``"union"`` or a vocabulary file; ``matrix`` is
+    ``"X"``, ``"raw"`` or ``"layer:NAME"``; ``shard_size`` is the maximum number of cells per
+    shard (shards are balanced: ``ceil(n / shard_size)`` shards of sizes differing by at
+    most one); ``chunk_size`` is cells read per task (bounds memory; part of the dataset
+    definition because it shapes the shuffle); ``workers``/``scheduler`` say where tasks run
+    and never change the output; ``scratch_dir`` puts the shuffle's temporary buckets (as
+    many bytes as the dataset) on another file system, e.g. node-local SSD or ``/dev/shm``
+    (default: inside the output); ``preprocessing`` maps the ``preprocessing`` options
+    (:func:`options_in` ``("preprocessing")``) to values.
     """
 
     vocab: str = "human_protein_coding"
@@ -70,6 +167,14 @@ class ConvertOptions:
     def field_names(cls) -> tuple[str, ...]:
         """Names of all options."""
         return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default value of option ``name`` (None where it has none)."""
+        f = next((f for f in fields(cls) if f.name == name), None)
+        if f is None or f.default is MISSING:
+            return None
+        return f.default
 
     def definition(self) -> dict[str, Any]:
         """The options that define the data (hashed into ``dataset_id``); where and how

@@ -20,8 +20,8 @@ from typing import Any
 _SERVER = r"""
 import json, os, sys, threading, traceback
 import anndata, h5py, zarr  # noqa: F401  (imported once, before any fork)
-import scmf_shards.cli, scmf_shards.convert  # noqa: F401
-FAULT = scmf_shards.convert.FAULT_ENV
+import scmf_shards.cli, scmf_shards.convert.driver, scmf_shards.faults, scmf_shards.sources.h5ad  # noqa: F401
+FAULT = scmf_shards.faults.FAULT_ENV
 os.environ.pop(FAULT, None)
 reply = sys.stdout
 for line in sys.stdin:

@@ -25,8 +25,10 @@ from click.testing import CliRunner
 from conftest import hpc_genes, write_counts_h5ad
 from fault_harness import ForkServer
 
-from scmf_loader.errors import DatasetLockedError
-from scmf_shards import convert, faults
+from scmf_loader.errors import DatasetLockedError, ScmfError
+from scmf_shards import faults
+from scmf_shards.convert import convert_h5ad, output
+from scmf_shards.convert.workspace import Workspace
 from scmf_shards.cli import main
 
 OPTS = ["--shard-size", "500", "--chunk-size", "256", "--obs-columns", "cell_type", "--seed", "3", "--quiet"]
@@ -65,7 +67,7 @@ def reference(sources: list[Path], tmp_path_factory: pytest.TempPathFactory) -> 
     (the same sequence a single-process CLI run goes through)."""
     labels: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(convert.FAULT_ENV, raising=False)
+        mp.delenv(faults.FAULT_ENV, raising=False)
         mp.setattr(faults, "fault_point", labels.append)
         out = tmp_path_factory.mktemp("fault_ref") / "ds"
         code, text = _cli(_args(sources, out))
@@ -82,7 +84,7 @@ def server() -> Iterator[ForkServer]:
 
 def _csr_mtimes(out: Path) -> dict[str, int]:
     """mtime_ns of the CSR files of every shard that has a completion record."""
-    records = out / convert.TMP_DIR / "shards"
+    records = Workspace.at(out).records
     found = {}
     for rec in sorted(records.glob("*.json")) if records.is_dir() else []:
         shard = out / "shards" / f"{rec.stem}.zarr"
@@ -116,7 +118,7 @@ def _kill_and_rerun(args: list[str], out: Path, log: Path, point: int, label: st
         assert code == 1, where
         assert "no manifest" in text
         assert "not a complete scmf dataset" in text
-        if (out / convert.TMP_DIR / "plan.json").is_file():
+        if (Workspace.at(out).plan).is_file():
             assert "incomplete conversion" in text, where
             assert "planned; missing:" in text, where
     before = _csr_mtimes(out)
@@ -155,7 +157,7 @@ def test_sigkill_during_preprocessing_stats_then_rerun_is_byte_identical(
     hvg = ["--hvg", "40", "--hvg-flavor", "seurat_v3"]
     labels: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(convert.FAULT_ENV, raising=False)
+        mp.delenv(faults.FAULT_ENV, raising=False)
         mp.setattr(faults, "fault_point", labels.append)
         ref = tmp_path / "ref"
         code, text = _cli([*_args(sources, ref), *hvg])
@@ -222,12 +224,12 @@ def _kill_after(args: list[str], out: Path, delay: float) -> int:
     written; returns its exit status (``-SIGKILL`` when the kill came first)."""
     import psutil
 
-    env = {k: v for k, v in os.environ.items() if k != convert.FAULT_ENV}
+    env = {k: v for k, v in os.environ.items() if k != faults.FAULT_ENV}
     proc = subprocess.Popen([sys.executable, "-m", "scmf_shards.cli", *args, "--workers", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (out / convert.TMP_DIR / "plan.json").exists() and proc.poll() is None:
+        while not (Workspace.at(out).plan).exists() and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         time.sleep(delay)
@@ -294,7 +296,7 @@ def test_second_conversion_into_the_same_output_refuses(
         assert "another conversion is writing to this directory" in err
         assert str(out) in err
         with pytest.raises(DatasetLockedError, match="lock .scmf-lock held"):
-            convert.convert_h5ad(sources, out, seed=99, overwrite=True, quiet=True)
+            convert_h5ad(sources, out, seed=99, overwrite=True, quiet=True)
         assert tree_bytes(out) == snapshot  # nothing interleaved
     finally:
         os.kill(first, signal.SIGCONT)
@@ -319,9 +321,9 @@ def test_file_system_without_flock_is_a_clear_error(
     def no_flock(fd: int, op: int) -> None:
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
-    monkeypatch.setattr(convert.fcntl, "flock", no_flock)
-    with pytest.raises(convert.ScmfError, match=r"cannot lock \.scmf-lock \(Function not implemented\)"):
-        convert.convert_h5ad(sources[:1], tmp_path / "ds", quiet=True)
+    monkeypatch.setattr(output.fcntl, "flock", no_flock)
+    with pytest.raises(ScmfError, match=r"cannot lock \.scmf-lock \(Function not implemented\)"):
+        convert_h5ad(sources[:1], tmp_path / "ds", quiet=True)
     assert not (tmp_path / "ds" / "manifest.json").exists()
 
 
@@ -332,8 +334,8 @@ def test_scratch_without_a_plan_is_discarded(
     nothing that could belong to another dataset; the re-run starts afresh."""
     expected, _ = reference
     out = tmp_path / "ds"
-    (out / convert.TMP_DIR).mkdir(parents=True)
-    (out / convert.TMP_DIR / "plan.json.tmp").write_text('{"dataset_id": "sha256:0')
+    Workspace.at(out).root.mkdir(parents=True)
+    (Workspace.at(out).root / "plan.json.tmp").write_text('{"dataset_id": "sha256:0')
     code, text = _cli(_args(sources, out))
     assert code == 0, text
     assert tree_bytes(out) == expected
@@ -352,7 +354,7 @@ def test_scratch_dir_buckets_resume_and_are_removed(
     buckets = list(scratch.glob("scmf-buckets-*"))
     assert len(buckets) == 1
     assert len(list(buckets[0].glob("c*"))) == 7  # every chunk scattered before the first gather
-    assert not (out / convert.TMP_DIR / "buckets").exists()
+    assert not (Workspace.at(out).root / "buckets").exists()
     code, text = _cli(args)
     assert code == 0, text
     assert tree_bytes(out) == expected  # the scratch location is not part of the dataset

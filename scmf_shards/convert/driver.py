@@ -1,0 +1,322 @@
+"""The driver of a conversion: sources → plan → scatter → gather → vocabulary and manifest.
+
+:func:`convert_sources` checks everything that needs no data (obs columns, vocabulary,
+alignments, preprocessing), computes the dataset id, takes the output directory's lock and
+decides what to do with what is there (:mod:`.output`); then a run goes through its stages,
+each a function of one :class:`_Run` context: :func:`_plan` writes the scratch layout
+(:mod:`.workspace`), the preprocessing stats passes fit, :mod:`.scatter` and :mod:`.gather`
+tasks run where the :class:`~scmf_shards.executor.TaskRunner` says, and :func:`_publish`
+writes ``vocab.json`` and finally ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scmf_loader.errors import DatasetExistsError, InvalidInputError, ScmfError
+from scmf_loader.format import (
+    SHARDS_DIR,
+    VOCAB_NAME,
+    Manifest,
+    ObsColumn,
+    ShardEntry,
+    SourceEntry,
+    compute_dataset_id,
+    sha256_file,
+    write_manifest,
+)
+from scmf_loader.vocab import GeneVocab, normalize_gene_id
+from scmf_shards import faults
+from scmf_shards.align import GeneAlignment, StoredAlignment, build_alignment, store_alignment
+from scmf_shards.convert.gather import CELL_STATS, GatherTask, run_gather
+from scmf_shards.convert.output import locked, prepare_output, remove_partial_shards
+from scmf_shards.convert.scatter import ScatterTask, run_scatter
+from scmf_shards.convert.workspace import Workspace, bucket_path
+from scmf_shards.executor import TaskRunner
+from scmf_shards.options import ConvertOptions
+from scmf_shards.plan import ReadChunk, assignment_table, plan_chunks, shard_sizes
+from scmf_shards.preprocess.stats import allows_negative, check_preprocessing, fit_preprocessing
+from scmf_shards.scratch import release_all as scratch_release_all
+
+__all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "resolve_vocab"]
+
+#: the manifest's ``preprocessing`` of a dataset that stores raw values (docs/format.md)
+RAW_PREPROCESSING = {"normalize": None, "log1p": False, "hvg": None}
+
+
+def resolve_vocab(spec: str | GeneVocab, sources: Sequence[Any]) -> GeneVocab:
+    """The vocabulary named by ``spec``: a :class:`GeneVocab` as is, ``"human_protein_coding"``,
+    ``"union"`` (of the genes of ``sources``, objects with a ``genes`` list) or a vocabulary
+    file (``.json``/``.tsv``)."""
+    if isinstance(spec, GeneVocab):
+        return spec
+    if spec == "human_protein_coding":
+        return GeneVocab.human_protein_coding()
+    if spec == "union":
+        return GeneVocab.union([[normalize_gene_id(g) for g in s.genes] for s in sources])
+    return GeneVocab.from_file(spec)
+
+
+def _created_by() -> str:
+    try:
+        return f"scmodelforge-data {version('scmodelforge-data')}"
+    except PackageNotFoundError:  # running from a source tree
+        return "scmodelforge-data (source tree)"
+
+
+def _source_names(paths: Sequence[str]) -> list[str]:
+    """Each source's file name, made unique with ``#2``, ``#3`` ... (the ``source`` category)."""
+    base = [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+    counts: dict[str, int] = {}
+    out = []
+    for b in base:
+        counts[b] = counts.get(b, 0) + 1
+        out.append(b if counts[b] == 1 else f"{b}#{counts[b]}")
+    return out
+
+
+def _open_h5ad(path: str, options: ConvertOptions) -> Any:
+    """An :class:`H5adSource`; any error of the file system layer (fsspec, botocore: no
+    credentials, no network ...) while opening a URL becomes one line naming the URL."""
+    from scmf_shards.sources.h5ad import H5adSource, is_url
+
+    try:
+        return H5adSource(path, matrix=options.matrix, gene_column=options.gene_column)
+    except ScmfError:
+        raise
+    except Exception as exc:
+        if not is_url(path):
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidInputError(f"{path}: cannot open ({reason})") from exc
+
+
+def convert_h5ad(
+    inputs: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    options: ConvertOptions | None = None,
+    **kwargs: Any,
+) -> Manifest:
+    """Convert ``.h5ad`` inputs (paths or fsspec URLs) into a dataset directory ``output``.
+
+    Options come from ``options`` or keyword arguments (see :class:`ConvertOptions`).
+    Returns the manifest written last. Raises a :class:`~scmf_loader.errors.ScmfError`
+    subclass naming the file and the problem for any bad input; no manifest is written then.
+    """
+    if options is None:
+        options = ConvertOptions(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either options or keyword arguments, not both")
+    paths = [os.fspath(p) for p in inputs]
+    if not paths:
+        raise ScmfError("no input files given")
+    if len(set(paths)) != len(paths):
+        raise ScmfError(f"the same input is given twice: {paths}")
+    return convert_sources([_open_h5ad(p, options) for p in paths], output, options)
+
+
+@dataclass
+class _Run:
+    """What every stage of one conversion needs."""
+
+    out: Path
+    ws: Workspace
+    names: list[str]
+    sources: list[Any]
+    alignments: list[GeneAlignment]
+    vocab: GeneVocab
+    categories: dict[str, list[str]]
+    fingerprints: list[dict[str, Any]]
+    dataset_id: str
+    options: ConvertOptions
+    runner: TaskRunner
+
+
+@dataclass
+class _Plan:
+    """The read chunks, shard sizes, assignment table and bucket root of a run."""
+
+    chunks: list[ReadChunk]
+    sizes: np.ndarray
+    table: np.ndarray
+    buckets: Path
+
+
+def _fingerprint(source: Any) -> dict[str, Any]:
+    return dict(source.fingerprint())
+
+
+def _categories(sources: Sequence[Any], names: list[str], columns: Sequence[str]) -> dict[str, list[str]]:
+    """Categories of the ``source`` column and of every kept obs column (sorted values)."""
+    categories: dict[str, list[str]] = {"source": names}
+    for col in columns:
+        values: set[str] = set()
+        for s in sources:
+            values.update(v for v in s.obs_values(col) if v is not None)
+        categories[col] = sorted(values)
+    return categories
+
+
+def convert_sources(
+    sources: Sequence[Any], output: str | os.PathLike[str], options: ConvertOptions
+) -> Manifest:
+    """Convert already-opened sources (objects like :class:`H5adSource`: ``path``, ``kind``,
+    ``n_cells``, ``n_genes``, ``genes``, ``check_obs_columns``, ``obs_values``,
+    ``read_rows``, ``fingerprint``, ``manifest_fields``; picklable) into ``output``."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise DatasetExistsError(f"{out}: exists and is not a directory")
+    for s in sources:
+        s.check_obs_columns(options.obs_columns)
+    vocab = resolve_vocab(options.vocab, sources)
+    alignments = [build_alignment(s.genes, vocab, s.path) for s in sources]
+    check_preprocessing(options.preprocessing, sources, alignments)
+    names = _source_names([s.path for s in sources])
+    categories = _categories(sources, names, options.obs_columns)
+    with TaskRunner(options.workers, options.scheduler, options.quiet) as runner:
+        fingerprints = runner.map(_fingerprint, list(sources), desc="checksum sources")
+        definition = {
+            "sources": [{"name": n, **fp} for n, fp in zip(names, fingerprints, strict=True)],
+            "vocab_sha256": vocab.sha256(),
+            "options": options.definition(),
+        }
+        dataset_id = compute_dataset_id(definition)
+        out.mkdir(parents=True, exist_ok=True)
+        with locked(out):
+            existing = prepare_output(out, dataset_id, options.overwrite)
+            if existing is not None:
+                return existing
+            run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
+                       fingerprints, dataset_id, options, runner)
+            return _execute(run)
+
+
+def _execute(run: _Run) -> Manifest:
+    """The stages of one conversion, in order."""
+    plan = _plan(run)
+    stored = [store_alignment(a, run.ws.alignment(i)) for i, a in enumerate(run.alignments)]
+    prep = fit_preprocessing(  # stats pass(es) over all chunks: HVGs, scran size factors
+        run.options.preprocessing, run.sources, plan.chunks, stored, run.vocab.tokens,
+        seed=run.options.seed, dtype=run.options.dtype, matrix=run.options.matrix,
+        work_dir=run.ws.preprocess, runner=run.runner,
+    )
+    _scatter(run, plan, stored, prep)
+    shards = _gather(run, plan, prep)
+    manifest = _publish(run, shards, prep)
+    if run.options.scratch_dir is not None:
+        shutil.rmtree(plan.buckets, ignore_errors=True)
+    shutil.rmtree(run.ws.root)
+    return manifest
+
+
+def _plan(run: _Run) -> _Plan:
+    """Plan the chunks and shards, and write the scratch layout: the plan first (it marks
+    the scratch directory as this conversion's), then the table, directories, vocabulary."""
+    opts, ws = run.options, run.ws
+    chunks = plan_chunks([s.n_cells for s in run.sources], opts.chunk_size)
+    sizes = shard_sizes(sum(s.n_cells for s in run.sources), opts.shard_size)
+    table = assignment_table([c.n_cells for c in chunks], sizes, opts.seed, opts.shuffle)
+    ws.root.mkdir(exist_ok=True)
+    buckets = ws.bucket_root(opts.scratch_dir, run.dataset_id)
+    ws.write_plan({"dataset_id": run.dataset_id, "n_shards": len(sizes),
+                   "chunk_sources": [c.source for c in chunks], "bucket_root": str(buckets)})
+    faults.fault_point("driver:plan")
+    tmp_table = ws.table.with_name(f"{ws.table.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp_table, np.ascontiguousarray(table.T))  # one row per shard: what its gather reads
+    os.replace(tmp_table, ws.table)
+    buckets.mkdir(parents=True, exist_ok=True)
+    ws.records.mkdir(exist_ok=True)
+    (run.out / SHARDS_DIR).mkdir(exist_ok=True)
+    run.vocab.save(ws.vocab)
+    faults.fault_point("driver:vocab")
+    return _Plan(chunks, sizes, table, buckets)
+
+
+def _scatter(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -> None:
+    """Run one scatter task per read chunk."""
+    opts = run.options
+    categories = {k: run.categories[k] for k in opts.obs_columns}
+    tasks = [
+        ScatterTask(
+            chunk=c, source=run.sources[c.source], matrix=opts.matrix, alignment=stored[c.source],
+            obs_columns=opts.obs_columns, categories=categories, counts=plan.table[c.index],
+            seed=opts.seed, shuffle=opts.shuffle, dtype=opts.dtype,
+            bucket_dir=str(bucket_path(plan.buckets, c.index)),
+            transform=prep.transform_for(c.index) if prep is not None else None,
+            allow_negative=allows_negative(opts.preprocessing),
+        )
+        for c in plan.chunks
+    ]
+    run.runner.map(run_scatter, tasks, desc="read and align")
+
+
+def _gather(run: _Run, plan: _Plan, prep: Any) -> list[ShardEntry]:
+    """Run one gather task per shard; their manifest entries, in shard order."""
+    opts = run.options
+    tasks = [
+        GatherTask(
+            shard=s, out_dir=str(run.out), bucket_root=str(plan.buckets),
+            vocab_sha256=run.vocab.sha256(), n_genes=len(run.vocab), obs_columns=opts.obs_columns,
+            categories=run.categories, seed=opts.seed, shuffle=opts.shuffle, dtype=opts.dtype,
+            cell_stats=prep.cell_stats if prep is not None else CELL_STATS,
+        )
+        for s in range(len(plan.sizes))
+    ]
+    shard_dicts = run.runner.map(run_gather, tasks, desc="write shards")
+    scratch_release_all()  # in-process runs: the driver's thread ran the tasks
+    return [ShardEntry.from_dict(d, i) for i, d in enumerate(shard_dicts)]
+
+
+def _publish(run: _Run, shards: list[ShardEntry], prep: Any) -> Manifest:
+    """Copy the vocabulary into place, then write the manifest (last)."""
+    vocab_path, vocab_tmp = run.out / VOCAB_NAME, run.out / (VOCAB_NAME + ".tmp")
+    shutil.copyfile(run.ws.vocab, vocab_tmp)
+    faults.fault_point("driver:vocab-tmp")
+    os.replace(vocab_tmp, vocab_path)
+    faults.fault_point("driver:vocab-out")
+    manifest = _manifest(run, shards, prep, sha256_file(vocab_path))
+    remove_partial_shards(run.out)  # temporaries of killed attempts (never of this run's tasks)
+    write_manifest(run.out, manifest, before_rename=lambda: faults.fault_point("driver:manifest-tmp"))
+    faults.fault_point("driver:manifest")
+    return manifest
+
+
+def _source_entries(run: _Run) -> list[SourceEntry]:
+    entries = []
+    for n, src, a, fp in zip(run.names, run.sources, run.alignments, run.fingerprints, strict=True):
+        extra = {"name": n, **src.manifest_fields(fp)}
+        entries.append(SourceEntry(
+            path=src.path, kind=src.kind, n_cells=src.n_cells, n_genes=src.n_genes,
+            genes_matched=a.n_matched, genes_dropped=a.n_dropped,
+            size=extra.pop("size", None), sha256=extra.pop("sha256", None), extra=extra,
+        ))
+    return entries
+
+
+def _manifest(run: _Run, shards: list[ShardEntry], prep: Any, vocab_file_sha256: str) -> Manifest:
+    opts, vocab = run.options, run.vocab
+    return Manifest(
+        dataset_id=run.dataset_id,
+        created_by=_created_by(),
+        n_cells=sum(s.n_cells for s in run.sources),
+        n_genes=len(vocab),
+        nnz=sum(s.nnz for s in shards),
+        dtype=opts.dtype,
+        vocab={"path": VOCAB_NAME, "sha256": vocab.sha256(), "file_sha256": vocab_file_sha256,
+               "name": vocab.name, "n_tokens": len(vocab)},
+        preprocessing=prep.manifest_dict() if prep is not None else dict(RAW_PREPROCESSING),
+        sources=_source_entries(run),
+        obs_columns=[ObsColumn(name=k, categories=tuple(v)) for k, v in run.categories.items()],
+        cell_stats=prep.cell_stats if prep is not None else CELL_STATS,
+        shuffle={"enabled": opts.shuffle, "seed": opts.seed, "chunk_size": opts.chunk_size,
+                 "shard_size": opts.shard_size},
+        shards=shards,
+    )

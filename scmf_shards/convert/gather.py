@@ -1,0 +1,205 @@
+"""The gather stage: one task per shard collects its rows from every bucket, applies the
+in-shard permutation, writes the shard (temporary name, then rename) and its completion
+record. Memory: the shard once; no bucket file stays open, however many chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scmf_loader.errors import ScmfError
+from scmf_loader.format import ShardEntry, shard_relpath
+from scmf_loader.vocab import GeneVocab
+from scmf_shards import faults
+from scmf_shards.convert.output import shard_verifies
+from scmf_shards.convert.workspace import Workspace, bucket_path
+from scmf_shards.kernels import copy_rows
+from scmf_shards.plan import shard_permutation
+from scmf_shards.scratch import release as scratch_release
+from scmf_shards.scratch import scratch
+from scmf_shards.write import attempt_name, write_shard
+
+__all__ = ["CELL_STATS", "BucketPiece", "GatherTask", "run_gather"]
+
+CELL_STATS = ("library_size",)
+
+
+@dataclass(frozen=True)
+class GatherTask:
+    """Everything one gather task needs (small and picklable)."""
+
+    shard: int
+    out_dir: str
+    bucket_root: str  # where the buckets live (.scmf-tmp/buckets, or in --scratch-dir)
+    vocab_sha256: str
+    n_genes: int
+    obs_columns: tuple[str, ...]
+    categories: Mapping[str, Sequence[str]]
+    seed: int
+    shuffle: bool
+    dtype: str
+    cell_stats: tuple[str, ...] = CELL_STATS
+
+
+@dataclass
+class BucketPiece:
+    """The rows one bucket holds for one shard: where they lie in its data/indices files,
+    and their small per-cell arrays (read into memory)."""
+
+    bucket: Path
+    starts: np.ndarray
+    stops: np.ndarray
+    cells: np.ndarray
+    library_size: np.ndarray
+    codes: np.ndarray
+    source: int
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def run_gather(task: GatherTask) -> dict[str, Any]:
+    """Gather task: collect one shard's rows from every bucket, permute, write the shard.
+    Returns the shard's manifest entry (as a dict); a shard that verifies is reused."""
+    scratch_release("h5ad.", "align.")  # the scatter stage is over: its buffers are not needed
+    out_dir = Path(task.out_dir)
+    ws = Workspace.at(out_dir)
+    relpath = shard_relpath(task.shard)
+    record, final = ws.record(task.shard), out_dir / relpath
+    if record.is_file() and final.is_dir():
+        entry = ShardEntry.from_dict(json.loads(record.read_text()), task.shard)
+        if shard_verifies(out_dir, entry):
+            return entry.to_dict()
+    pieces = collect_pieces(task, ws)
+    perm = shard_permutation(sum(len(p.starts) for p in pieces), task.seed, task.shard, task.shuffle)
+    data, indices, indptr = _gather_csr(task, pieces, perm)
+    cells, codes, numeric = _gather_obs(task, pieces, perm)
+    entry = write_shard(
+        final, relpath, data=data, indices=indices, indptr=indptr, n_genes=task.n_genes,
+        cell_ids=cells, obs_codes=codes,
+        obs_categories={"source": task.categories["source"],
+                        **{c: task.categories[c] for c in task.obs_columns}},
+        var_names=_vocab_tokens(str(ws.vocab), task.vocab_sha256),
+        after_step=faults.fault_point, numeric_obs=numeric,
+    )
+    faults.fault_point("gather:shard")
+    d = entry.to_dict()
+    tmp_record = attempt_name(record)
+    tmp_record.write_text(json.dumps(d))
+    faults.fault_point("gather:record-tmp")
+    os.replace(tmp_record, record)
+    faults.fault_point("gather:record")
+    return d
+
+
+def collect_pieces(task: GatherTask, ws: Workspace) -> list[BucketPiece]:
+    """This shard's rows in every bucket, in chunk order. Only the small per-cell arrays
+    are read here; values and indices are copied later, one bucket at a time."""
+    extra_names = [k for k in task.cell_stats if k != "library_size"]
+    chunks, chunk_sources = _shard_chunks(ws, task.shard)
+    pieces = []
+    for c, source_index in zip(chunks.tolist(), chunk_sources.tolist(), strict=True):
+        b = bucket_path(task.bucket_root, c)
+        offsets = np.load(b / "offsets.npy")
+        lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
+        if hi == lo:
+            continue
+        indptr = _rows(b / "indptr.npy", lo, hi + 1)
+        pieces.append(BucketPiece(
+            bucket=b, starts=indptr[:-1], stops=indptr[1:],
+            cells=_rows(b / "cells.npy", lo, hi), library_size=_rows(b / "library_size.npy", lo, hi),
+            codes=_rows(b / "codes.npy", lo, hi), source=source_index,
+            extra={k: _rows(b / f"{k}.npy", lo, hi) for k in extra_names},
+        ))
+    return pieces
+
+
+def _gather_csr(task: GatherTask, pieces: Sequence[BucketPiece],
+                perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shard's CSR arrays (data and indices in this thread's scratch buffers)."""
+    starts = np.concatenate([p.starts for p in pieces]) if pieces else np.zeros(0, np.int64)
+    stops = np.concatenate([p.stops for p in pieces]) if pieces else np.zeros(0, np.int64)
+    n = len(starts)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum((stops - starts)[perm], out=indptr[1:])
+    nnz = int(indptr[-1])
+    data = scratch("gather.data", nnz, task.dtype)  # reused across this thread's shards
+    indices = scratch("gather.indices", nnz, np.int32)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[perm] = np.arange(n, dtype=np.int64)
+    dest = indptr[inverse]  # where each gathered row starts in the shard
+    row = 0
+    for p in pieces:  # this shard's rows are one contiguous stretch of each bucket: read it
+        lo, hi = int(p.starts[0]), int(p.stops[-1])  # with one pread each (no map, no page faults)
+        data_seg = _npy_segment(p.bucket / "data.npy", lo, hi, "gather.seg_data")
+        indices_seg = _npy_segment(p.bucket / "indices.npy", lo, hi, "gather.seg_indices")
+        copy_rows(data_seg, indices_seg, p.starts - lo, p.stops - lo, dest[row : row + len(p.starts)],
+                  data, indices)
+        row += len(p.starts)
+    return data, indices, indptr
+
+
+def _gather_obs(task: GatherTask, pieces: Sequence[BucketPiece], perm: np.ndarray
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Cell ids, obs codes (``source`` first) and numeric per-cell stats, permuted."""
+    def cat(arrays: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+        return np.concatenate(arrays)[perm] if arrays else empty
+
+    cells = cat([np.asarray(p.cells) for p in pieces], np.zeros(0, str))
+    codes = cat([np.asarray(p.codes) for p in pieces], np.zeros((0, len(task.obs_columns)), np.int32))
+    obs_codes = {"source": cat([np.full(len(p.starts), p.source, dtype=np.int32) for p in pieces],
+                               np.zeros(0, np.int32))}
+    obs_codes.update({c: codes[:, j] for j, c in enumerate(task.obs_columns)})
+    numeric = {"library_size": cat([np.asarray(p.library_size) for p in pieces], np.zeros(0))}
+    for k in task.cell_stats:
+        if k != "library_size":
+            numeric[k] = cat([p.extra[k] for p in pieces], np.zeros(0))
+    return cells, obs_codes, numeric
+
+
+def _shard_chunks(ws: Workspace, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks that send cells to ``shard`` and their sources, from the plan files (so a
+    gather task carries no per-chunk lists: O(1) to submit whatever the dataset size)."""
+    row = np.array(np.load(ws.table, mmap_mode="r")[shard])
+    chunks = np.flatnonzero(row)
+    plan = ws.read_plan()  # ~1 ms for 6,000 chunks
+    if plan is None or "chunk_sources" not in plan:
+        raise ScmfError(f"{ws.plan}: missing or unreadable; re-run the conversion")
+    return chunks, np.asarray(plan["chunk_sources"], dtype=np.int64)[chunks]
+
+
+def _npy_segment(path: Path, start: int, stop: int, role: str) -> np.ndarray:
+    """Items ``[start, stop)`` of a 1-d ``.npy`` file, read into this thread's scratch buffer
+    ``role`` (valid until the next read with that role)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        if len(shape) != 1 or not 0 <= start <= stop <= shape[0]:
+            raise ScmfError(f"{path}: expected a 1-d array holding items [{start}, {stop}), found shape {shape}")
+        out = scratch(role, stop - start, dtype)
+        f.seek(f.tell() + start * dtype.itemsize)
+        n = f.readinto(memoryview(out).cast("B"))
+    if n != out.nbytes:
+        raise ScmfError(f"{path}: truncated (read {n} of {out.nbytes} bytes)")
+    return out
+
+
+def _rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a ``.npy`` file, copied into memory; the file is closed."""
+    return np.array(np.load(path, mmap_mode="r")[start:stop])
+
+
+@lru_cache(maxsize=4)
+def _vocab_tokens(vocab_file: str, vocab_sha256: str) -> tuple[str, ...]:
+    vocab = GeneVocab.from_file(vocab_file)
+    if vocab.sha256() != vocab_sha256:
+        raise ScmfError(f"{vocab_file}: vocabulary changed during the conversion")
+    return tuple(vocab.tokens)

@@ -1,0 +1,138 @@
+"""The scatter stage: one task per read chunk reads rows of one source, validates them,
+aligns them to the vocabulary, and writes them grouped by destination shard into a bucket
+directory (temporary name, renamed into place when complete)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scmf_loader.errors import InvalidInputError
+from scmf_shards import faults
+from scmf_shards.align import StoredAlignment, align_rows_with_totals
+from scmf_shards.plan import ReadChunk, chunk_destinations
+from scmf_shards.values import check_values
+from scmf_shards.write import attempt_name
+
+__all__ = ["ScatterTask", "run_scatter"]
+
+
+@dataclass(frozen=True)
+class ScatterTask:
+    """Everything one scatter task needs (small and picklable)."""
+
+    chunk: ReadChunk
+    source: Any  # a picklable reader with .path, .n_genes and .read_rows (e.g. H5adSource)
+    matrix: str
+    alignment: StoredAlignment  # a reference: the arrays are loaded where the task runs
+    obs_columns: tuple[str, ...]
+    categories: Mapping[str, Sequence[str]]
+    counts: np.ndarray
+    seed: int
+    shuffle: bool
+    dtype: str
+    bucket_dir: str
+    transform: Any = None  # preprocessing of the chunk (scmf_shards.preprocess.stats.ChunkTransform)
+    allow_negative: bool = False  # data stated as normalised, no log1p (see scmf_shards.values)
+
+    @property
+    def where(self) -> str:
+        """The chunk, named for error messages."""
+        return f"{self.source.path}: rows [{self.chunk.start}, {self.chunk.stop}) of '{self.matrix}'"
+
+
+@dataclass
+class _Bucket:
+    """One chunk's rows in bucket order (grouped by destination shard)."""
+
+    aligned: Any  # scipy CSR (in this thread's scratch buffers)
+    library_size: np.ndarray
+    extra_stats: dict[str, np.ndarray]
+    cells: np.ndarray
+    codes: np.ndarray
+    offsets: np.ndarray
+
+
+def obs_codes(values: np.ndarray, categories: Sequence[str], column: str, where: str) -> np.ndarray:
+    """Category code of each value (int32); a missing value (None) is -1. A value outside
+    the categories the driver collected before any work means the input changed since."""
+    import pandas as pd  # a vectorised hash lookup
+
+    codes = pd.Index(list(categories), dtype=object).get_indexer(np.asarray(values, dtype=object))
+    if not (codes < 0).any():
+        return codes.astype(np.int32)
+    bad = [v for v, c in zip(values.tolist(), codes.tolist(), strict=True) if c < 0 and v is not None]
+    if bad:
+        raise InvalidInputError(
+            f"{where}: obs column {column!r} holds {bad[0]!r}, which was not among its values "
+            f"when the conversion was planned ({len(categories)} categories); the input changed "
+            "during the conversion? Re-run the command"
+        )
+    return codes.astype(np.int32)
+
+
+def _read_and_align(task: ScatterTask) -> _Bucket:
+    """Read the chunk, check its values, align and order its rows by destination shard."""
+    rows = task.source.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns, reuse=True)
+    raw = rows.matrix
+    check_values(raw.data, task.dtype, task.where, allow_negative=task.allow_negative)
+    alignment = task.alignment.load()
+    dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
+    order = np.argsort(dest, kind="stable")  # rows grouped by destination shard
+    aligned, library_size = align_rows_with_totals(
+        raw, alignment, dtype=task.dtype if task.transform is None else None, row_order=order,
+        reuse=True)  # scratch buffers: written out before this task returns
+    if rows.library_size is not None:  # the source knows totals over genes it did not return
+        library_size = np.asarray(rows.library_size, dtype=np.float64)[order]
+    extra_stats: dict[str, np.ndarray] = {}
+    if task.transform is not None:  # HVG restriction, baked normalisation, size factors
+        aligned, extra_stats = task.transform.apply(raw, aligned, library_size, task.where, order=order)
+    if task.obs_columns:
+        codes = np.stack([obs_codes(rows.obs[c], task.categories[c], c, task.where)[order]
+                          for c in task.obs_columns], axis=1)
+    else:
+        codes = np.zeros((len(order), 0), dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(task.counts)]).astype(np.int64)
+    return _Bucket(aligned, library_size, extra_stats, np.asarray(rows.cell_ids[order], dtype=str),
+                   codes, offsets)
+
+
+def _save(tmp: Path, bucket: _Bucket, dtype: str) -> None:
+    """Write a bucket's files (the fault points name the crash points tests use)."""
+    np.save(tmp / "data.npy", bucket.aligned.data.astype(dtype, copy=False))
+    faults.fault_point("scatter:partial")
+    np.save(tmp / "indices.npy", bucket.aligned.indices.astype(np.int32, copy=False))
+    np.save(tmp / "indptr.npy", bucket.aligned.indptr.astype(np.int64, copy=False))
+    np.save(tmp / "cells.npy", bucket.cells)
+    np.save(tmp / "library_size.npy", bucket.library_size)  # already in bucket order, as are
+    for stat_name, stat in bucket.extra_stats.items():       # the aligned rows and extra stats
+        np.save(tmp / f"{stat_name}.npy", stat)
+    np.save(tmp / "codes.npy", bucket.codes)
+    np.save(tmp / "offsets.npy", bucket.offsets)
+    faults.fault_point("scatter:written")
+
+
+def run_scatter(task: ScatterTask) -> int:
+    """Scatter task: read, validate and align one chunk; write it grouped by shard.
+    Returns the number of shard offsets (shards + 1); a complete bucket is reused."""
+    out = Path(task.bucket_dir)
+    if out.is_dir():
+        return int(np.load(out / "offsets.npy").shape[0])  # complete from an earlier run
+    bucket = _read_and_align(task)
+    tmp = attempt_name(out)
+    tmp.mkdir(parents=True)
+    _save(tmp, bucket, task.dtype)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another attempt of this task finished first: same bytes, keep its bucket
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    faults.fault_point("scatter:renamed")
+    return len(bucket.offsets)
