@@ -378,6 +378,8 @@ class GeneVocab:
         for org, table in self._extra.items():
             per_token: list[list[str]] = [[] for _ in range(n)]
             for alias, i in sorted(table.items()):
+                if "," in alias:
+                    raise VocabularyError(f"{p}: alias {alias!r} has a comma; save as .json")
                 per_token[i].append(alias)
             cols[f"aliases:{org}"] = [",".join(a) for a in per_token]
         body = "\t".join(cols) + "\n"

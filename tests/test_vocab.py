@@ -129,3 +129,207 @@ def test_round_trip_property(tmp_path_factory: pytest.TempPathFactory, genes: li
         again = GeneVocab.from_file(d / name)
         assert again.tokens == v.tokens
         assert again.decode(again.encode(genes)) == [normalize_gene_id(g) for g in genes]
+
+
+# ---- multi-species: human + mouse through one-to-one orthologs -------------------------------
+DATA = Path(__file__).resolve().parents[1] / "scmf_loader" / "data"
+
+
+def _tsv(name: str) -> list[list[str]]:
+    """A shipped table read with plain gzip (an independent reader of the same bytes)."""
+    import gzip
+
+    lines = gzip.decompress((DATA / name).read_bytes()).decode().splitlines()
+    return [ln.split("\t") for ln in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def tables() -> dict[str, object]:
+    human = _tsv("human_protein_coding.tsv.gz")
+    mouse = _tsv("mouse_protein_coding.tsv.gz")
+    pairs = _tsv("human_mouse_orthologs.tsv.gz")
+    one2one = {m: h for h, m, t in pairs if t == "one2one"}
+    paired = {m for _h, m, _t in pairs}
+    return {
+        "human": human, "mouse": mouse, "mouse_symbol": dict(mouse), "one2one": one2one,
+        "non_one2one": sorted(paired - set(one2one)),
+        "mouse_only": [g for g, _s in mouse if g not in paired],
+    }
+
+
+@pytest.fixture(scope="module")
+def hm() -> GeneVocab:
+    return GeneVocab.multi_species(["human", "mouse"])
+
+
+def test_shipped_tables_are_consistent(tables: dict) -> None:
+    human_ids = {g for g, _s in tables["human"]}
+    mouse_ids = {g for g, _s in tables["mouse"]}
+    pairs = _tsv("human_mouse_orthologs.tsv.gz")
+    assert len(tables["mouse"]) == len(mouse_ids) == len(set(tables["mouse_symbol"].values())) == 21_637
+    assert all(g.startswith("ENSMUSG") for g in mouse_ids)
+    assert {h for h, _m, _t in pairs} <= human_ids
+    assert {m for _h, m, _t in pairs} <= mouse_ids
+    assert {t for _h, _m, t in pairs} == {"one2one", "one2many", "many2many"}
+    # one2one means one partner on each side; the counts measured in docs/species.md
+    one = [(h, m) for h, m, t in pairs if t == "one2one"]
+    assert len({h for h, _ in one}) == len({m for _, m in one}) == len(one) == 16_266
+    assert len(tables["non_one2one"]) == 2_302
+    assert len(tables["mouse_only"]) == 3_069
+    for _h, m, t in pairs:  # a one2one gene never has a second partner
+        if t != "one2one":
+            assert tables["one2one"].get(m) is None
+
+
+def test_mouse_genes_land_on_their_human_orthologs_token(hm: GeneVocab, tables: dict) -> None:
+    one2one, symbol = tables["one2one"], tables["mouse_symbol"]
+    mouse_ids = sorted(one2one)
+    expected = [hm.lookup(one2one[m]) for m in mouse_ids]
+    assert min(expected) >= 4
+    assert hm.decode(expected) == [one2one[m] for m in mouse_ids]
+    for organism in ("mouse", None):
+        assert hm.encode(mouse_ids, organism=organism).tolist() == expected
+        assert hm.encode([f"{m}.7" for m in mouse_ids], organism=organism).tolist() == expected
+    assert hm.encode([symbol[m] for m in mouse_ids], organism="mouse").tolist() == expected
+    # named examples
+    cd3e, tp53 = hm.lookup("ENSG00000198851"), hm.lookup("ENSG00000141510")
+    assert hm.encode(["Cd3e", "ENSMUSG00000032093.5", "Trp53"], organism="mouse").tolist() == [cd3e, cd3e, tp53]
+    assert hm.encode(["CD3E", "TP53"], organism="human").tolist() == [cd3e, tp53]
+
+
+def test_non_one2one_and_mouse_only_genes(tables: dict, hm: GeneVocab) -> None:
+    symbol = tables["mouse_symbol"]
+    for genes in (tables["non_one2one"], tables["mouse_only"]):
+        assert set(hm.encode(genes, organism="mouse").tolist()) == {UNK_ID}
+        assert set(hm.encode([symbol[g] for g in genes], organism="mouse").tolist()) == {UNK_ID}
+    tok = GeneVocab.multi_species(["human", "mouse"], mouse_only="token")
+    n_human = len(tables["human"]) + 4
+    assert len(tok) == n_human + len(tables["mouse_only"])
+    assert tok.genes[n_human - 4:] == tables["mouse_only"]  # after the human tokens, by id
+    ids = tok.encode(tables["mouse_only"], organism="mouse")
+    assert ids.tolist() == list(range(n_human, len(tok)))
+    assert tok.encode([symbol[g] for g in tables["mouse_only"]], organism="mouse").tolist() == ids.tolist()
+    assert {tok.origin(int(i)) for i in ids} == {"mus_musculus"}
+    assert set(tok.encode(tables["non_one2one"], organism="mouse").tolist()) == {UNK_ID}
+    # mouse-only tokens are not human names
+    assert set(tok.encode(tables["mouse_only"][:50], organism="human").tolist()) == {UNK_ID}
+
+
+def test_human_part_is_the_default_vocabulary(hm: GeneVocab) -> None:
+    h = GeneVocab.human_protein_coding()
+    assert hm.tokens == h.tokens
+    assert hm.symbols == h.symbols
+    assert hm.encode(["TP53", "ENSG00000141510.3", "BRCA1"]).tolist() == h.encode(["TP53", "ENSG00000141510.3", "BRCA1"]).tolist()
+    assert hm.organisms == ["homo_sapiens", "mus_musculus"]
+    assert hm.origins == [None] * 4 + ["homo_sapiens"] * (len(h) - 4)
+    assert hm.origin(0) is None
+    assert h.organisms == ["homo_sapiens"]
+    assert h.origin(10) == "homo_sapiens"
+    assert not h.is_multi_species
+    assert hm.is_multi_species
+    assert GeneVocab.from_genes(["A"]).organisms == []
+    assert GeneVocab.from_genes(["A"]).origin(4) is None
+    assert hm.name == "human+mouse"
+    # the default vocabulary's hash did not move (datasets written before record it)
+    assert h.sha256() == "21e1732e777a9b814fa2d6e09916b077fe3f844c3abd42755225ff790c703521"
+
+
+def test_lookups_can_be_restricted_to_one_organism(hm: GeneVocab, tables: dict) -> None:
+    assert hm.lookup("CD3E", "mouse") == UNK_ID
+    assert hm.lookup("ENSG00000198851", "mouse") == UNK_ID
+    assert hm.lookup("Cd3e", "human") == UNK_ID
+    assert hm.lookup("ENSMUSG00000032093", "Homo sapiens") == UNK_ID
+    assert hm.lookup("<pad>", "mouse") == PAD_ID  # special tokens stay visible (alignment refuses them)
+    # a mouse symbol spelled like a human symbol: its mouse meaning under organism="mouse",
+    # the human one without an organism
+    h = GeneVocab.human_protein_coding()
+    human_symbols = {s for s in h.symbols or [] if s}
+    clashes = [s for s in tables["mouse_symbol"].values() if s in human_symbols]
+    assert clashes  # C3, F10, ...
+    tok = GeneVocab.multi_species(["human", "mouse"], mouse_only="token")
+    for s in clashes:
+        assert tok.lookup(s) == h.lookup(s)
+        m = tok.lookup(s, "mouse")
+        assert m == UNK_ID or tok.decode([m])[0] in (tables["one2one"].get(g) or g
+                                                     for g, sym in tables["mouse"] if sym == s)
+
+
+def test_multi_species_round_trips(tmp_path: Path, hm: GeneVocab) -> None:
+    tok = GeneVocab.multi_species(["mouse", "human"], mouse_only="token")
+    assert tok.sha256() != hm.sha256()
+    assert hm.sha256() == GeneVocab.multi_species().sha256()  # stable
+    probe = ["Cd3e", "ENSMUSG00000032093.2", "Xkr4", "TP53", "zzz"]
+    for v in (hm, tok):
+        d = v.to_dict()
+        assert d["organisms"] == ["homo_sapiens", "mus_musculus"]
+        assert d["origins"][0] == [None, 4]
+        for suffix in (".json", ".tsv"):
+            path = tmp_path / f"{v.name.replace(':', '_')}{suffix}"
+            v.save(path)
+            again = GeneVocab.from_file(path)
+            assert again == v
+            assert again.sha256() == v.sha256()
+            assert again.organisms == v.organisms
+            assert again.origins == v.origins
+            assert again.aliases("mouse") == v.aliases("mouse")
+            for org in ("mouse", "human", None):
+                assert again.encode(probe, organism=org).tolist() == v.encode(probe, organism=org).tolist()
+        assert GeneVocab.from_file(tmp_path / f"{v.name.replace(':', '_')}.json").name == v.name
+
+
+def test_from_name_resolves_the_shipped_vocabularies() -> None:
+    from scmf_loader.vocab import BUILTIN_VOCABS
+
+    for name in BUILTIN_VOCABS:
+        assert GeneVocab.from_name(name).name == name
+    assert GeneVocab.from_name("human+mouse") == GeneVocab.multi_species()
+    mouse = GeneVocab.from_name("mouse_protein_coding")
+    assert mouse.organisms == ["mus_musculus"]
+    assert mouse.encode(["Cd3e"]).tolist() == [mouse.lookup("ENSMUSG00000032093")]
+    assert GeneVocab.multi_species(["human"]) == GeneVocab.human_protein_coding()
+    with pytest.raises(VocabularyError, match="unknown vocabulary name 'human\\+rat'"):
+        GeneVocab.from_name("human+rat")
+
+
+def test_multi_species_bad_input() -> None:
+    with pytest.raises(VocabularyError, match="unknown organism 'rat'"):
+        GeneVocab.multi_species(["human", "rat"])
+    with pytest.raises(VocabularyError, match="mouse_only must be"):
+        GeneVocab.multi_species(mouse_only="keep")
+    with pytest.raises(VocabularyError, match="orthologs must be 'one2one'"):
+        GeneVocab.multi_species(orthologs="one2many")
+    with pytest.raises(VocabularyError, match="unknown organism 'zebrafish'"):
+        GeneVocab.multi_species().encode(["A"], organism="zebrafish")
+    with pytest.raises(VocabularyError, match="covers \\['homo_sapiens'\\], not mus_musculus.*human\\+mouse"):
+        GeneVocab.human_protein_coding().encode(["Cd3e"], organism="mouse")
+    with pytest.raises(VocabularyError, match="union of the multi-species"):
+        GeneVocab.union([GeneVocab.multi_species(), ["A"]])
+    with pytest.raises(VocabularyError, match="points to id 99"):
+        GeneVocab.from_genes(["A"], aliases={"mouse": {"a": 99}})
+    with pytest.raises(VocabularyError, match="origins must be null"):
+        GeneVocab([*SPECIAL_TOKENS, "A"], origins=["human"] * 5)
+
+
+_name = st.text(alphabet="ABCDEFGHabcdefgh0123456789-", min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(_name, unique=True, min_size=1, max_size=12),
+    st.lists(st.sampled_from(["homo_sapiens", "mus_musculus"]), min_size=12, max_size=12),
+    st.dictionaries(_name.map(lambda s: "m" + s), st.integers(0, 11), max_size=8),
+)
+def test_multi_species_round_trip_property(
+    tmp_path_factory: pytest.TempPathFactory, genes: list[str], orgs: list[str], aliases: dict[str, int]
+) -> None:
+    origins = [None] * 4 + orgs[: len(genes)]
+    alias_ids = {a: 4 + i % len(genes) for a, i in aliases.items() if a not in genes}
+    v = GeneVocab([*SPECIAL_TOKENS, *genes], origins=origins, aliases={"mouse": alias_ids})
+    d = tmp_path_factory.mktemp("mv")
+    for name in ("v.json", "v.tsv"):
+        v.save(d / name)
+        again = GeneVocab.from_file(d / name)
+        assert again == v
+        assert again.origins == origins
+        assert again.aliases("mus_musculus") == alias_ids
+        assert again.encode(list(alias_ids), organism="mouse").tolist() == list(alias_ids.values())
