@@ -3,9 +3,11 @@ checksum checks, bounded file descriptors, pickling."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -18,12 +20,24 @@ from scmf_loader.errors import (
     ChecksumMismatchError,
     FormatVersionError,
     ManifestNotFoundError,
+    ObsColumnNotFoundError,
+    ShardCorruptError,
     ShardNotFoundError,
     ShardSizeError,
 )
-from scmf_loader.format import ArrayEntry, Manifest, ShardEntry, sha256_file, write_manifest
+from scmf_loader.format import (
+    ArrayEntry,
+    Manifest,
+    ShardEntry,
+    other_files_digest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from scmf_loader.format.integrity import shard_ok
 from scmf_loader.store import open_dataset
 from scmf_loader.vocab import GeneVocab
+from scmf_shards.verify import verify_dataset
 
 
 def _fds() -> int:
@@ -198,3 +212,114 @@ def test_in_place_write_on_a_mapped_array_leaves_the_file_unchanged(copy: Path) 
     assert sha256_file(f) == store.manifest.shards[0].arrays["data"].sha256
     fresh = open_dataset(copy).csr(0)
     np.testing.assert_array_equal(fresh.data, np.frombuffer(before, dtype=fresh.data.dtype))
+
+
+# ---- the one integrity checker: structure, error types, resume, vocabulary -------------------
+def _reseal(root: Path, shard: int) -> None:
+    """Record the shard's current bytes in the manifest, so only structure checks can object."""
+    m = read_manifest(root)
+    entry = m.shards[shard]
+    base = root / entry.path
+    arrays = {n: dataclasses.replace(a, sha256=sha256_file(base / a.path)) for n, a in entry.arrays.items()}
+    shards = list(m.shards)
+    shards[shard] = dataclasses.replace(entry, arrays=arrays, other_files=other_files_digest(base))
+    write_manifest(root, dataclasses.replace(m, shards=shards))
+
+
+def _raw(root: Path, shard: int, name: str) -> np.memmap:
+    entry = read_manifest(root).shards[shard]
+    dtype = {"indptr": np.int64, "indices": np.int32, "data": np.float32}[name]
+    return np.memmap(root / entry.path / entry.arrays[name].path, dtype=dtype, mode="r+")
+
+
+def test_bad_indptr_range_is_a_corrupt_shard_not_a_checksum_error(copy: Path) -> None:
+    indptr = _raw(copy, 3, "indptr")
+    indptr[-1] += 1
+    indptr.flush()
+    del indptr
+    store = open_dataset(copy)  # sizes agree: open is stat-only
+    with pytest.raises(ShardCorruptError, match=r"000003.zarr: X/indptr ends at \d+ \(position \d+\); the manifest says nnz") as info:
+        store.csr(3)
+    assert not isinstance(info.value, ChecksumMismatchError)
+    store.csr(2)  # the other shards read on
+
+
+def _unsorted(root: Path) -> tuple[str, int]:
+    indptr = np.array(_raw(root, 2, "indptr"))
+    row = int(np.flatnonzero(np.diff(indptr) >= 2)[0])
+    indices = _raw(root, 2, "indices")
+    a = int(indptr[row])
+    indices[a], indices[a + 1] = indices[a + 1], indices[a]
+    indices.flush()
+    return rf"not strictly increasing in row {row} at X/indices\[{a + 1}\]", 2
+
+
+def _out_of_range(root: Path) -> tuple[str, int]:
+    indices = _raw(root, 2, "indices")
+    n_genes = read_manifest(root).n_genes
+    indices[7] = n_genes
+    indices.flush()
+    return rf"X/indices\[7\] is {n_genes}, outside the vocabulary \[0, {n_genes}\)", 2
+
+
+def _obs_code(root: Path) -> tuple[str, int]:
+    import zarr
+
+    codes = zarr.open_group(str(root / "shards" / "000004.zarr"), mode="r+")["obs"]["cell_type"]["codes"]
+    codes[5] = 99
+    return r"obs/cell_type/codes\[5\] is 99, outside the 4 categories", 4
+
+
+@pytest.mark.parametrize("corrupt", [_unsorted, _out_of_range, _obs_code])
+def test_verify_finds_structure_errors_behind_valid_checksums(copy: Path, corrupt) -> None:
+    message, shard = corrupt(copy)
+    _reseal(copy, shard)
+    with pytest.raises(ShardCorruptError, match=message):
+        open_dataset(copy, verify=True)
+    problems = verify_dataset(copy)
+    assert len(problems) == 1
+    assert re.search(message, problems[0])
+    assert f"{shard:06d}.zarr" in problems[0]
+    store = open_dataset(copy)  # cheap checks do not read indices; obs codes are checked on read
+    store.csr(shard)
+    if corrupt is _obs_code:
+        with pytest.raises(ShardCorruptError, match=message):
+            store.obs_codes(shard, "cell_type")
+
+
+def test_obs_column_errors_have_their_own_types(copy: Path) -> None:
+    store = open_dataset(copy)
+    with pytest.raises(ObsColumnNotFoundError, match="no obs column 'donor'") as info:
+        store.obs_codes(0, "donor")
+    assert isinstance(info.value, KeyError)
+    assert "'donor'" in str(info.value)
+    with pytest.raises(ObsColumnNotFoundError, match="no cell stat"):
+        store.cell_stat(0, "size_factor")
+    shutil.rmtree(copy / "shards" / "000001.zarr" / "obs" / "batch")
+    with pytest.raises(ShardCorruptError, match="000001.zarr: obs has no column 'batch'") as corrupt:
+        store.obs_codes(1, "batch")
+    assert not isinstance(corrupt.value, ShardNotFoundError)
+
+
+def test_shard_ok_is_the_resume_check(copy: Path) -> None:
+    m = read_manifest(copy)
+    assert all(shard_ok(copy, e) for e in m.shards)
+    f = copy / m.shards[1].path / "X" / "data" / "c" / "0"
+    raw = bytearray(f.read_bytes())
+    raw[0] ^= 1
+    f.write_bytes(bytes(raw))
+    (copy / m.shards[2].path / "obs" / "zarr.json").write_text("{}")
+    shutil.rmtree(copy / m.shards[3].path)
+    assert [shard_ok(copy, e) for e in m.shards[:5]] == [True, False, False, False, True]
+
+
+def test_the_vocabulary_is_checked_under_one_key_its_content_hash(copy: Path) -> None:
+    doc = json.loads((copy / "vocab.json").read_text())
+    (copy / "vocab.json").write_text(json.dumps(doc, indent=4))  # other bytes, same content
+    open_dataset(copy, verify=True)
+    assert verify_dataset(copy) == []
+    doc["tokens"][5] = "ENSG99999999999"
+    (copy / "vocab.json").write_text(json.dumps(doc))
+    with pytest.raises(ChecksumMismatchError, match="vocab.json: checksum mismatch: vocabulary hash"):
+        open_dataset(copy)
+    assert any("vocab.json: checksum mismatch" in p for p in verify_dataset(copy))
