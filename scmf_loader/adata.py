@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from scmf_loader.align import build_alignment, column_map
 from scmf_loader.batch import gather_rows
 from scmf_loader.errors import InvalidInputError
 from scmf_loader.vocab import GeneVocab, normalize_gene_id
@@ -60,12 +61,9 @@ class _Input:
     def __init__(self, name: str, adata: Any, vocab: GeneVocab, gene_column: str) -> None:
         import scipy.sparse as sp
 
-        from scmf_loader.align import build_alignment
-
         genes = adata.var_names if gene_column == "var_names" else adata.var[gene_column]
         self.alignment = build_alignment([str(g) for g in genes], vocab, name)
-        self.lut = np.full(adata.n_vars, -1, dtype=np.int64)
-        self.lut[self.alignment.keep_columns] = self.alignment.vocab_ids
+        self.lut = column_map(self.alignment).astype(np.int64)
         x = adata.X
         if x is None:
             raise InvalidInputError(f"{name}: AnnData has no X")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,7 +154,31 @@ def test_dict_round_trip_and_loader_view() -> None:
 
 
 def test_loader_module_imports_without_converter_libraries() -> None:
-    code = ("import sys, scmf_loader.preprocess; "
-            "bad = [m for m in ('scipy', 'anndata', 'scanpy', 'dask', 'click') if m in sys.modules]; "
+    code = ("import sys, scmf_loader.preprocess, scmf_loader.preprocess.hvg, "
+            "scmf_loader.preprocess.scran, scmf_loader.align; "
+            "bad = [m for m in ('scipy', 'anndata', 'scanpy', 'dask', 'click', 'pandas', 'skmisc', "
+            "'numba', 'torch', 'scmf_shards') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fit_runs_with_the_converter_unimportable(tmp_path: Path) -> None:
+    """HVG fitting and scran run from the loader alone: with ``scmf_shards`` made unimportable
+    the in-memory fit gives the same genes and values as in this process."""
+    x = counts(300, 60, seed=11)
+    names = [f"g{i}" for i in range(60)]
+    pipe = PreprocessingPipeline(normalize="scran", hvg_selection=12)
+    out, kept = pipe(x, names)
+    code = (
+        "import sys, json, numpy as np; sys.modules['scmf_shards'] = None; "
+        "from scmf_loader.preprocess import PreprocessingPipeline; "
+        "x = np.load(sys.argv[1]); names = [f'g{i}' for i in range(60)]; "
+        "p = PreprocessingPipeline(normalize='scran', hvg_selection=12); out, kept = p(x, names); "
+        "np.save(sys.argv[2], out); print(json.dumps(list(p.hvg_genes)))"
+    )
+    np.save(tmp_path / "x.npy", x)
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
+                         check=True, capture_output=True, text=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), out)
+    assert json.loads(res.stdout) == list(pipe.hvg_genes)
+    assert list(kept) == list(pipe.hvg_genes)

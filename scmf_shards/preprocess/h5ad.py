@@ -67,9 +67,7 @@ def preprocess_h5ad(
     pipeline (its ``hvg_genes`` set when HVGs were selected). The output is written under a
     temporary name and renamed when complete.
     """
-    from anndata.io import read_elem
-
-    from scmf_shards.sources.h5ad import H5adSource, _open_h5
+    from scmf_shards.sources.h5ad import H5adSource
 
     config = _config_of(preprocessing)
     inp, out = os.fspath(input), Path(output)
@@ -94,21 +92,32 @@ def preprocess_h5ad(
             )
         assert fitted is not None
         keep = fitted.keep if fitted.keep is not None else np.ones(n_genes, dtype=bool)
-        with _open_h5(inp) as f:
-            obs = read_elem(f["obs"])
-            var = read_elem(f[src._var_key])
-            uns = read_elem(f["uns"]) if "uns" in f else {}
         tmp = work / "out.h5ad"
-        _write(tmp, src, chunks, fitted, keep, obs, var, uns, dtype, quiet)
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        os.replace(tmp, out)
+        _write(tmp, src, chunks, fitted, keep, *_metadata(src), dtype, quiet)
+        _replace(tmp, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return fitted.pipeline
+
+
+def _metadata(src: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The input's ``obs``, ``var`` and ``uns``."""
+    from anndata.io import read_elem
+
+    from scmf_shards.sources.h5ad import _open_h5
+
+    with _open_h5(src.path) as f:
+        return read_elem(f["obs"]), read_elem(f[src._var_key]), read_elem(f["uns"]) if "uns" in f else {}
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished file ``tmp`` to ``out``, replacing what is there."""
+    if out.exists():
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+    os.replace(tmp, out)
 
 
 def _write(path: Path, src: Any, chunks: Any, fitted: Any, keep: np.ndarray, obs: Any, var: Any,
