@@ -8,7 +8,7 @@ math it needs (numpy; scipy / scikit-misc imported only inside the fitting funct
   three flavors);
 * :mod:`~scmf_loader.preprocess.scran`: scran pooled size factors.
 
-The converter (``scmf_shards.preprocess``) streams its inputs through the same functions.
+The converter's out-of-core fitting passes stream their inputs through the same functions.
 """
 
 from scmf_loader.preprocess.pipeline import PreprocessingPipeline
