@@ -185,8 +185,9 @@ class CellDataLoader:
     ``batch_size // block_size`` blocks per batch), ``shuffle=False`` a
     :class:`~scmf_loader.samplers.SequentialSampler`; ``sampler=`` takes any
     :class:`~scmf_loader.samplers.BatchSampler` instead (e.g. a
-    :class:`~scmf_loader.samplers.BatchAwareSampler`), whose own batch size, seed, rank
-    and ``drop_last`` then apply. ``output`` is ``"csr"`` (a
+    :class:`~scmf_loader.samplers.BatchAwareSampler`), whose own batch size, seed and rank
+    then apply; the loader's ``drop_last`` applies to every sampler, given or built (a
+    given sampler with another ``drop_last`` is used through a copy, the original kept). ``output`` is ``"csr"`` (a
     :class:`~scmf_loader.batch.CSRBatch`), ``"padded"`` (``CSRBatch.to_padded`` with
     ``max_genes``, ``add_cls`` and ``truncation``, plus ``cell_ids`` and ``obs``) or
     ``"dense"`` (``expression`` of shape ``(cells, n_genes)``, plus ``cell_ids`` and ``obs``).
@@ -235,6 +236,8 @@ class CellDataLoader:
                 sampler = BlockShuffleSampler(dataset, batch_size, block_size, **common)
             else:
                 sampler = SequentialSampler(dataset, batch_size, **common)
+        elif sampler.drop_last != bool(drop_last):
+            sampler = sampler.with_drop_last(drop_last)
         if int(sampler.shard_offsets[-1]) != len(dataset):
             raise ConfigurationError(
                 f"the sampler covers {int(sampler.shard_offsets[-1])} cells but the dataset has {len(dataset)}"

@@ -148,6 +148,19 @@ def test_batch_aware_sampler_in_the_loader(ds: CellDataset) -> None:
     assert all(len(b) == 30 for b in batches)
 
 
+def test_the_loaders_drop_last_applies_to_a_given_sampler(ds: CellDataset) -> None:
+    """The issue's case: a BatchAwareSampler (drop_last=False by default) in a loader with
+    the default drop_last=True gave [64 x 8, 47]; the loader's drop_last now applies."""
+    sampler = BatchAwareSampler(ds, "batch", 64)
+    sizes = [len(b) for b in CellDataLoader(ds, sampler=sampler, num_workers=0)]
+    assert sizes == [64] * (len(ds) // 64)
+    assert sampler.drop_last is False  # the given sampler is not changed
+    sizes = [len(b) for b in CellDataLoader(ds, sampler=sampler, num_workers=0, drop_last=False)]
+    assert sizes == [64] * (len(ds) // 64) + [len(ds) % 64]
+    keep = BatchAwareSampler(ds, "batch", 64, drop_last=True)
+    assert CellDataLoader(ds, sampler=keep, num_workers=0).sampler is keep
+
+
 def test_pin_memory_without_cuda_is_silent(ds: CellDataset) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -106,3 +106,41 @@ def test_resolve_world_prefers_an_initialised_process_group(tmp_path, monkeypatc
     finally:
         dist.destroy_process_group()
     assert resolve_world() == (3, 8)
+
+
+def test_scmf_loader_partition_is_the_function_in_any_import_order() -> None:
+    """Issue 19: after ``from scmf_loader import CellDataLoader`` the name used to be the
+    submodule (``TypeError: 'module' object is not callable``). Checked in fresh processes,
+    after importing every submodule of the package too."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, pkgutil, importlib, types\n"
+        "from scmf_loader import CellDataLoader\n"
+        "import scmf_loader\n"
+        "first = scmf_loader.partition(10, 2, 1, drop_last=False).positions\n"
+        "for m in pkgutil.walk_packages(scmf_loader.__path__, 'scmf_loader.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "modules = [n for n in scmf_loader.__all__ if isinstance(getattr(scmf_loader, n), types.ModuleType)]\n"
+        "print(json.dumps([list(first), callable(scmf_loader.partition), modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    first, is_callable, modules = json.loads(out.strip().splitlines()[-1])
+    assert first == [5, 6, 7, 8, 9]
+    assert is_callable
+    assert modules == []
+    fresh = "import scmf_loader; print(scmf_loader.partition(4, 1, 0, drop_last=True).total)"
+    assert subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True).stdout.strip() == "4"
+
+
+def test_dir_lists_the_public_api_only() -> None:
+    import scmf_loader
+
+    names = dir(scmf_loader)
+    assert names == sorted(scmf_loader.__all__)
+    for helper in ("Any", "TYPE_CHECKING", "annotations", "importlib", "world", "samplers"):
+        assert helper not in names
+    assert {"CellDataset", "CellDataLoader", "partition", "BlockShuffleSampler"} <= set(names)
+    assert all(hasattr(scmf_loader, n) for n in names)
