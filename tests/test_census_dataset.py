@@ -155,6 +155,11 @@ def test_single_cell_items(census_root: CensusRoot, reference: dict[int, dict[in
     assert set(item) == {"expression", "gene_indices", "n_genes", "metadata"}
     assert item["n_genes"] == len(item["expression"]) <= 3
     assert set(item["metadata"]) == set(ds.obs_columns)
+    # with drop_last, single-cell items come from full batches only
+    dl = _dataset(census_root, obs_filter="soma_joinid >= 0", batch_size=None, seed=2,
+                  drop_last=True)
+    assert dl.n_cells == census_root.adata.n_obs == 400  # cells are read 256 at a time
+    assert len(dl) == len(list(dl)) == 256
     full = _dataset(census_root, batch_size=None, seed=2)
     for cell in list(full)[:20]:
         genes = cell["gene_indices"].tolist()

@@ -18,7 +18,7 @@ from ``(seed, epoch)``; :meth:`CensusDataset.set_epoch`) or, with ``shuffle=Fals
 :class:`~scmf_loader.samplers.SequentialSampler`. Ranks (explicit ``rank``/``world_size``,
 else ``torch.distributed``, else ``RANK``/``WORLD_SIZE``, else one process) and DataLoader
 workers split the epoch's batches with ``DistributedSampler`` semantics
-(:func:`~scmf_loader.partition.partition`): with ``drop_last=False`` a rank's share is padded
+(:func:`~scmf_loader.world.partition`): with ``drop_last=False`` a rank's share is padded
 by repeating batches from the start of the epoch, as torch does.
 
 Needs the ``census`` extra; ``tiledbsoma``/``cellxgene_census`` are imported when a dataset
@@ -244,7 +244,8 @@ class CensusDataset(torch.utils.data.IterableDataset):
             return len(part)
         full = self.sampler.batch_size
         last = self.sampler.n_batches - 1
-        tail = self.n_cells - last * full
+        # with drop_last every batch is full; otherwise the last one holds the rest
+        tail = full if self.sampler.drop_last else self.n_cells - last * full
         return sum(tail if b == last else full for b in part)
 
     def decode(self, column: str, codes: Any) -> list[str | None]:
