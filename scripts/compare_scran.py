@@ -102,7 +102,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; exit 1 when a correlation is below 0.99."""
-    from scmf_shards.preprocess.scran import pooled_size_factors, scran_size_factors
+    from scmf_loader.preprocess.scran import pooled_size_factors, scran_size_factors
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cells", type=int, default=4000)
