@@ -41,7 +41,7 @@ from scmf_loader.census.filters import DEFAULT_OBS_COLUMNS, build_value_filter
 from scmf_loader.census.query import CensusQuery, CensusSpec
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSampler
-from scmf_loader.vocab import GeneVocab, normalize_gene_id
+from scmf_loader.vocab import BUILTIN_VOCABS, GeneVocab, normalize_gene_id
 
 __all__ = ["CensusDataset", "default_block_size"]
 
@@ -58,12 +58,15 @@ def default_block_size(batch_size: int) -> int:
 
 
 def _resolve_vocab(spec: GeneVocab | str, genes: Sequence[str]) -> GeneVocab:
+    """The vocabulary named by ``spec``, as the converter resolves ``--vocab``: a
+    :class:`GeneVocab` as is, a shipped one by name, ``"union"`` (the query's genes) or a
+    vocabulary file."""
     if isinstance(spec, GeneVocab):
         return spec
-    if spec == "human_protein_coding":
-        return GeneVocab.human_protein_coding()
     if spec == "union":
         return GeneVocab.union([[normalize_gene_id(g) for g in genes]])
+    if spec in BUILTIN_VOCABS:
+        return GeneVocab.from_name(spec)
     return GeneVocab.from_file(spec)
 
 
@@ -124,8 +127,9 @@ class CensusDataset(torch.utils.data.IterableDataset):
     (SOMA value filter), ``var_filter``, ``census_version`` (date, or ``stable``/``latest``,
     resolved; :attr:`census_version` is the concrete date), ``uri`` (a Census-shaped SOMA
     root: local path or ``s3://``), ``tiledb_config``. Genes: ``gene_vocab`` (a
-    :class:`~scmf_loader.vocab.GeneVocab`, ``"human_protein_coding"``, ``"union"`` = the
-    query's own genes, or a vocabulary file). Batches: ``batch_size`` (``None``: single-cell
+    :class:`~scmf_loader.vocab.GeneVocab`, a shipped name such as ``"human_protein_coding"``
+    (:data:`~scmf_loader.vocab.BUILTIN_VOCABS`), ``"union"`` = the query's own genes, or a
+    vocabulary file). Batches: ``batch_size`` (``None``: single-cell
     items), ``block_size`` (default :func:`default_block_size`), ``shuffle``, ``seed``,
     ``drop_last``, ``rank``, ``world_size``; ``obs_columns`` carried as codes;
     ``preprocessing`` applied per batch (``apply_batch(batch)`` or a callable); ``max_genes``
