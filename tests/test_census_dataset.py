@@ -228,6 +228,19 @@ def test_union_vocabulary(census_root: CensusRoot) -> None:
     assert batch.n_genes == len(ds.vocab)
 
 
+def test_shipped_vocabulary_by_name(census_root: CensusRoot) -> None:
+    from scmf_loader.vocab import GeneVocab
+
+    ds = _dataset(census_root, gene_vocab="human+mouse", shuffle=False)
+    assert ds.vocab == GeneVocab.from_name("human+mouse")
+    batch = next(iter(ds))
+    assert batch.n_genes == len(ds.vocab)
+    genes = ds.vocab.decode(batch.indices[: batch.indptr[1]].tolist())
+    ref = set(ds.vocab.decode(ds.vocab.encode(census_root.adata.var_names).tolist()))
+    assert genes
+    assert set(genes) <= ref
+
+
 def test_imports_stay_lazy() -> None:
     code = (
         "import sys, scmf_loader\n"
