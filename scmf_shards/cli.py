@@ -136,8 +136,9 @@ def preprocessing_from(ctx: click.Context, config: dict[str, Any]) -> dict[str, 
     section = config.get("preprocessing") or {}
     if not isinstance(section, dict):
         raise ScmfError("the config's 'preprocessing' must be a mapping")
-    aliases = {a: o.name for o in options_in("preprocessing") for a in o.yaml}
-    merged = {aliases.get(k, k): v for k, v in section.items()}
+    from scmf_loader.preprocess.schema import PREPROCESSING_ALIASES
+
+    merged = {PREPROCESSING_ALIASES.get(k, k): v for k, v in section.items()}
     for name in PREPROCESSING_NAMES:
         if _explicit(ctx, name):
             merged[name] = ctx.params[name]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from scmf_loader.errors import ConfigurationError
+from scmf_loader.vocab import BUILTIN_VOCABS
 from scmf_shards.options import MANIFEST_NAMES, OPTIONS
 
 __all__ = ["ALIASES", "LOADER_KEYS", "LOADER_OUTPUTS", "OPTION_KEYS", "load_config"]
@@ -125,7 +126,7 @@ def _normalise(base: Path, out: dict[str, Any]) -> dict[str, Any]:
     for key in ("output", "uri"):
         if key in out:
             out[key] = _rel(base, str(out[key]))
-    if "vocab" in out and out["vocab"] not in ("human_protein_coding", "union"):
+    if "vocab" in out and out["vocab"] not in ("union", *BUILTIN_VOCABS):
         out["vocab"] = _rel(base, str(out["vocab"]))
     return out
 

@@ -10,7 +10,10 @@ the YAML keys that also set it, and its help text; defaults come from
 
 Names per layer: the user-facing name of storing preprocessed values is ``bake`` (CLI
 ``--bake``, YAML ``bake:``, ``preprocessing={"bake": True}``); the manifest records the
-fact as ``baked`` (see :data:`MANIFEST_NAMES`).
+fact as ``baked`` (see :data:`MANIFEST_NAMES`). The preprocessing keys and their YAML
+aliases are the loader's (:mod:`scmf_loader.preprocess.schema`, which reads them back from
+manifests); the ``preprocessing`` options here add their CLI flags and help, and a test
+checks that both lists hold the same names.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Option:
     short: str | None = None
     min: int | None = None
     choices: tuple[str, ...] = ()
-    yaml: tuple[str, ...] = ()  # YAML keys that also set it (aliases)
+    yaml: tuple[str, ...] = ()  # YAML keys that also set it (preprocessing keys: see below)
 
     @property
     def cli_flag(self) -> str:
@@ -92,11 +95,11 @@ OPTIONS: tuple[Option, ...] = (
            kind="float"),
     Option("log1p", "preprocessing", "Natural log(1 + x) after normalising [on].", kind="bool"),
     Option("hvg_selection", "preprocessing", "Keep this many highly variable genes (chosen on all inputs "
-           "together).", kind="int", flag="--hvg", yaml=("hvg", "n_top_genes")),
+           "together).", kind="int", flag="--hvg"),
     Option("hvg_flavor", "preprocessing", "seurat (default), cell_ranger or seurat_v3 (scanpy's flavors; "
-           "seurat_v3 needs scikit-misc).", yaml=("flavor",)),
+           "seurat_v3 needs scikit-misc)."),
     Option("hvg_batch_key", "preprocessing", "obs column: select HVGs within each batch and merge "
-           "(scanpy's batch_key).", yaml=("batch_key",)),
+           "(scanpy's batch_key)."),
     Option("bake", "preprocessing", "Store preprocessed values (bake) or raw counts plus per-cell "
            "library_size/size_factor that the loader applies per batch [no-bake].", kind="bool"),
     Option("assume_normalized", "preprocessing", "The input is already normalised: no counts check, no "

@@ -370,3 +370,41 @@ def test_task_descriptions_do_not_grow_with_the_number_of_chunks(
     assert largest[100]["run_gather"] == largest[400]["run_gather"]
     assert largest[100]["run_scatter"] <= largest[400]["run_scatter"] + 64
     assert largest[100]["run_scatter"] < 4000  # no per-gene arrays (a source has 400 genes)
+
+
+def test_obs_value_outside_the_planned_categories_is_a_clear_error() -> None:
+    """Categories are collected before any work; a value a chunk read later does not have
+    (the input changed meanwhile) is an InvalidInputError naming file, rows and column."""
+    from scmf_shards.convert.scatter import obs_codes
+
+    codes = obs_codes(np.array(["b", None, "a"], dtype=object), ["a", "b"], "cell_type", "f.h5ad: rows [0, 3)")
+    assert codes.tolist() == [1, -1, 0]
+    assert codes.dtype == np.int32
+    with pytest.raises(InvalidInputError, match=r"f\.h5ad: rows \[0, 3\): obs column 'cell_type' holds 'z', "
+                       r"which was not among its values when the conversion was planned"):
+        obs_codes(np.array(["a", "z", None], dtype=object), ["a", "b"], "cell_type", "f.h5ad: rows [0, 3)")
+
+
+def test_every_scratch_path_is_under_the_workspace(three_sources: list[Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed at its manifest leaves the scratch directory as the Workspace names it."""
+    from scmf_shards import faults
+    from scmf_shards.convert.workspace import Workspace
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_manifest(label: str) -> None:
+        if label == "driver:manifest-tmp":
+            raise Stop
+
+    monkeypatch.setattr(faults, "fault_point", stop_at_manifest)
+    with pytest.raises(Stop):
+        convert_h5ad(three_sources, tmp_path / "ds", shard_size=500, quiet=True)
+    ws = Workspace.at(tmp_path / "ds")
+    found = {p.relative_to(ws.root).parts[0] for p in ws.root.iterdir()}
+    assert found == {ws.plan.name, ws.table.name, ws.vocab.name, ws.records.name, "alignments", "buckets"}
+    assert ws.read_plan()["n_shards"] == 3
+    assert sorted(p.name for p in ws.records.iterdir()) == [ws.record(i).name for i in range(3)]
+    assert ws.alignment(2).is_file()
+    assert ws.bucket_root(None, "x") == ws.root / "buckets"

@@ -27,9 +27,9 @@ from fault_harness import ForkServer
 
 from scmf_loader.errors import DatasetLockedError, ScmfError
 from scmf_shards import faults
+from scmf_shards.cli import main
 from scmf_shards.convert import convert_h5ad, output
 from scmf_shards.convert.workspace import Workspace
-from scmf_shards.cli import main
 
 OPTS = ["--shard-size", "500", "--chunk-size", "256", "--obs-columns", "cell_type", "--seed", "3", "--quiet"]
 N_SHARDS = 3

@@ -33,7 +33,7 @@ from scmf_loader.format import (
     sha256_file,
     write_manifest,
 )
-from scmf_loader.vocab import GeneVocab, normalize_gene_id
+from scmf_loader.vocab import BUILTIN_VOCABS, GeneVocab, normalize_gene_id
 from scmf_shards import faults
 from scmf_shards.align import GeneAlignment, StoredAlignment, build_alignment, store_alignment
 from scmf_shards.convert.gather import CELL_STATS, GatherTask, run_gather
@@ -53,15 +53,16 @@ RAW_PREPROCESSING = {"normalize": None, "log1p": False, "hvg": None}
 
 
 def resolve_vocab(spec: str | GeneVocab, sources: Sequence[Any]) -> GeneVocab:
-    """The vocabulary named by ``spec``: a :class:`GeneVocab` as is, ``"human_protein_coding"``,
-    ``"union"`` (of the genes of ``sources``, objects with a ``genes`` list) or a vocabulary
-    file (``.json``/``.tsv``)."""
+    """The vocabulary named by ``spec``: a :class:`GeneVocab` as is, a shipped vocabulary
+    (:data:`~scmf_loader.vocab.BUILTIN_VOCABS`: ``"human_protein_coding"``, ``"human+mouse"``
+    ...), ``"union"`` (of the genes of ``sources``, objects with a ``genes`` list) or a
+    vocabulary file (``.json``/``.tsv``)."""
     if isinstance(spec, GeneVocab):
         return spec
-    if spec == "human_protein_coding":
-        return GeneVocab.human_protein_coding()
     if spec == "union":
         return GeneVocab.union([[normalize_gene_id(g) for g in s.genes] for s in sources])
+    if spec in BUILTIN_VOCABS:
+        return GeneVocab.from_name(spec)
     return GeneVocab.from_file(spec)
 
 

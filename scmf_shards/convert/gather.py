@@ -16,9 +16,9 @@ import numpy as np
 
 from scmf_loader.errors import ScmfError
 from scmf_loader.format import ShardEntry, shard_relpath
+from scmf_loader.format.integrity import shard_ok
 from scmf_loader.vocab import GeneVocab
 from scmf_shards import faults
-from scmf_shards.convert.output import shard_verifies
 from scmf_shards.convert.workspace import Workspace, bucket_path
 from scmf_shards.kernels import copy_rows
 from scmf_shards.plan import shard_permutation
@@ -73,7 +73,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     record, final = ws.record(task.shard), out_dir / relpath
     if record.is_file() and final.is_dir():
         entry = ShardEntry.from_dict(json.loads(record.read_text()), task.shard)
-        if shard_verifies(out_dir, entry):
+        if shard_ok(out_dir, entry):
             return entry.to_dict()
     pieces = collect_pieces(task, ws)
     perm = shard_permutation(sum(len(p.starts) for p in pieces), task.seed, task.shard, task.shuffle)

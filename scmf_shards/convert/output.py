@@ -1,5 +1,6 @@
 """The output directory of a conversion: its lock, what to do with what is already there
-(refuse, resume, replace), the leftovers of killed runs, and the resume check of a shard."""
+(refuse, resume, replace) and the leftovers of killed runs. Whether a finished shard can be
+reused is the format's one integrity check (:func:`scmf_loader.format.integrity.shard_ok`)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,11 @@ from scmf_loader.format import (
     SHARDS_DIR,
     VOCAB_NAME,
     Manifest,
-    ShardEntry,
-    other_files_digest,
     read_manifest,
-    sha256_file,
 )
 from scmf_shards.convert.workspace import BUCKET_PREFIX, TMP_DIR, Workspace
 
-__all__ = ["LOCK_NAME", "locked", "prepare_output", "remove_partial_shards", "shard_verifies"]
+__all__ = ["LOCK_NAME", "locked", "prepare_output", "remove_partial_shards"]
 
 LOCK_NAME = ".scmf-lock"
 
@@ -147,15 +145,3 @@ def _remove_leftovers(out: Path, entries: set[str]) -> None:
     if MANIFEST_NAME in entries and TMP_DIR in entries:
         _remove_external_buckets(out)
         shutil.rmtree(out / TMP_DIR)
-
-
-def shard_verifies(out_dir: Path, entry: ShardEntry) -> bool:
-    """Whether a shard written by an earlier attempt can be reused: every array file has
-    its recorded size and checksum, and the other files their recorded digest."""
-    for a in entry.arrays.values():
-        f = out_dir / entry.path / a.path
-        if a.nbytes == 0:
-            continue
-        if not f.is_file() or f.stat().st_size != a.nbytes or sha256_file(f) != a.sha256:
-            return False
-    return entry.other_files is None or other_files_digest(out_dir / entry.path) == entry.other_files
