@@ -76,6 +76,24 @@ def dataset_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def _wrapped(label: str, mapping: Any, width: int = 100) -> list[str]:
+    """``label`` then ``key=value`` items, wrapped onto indented lines of about ``width``."""
+    if not isinstance(mapping, dict) or not mapping:
+        return [f"{label}{mapping}"]
+    lines: list[list[str]] = [[]]
+    used = len(label)
+    for k, v in mapping.items():
+        item = f"{k}={v!r}"
+        if lines[-1] and used + len(item) + 2 > width:
+            lines.append([])
+            used = len(label)
+        lines[-1].append(item)
+        used += len(item) + 2
+    indent = " " * len(label)
+    return [(label if i == 0 else indent) + ", ".join(items) + ("," if i < len(lines) - 1 else "")
+            for i, items in enumerate(lines)]
+
+
 def format_info(info: dict[str, Any]) -> str:
     """Human-readable rendering of :func:`dataset_info`."""
     lines = [
@@ -86,9 +104,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"nnz       {info['nnz']:,}  ({info['mean_genes_per_cell']:.1f} per cell, {info['dtype']})",
         f"shards    {info['n_shards']}  ({info['shard_cells']['min']:,}–{info['shard_cells']['max']:,} cells each, "
         f"{info['bytes'] / 2**20:,.1f} MiB of CSR arrays)",
-        f"shuffle   {info['shuffle']}",
-        f"preproc   {info['preprocessing']}",
-        f"obs       {info['obs_columns']}",
+        *_wrapped("shuffle   ", info["shuffle"]),
+        *_wrapped("preproc   ", info["preprocessing"]),
+        *_wrapped("obs       ", info["obs_columns"]),
         "sources:",
     ]
     for s in info["sources"]:
