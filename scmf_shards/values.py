@@ -2,7 +2,8 @@
 
 Nothing is silently coerced: NaN/inf, negative values (unless the user states the data is
 already normalised and asks for no log1p), values a chosen integer ``--dtype`` cannot hold
-exactly (fractions, out of range) and counts a float ``--dtype`` cannot represent exactly
+exactly (fractions, out of range), values beyond a float ``--dtype``'s range and counts
+(integer values, from integer or float inputs) a float ``--dtype`` cannot represent exactly
 are each one clear error naming the rows and the file.
 """
 
@@ -29,7 +30,7 @@ def check_values(data: np.ndarray, target: str | np.dtype, where: str, allow_neg
     is_float = data.dtype.kind == "f"
     if is_float and not np.isfinite(data).all():
         raise InvalidInputError(f"{where} hold NaN or infinite values")
-    lo, hi = data.min(), data.max()
+    lo, hi = data.min().item(), data.max().item()  # Python scalars: exact comparisons
     if lo < 0 and not allow_negative:
         raise InvalidInputError(
             f"{where} hold negative values (min {lo}); raw counts cannot be negative. For data "
@@ -49,8 +50,33 @@ def check_values(data: np.ndarray, target: str | np.dtype, where: str, allow_neg
                 f"{where} hold values in [{lo}, {hi}], outside the range of --dtype {target} "
                 f"[{info.min}, {info.max}]; choose a wider --dtype"
             )
-    elif target.kind == "f" and data.dtype.kind in "iu" and hi > _exact_integer_limit(target):
+    elif target.kind == "f":
+        largest = max(-lo, hi)
+        _check_float_target(data, target, where, largest)
+
+
+def _check_float_target(data: np.ndarray, target: np.dtype, where: str, largest: float | int) -> None:
+    """Refuse values outside ``target``'s range and counts (integers, whatever the source
+    dtype) that ``target`` cannot store exactly: ``16777217`` in float64 would become
+    ``16777216`` in float32. Non-integral values of float inputs (normalised data) are
+    rounded to the target's precision as usual."""
+    if target.itemsize >= data.dtype.itemsize and data.dtype.kind == "f":
+        return  # a float input into an as-wide float: every value is kept
+    if largest > float(np.finfo(target).max):
         raise InvalidInputError(
-            f"{where} hold counts above 2^{np.finfo(target).nmant + 1} that {target} cannot "
-            "store exactly; use --dtype float64"
+            f"{where} hold values up to {largest!r}, outside the range of --dtype {target}; "
+            "choose a wider --dtype"
+        )
+    limit = _exact_integer_limit(target)
+    if largest <= limit:
+        return
+    big = data[np.abs(data) > limit]
+    if data.dtype.kind == "f":
+        big = big[big == np.trunc(big)]  # counts held as floats
+    changed = big[big.astype(target).astype(data.dtype) != big]
+    if changed.size:
+        fix = "use --dtype float64 or an integer --dtype" if target.itemsize < 8 else "no --dtype holds them"
+        raise InvalidInputError(
+            f"{where} hold counts above 2^{np.finfo(target).nmant + 1} (e.g. {int(changed[0])}) "
+            f"that {target} cannot store exactly; {fix}"
         )

@@ -34,6 +34,53 @@ def test_check_values_refuses(values: list[float], target: str, match: str) -> N
         check_values(data, target, "x.h5ad: rows [0, 2)")
 
 
+@pytest.mark.parametrize(
+    ("values", "target", "match"),
+    [
+        (np.array([3.0, 2.0**24 + 1]), "float32", r"counts above 2\^24 \(e.g. 16777217\).*--dtype float64"),
+        (np.array([-(2.0**24) - 1, 1.0]), "float32", "counts above 2\\^24 .e.g. -16777217"),
+        (np.array([1.0, 1e39]), "float32", "outside the range of --dtype float32"),
+        (np.array([2**53 + 1], dtype=np.int64), "float64", "counts above 2\\^53"),
+        (np.array([0.5, 3.0]), "uint32", "non-integer values"),
+        (np.array([1.0, 2.0**32]), "uint32", "outside the range of --dtype uint32"),
+        (np.array([1, 2**31], dtype=np.int64), "int32", "outside the range of --dtype int32"),
+        (np.array([1.0, 2.0**31], dtype=np.float32), "int32", "outside the range of --dtype int32"),
+        (np.array([1, 70_000], dtype=np.uint32), "uint16", "outside the range of --dtype uint16"),
+    ],
+)
+def test_float64_and_wide_integer_inputs_are_refused(values: np.ndarray, target: str, match: str) -> None:
+    """Issue 19: a float64 count of 2^24 + 1 would be stored as 16777216 in float32."""
+    with pytest.raises(InvalidInputError, match=f"^x.h5ad: rows .*{match}"):
+        check_values(values, target, "x.h5ad: rows [0, 2)", allow_negative=True)
+
+
+def test_every_source_and_target_dtype_pair_keeps_every_accepted_value() -> None:
+    """Independent reference: whatever check_values accepts survives the cast unchanged
+    (counts) or, for non-integral floats into float32, within float32's precision."""
+    rng = np.random.default_rng(0)
+    samples = [0.0, 1.0, 2.5, 255.0, 65535.0, 65536.0, 2.0**24, 2.0**24 + 1, 2.0**25, 2.0**31, 2.0**32, 1.5e8 + 0.5]
+    for source in ("float32", "float64", "int32", "int64", "uint16", "uint32"):
+        for target in ("float32", "float64", "int32", "uint16", "uint32"):
+            for v in samples:
+                data = np.array([v, rng.integers(0, 100)], dtype=np.float64)
+                with np.errstate(invalid="ignore", over="ignore"):
+                    as_source = data.astype(source)
+                if as_source.astype(np.float64)[0] != v:
+                    continue  # not representable in the source dtype
+                data = as_source
+                try:
+                    check_values(data, target, "w")
+                except InvalidInputError:
+                    continue
+                with np.errstate(invalid="raise"):
+                    stored = data.astype(target)
+                if data[0] == np.trunc(data[0]):
+                    assert stored[0] == data[0], (source, target, v)
+                else:
+                    assert np.dtype(target).kind == "f"
+                    assert abs(float(stored[0]) - float(data[0])) <= abs(float(data[0])) * 2e-7
+
+
 def test_check_values_accepts() -> None:
     check_values(np.array([0.0, 3.0, 65535.0], np.float32), "uint16", "w")
     check_values(np.array([2**24], np.int64), "float32", "w")
@@ -92,3 +139,35 @@ def test_negative_values_need_assume_normalized_and_no_log1p(tmp_path: Path) -> 
     dense = ds.__getitems__([0, 1]).to_dense().numpy()
     vocab = GeneVocab.from_file(tmp_path / "c" / "vocab.json")
     np.testing.assert_array_equal(dense[:, vocab.encode(genes)], X)
+
+
+def test_a_float64_count_beyond_float32_is_refused_through_the_cli(tmp_path: Path) -> None:
+    """``scmf-convert h5ad`` on a float64 X holding 2^24 + 1: exit 1, one line naming the
+    file, no manifest; with ``--dtype float64`` or ``--dtype uint32`` it is stored exactly."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    src = tmp_path / "big.h5ad"
+    X = sp.csr_matrix(np.array([[1.0, 2.0**24 + 1], [0.0, 3.0]], dtype=np.float64))
+    ad.AnnData(X=X, obs=pd.DataFrame(index=["a", "b"]), var=pd.DataFrame(index=["CD3E", "CD4"])).write_h5ad(src)
+    exe = Path(sys.executable).with_name("scmf-convert")
+
+    def convert(out: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        args = [str(exe), "h5ad", str(src), "--output", str(tmp_path / out), "--workers", "1", "--quiet", *extra]
+        return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+    res = convert("o")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert str(src) in lines[0]
+    assert "16777217" in lines[0]
+    assert "float32 cannot store exactly" in lines[0]
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    for dtype in ("float64", "uint32"):
+        res = convert(dtype, "--dtype", dtype)
+        assert res.returncode == 0, res.stderr
+        batch = CellDataset(str(tmp_path / dtype)).__getitems__([0, 1])
+        assert sorted(batch.values.numpy().tolist()) == [1, 3, 2**24 + 1]
