@@ -125,7 +125,8 @@ def _config_option(help: str) -> Callable[[Any], Any]:
     return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help=help)
 
 
-CONFIG_HELP = "YAML file whose data: section sets any of these options."
+CONFIG_HELP = ("YAML file whose data: section sets any of these options (same names, underscores); "
+               "loader keys there (num_workers, batch_size ...) are ignored with a warning.")
 CONVERT_NAMES = [o.name for o in options_in("common")]
 PREPROCESSING_NAMES = [o.name for o in options_in("preprocessing")]
 
@@ -300,7 +301,10 @@ def summarise_lists(value: Any, key: str = "") -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON (every list in full).")
 @_handle_errors
 def info_cmd(directory: str, as_json: bool) -> None:
-    """Summarise a dataset directory: cells, genes, nnz, sources, preprocessing, shards."""
+    """Summarise a dataset directory: cells, genes, nnz, sources, preprocessing, shards.
+
+    Lists longer than 10 items (e.g. the HVG genes) are shown as their length and first
+    items; --json prints everything."""
     from scmf_shards.verify import dataset_info, format_info
 
     info = dataset_info(directory)
