@@ -1,0 +1,470 @@
+"""Perturbation datasets: batches with perturbation fields and a matched control per cell.
+
+:class:`PerturbationDataset` reads the normalised perturbation obs columns a conversion with
+``--perturbation`` stores (``perturbation``, ``perturbation_type``, ``perturbation_targets``,
+``dose_um``, ``time_h``, ``is_control``; see ``docs/perturbation.md``). Each batch is a
+:class:`PerturbationBatch`: the cells, and for every cell a *matched control* — a control cell
+with the same values of the ``match_on`` obs columns (default: whichever of ``batch``,
+``gem_group``, ``plate``, ``cell_line`` the dataset keeps) — plus perturbation ids, padded
+target-gene tokens, ``dose_um`` and ``time_h``.
+
+The control of cell ``i`` is drawn from ``(seed, epoch, i)`` by a counter-based hash, so it
+does not depend on which batch, rank or worker reads the cell: two runs with one seed give
+the same pairs, and a resumed run the same pairs as an uninterrupted one.
+:class:`PerturbationSampler` balances perturbations within batches (at most ``k`` cells of one
+perturbation per batch) with the other samplers' rank/world/worker split and resume.
+
+numpy and torch only; the converter's parsing lives in ``scmf_shards.perturbation``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from scmf_loader.batch import CSRBatch
+from scmf_loader.dataset import CellDataset
+from scmf_loader.errors import ConfigurationError, ScmfError
+from scmf_loader.samplers import BatchSampler
+from scmf_loader.vocab import PAD_ID
+
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_MATCH_ON",
+    "PERTURBATION_TYPES",
+    "MissingControlError",
+    "PerturbationBatch",
+    "PerturbationDataset",
+    "PerturbationSampler",
+    "PerturbationSchemaError",
+]
+
+# the normalised obs schema (written by scmf_shards.perturbation.schema; a test keeps the two equal)
+PERTURBATION, PERTURBATION_TYPE, TARGETS = "perturbation", "perturbation_type", "perturbation_targets"
+DOSE, TIME, IS_CONTROL = "dose_um", "time_h", "is_control"
+COLUMNS = (PERTURBATION, PERTURBATION_TYPE, TARGETS, DOSE, TIME, IS_CONTROL)
+PERTURBATION_TYPES = ("control", "genetic", "chemical", "combination", "unknown")
+TARGET_SEPARATOR = ";"
+#: obs columns matched between a perturbed cell and its control, when present
+DEFAULT_MATCH_ON = ("batch", "gem_group", "plate", "cell_line")
+
+
+class PerturbationSchemaError(ScmfError):
+    """A dataset lacks the normalised perturbation obs columns, or holds values they cannot
+    take (converted without ``--perturbation``, or by another tool)."""
+
+
+class MissingControlError(ScmfError):
+    """A ``match_on`` group holds perturbed cells but no control cell to pair them with."""
+
+
+def _rng(seed: int, epoch: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, *keys]))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser over a uint64 array (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _floats(categories: Sequence[str], where: str) -> np.ndarray:
+    """Float value per category, plus NaN for code -1 (the table's last entry)."""
+    try:
+        return np.array([float(c) for c in categories] + [math.nan], dtype=np.float32)
+    except ValueError as e:
+        raise PerturbationSchemaError(f"{where}: not a number ({e})") from None
+
+
+class PerturbationBatch(dict):
+    """One batch of a :class:`PerturbationDataset`, a dict of:
+
+    ``cells`` and ``controls`` (:class:`~scmf_loader.batch.CSRBatch`, row ``i`` of
+    ``controls`` is the matched control of row ``i`` of ``cells``), ``control_ids`` (int64
+    global ids), ``perturbation`` (int64 ids into ``dataset.perturbations``),
+    ``perturbation_type`` (int64 index into :data:`PERTURBATION_TYPES`), ``targets`` (int64
+    vocabulary ids, ``(cells, max_targets)``, padded with ``<pad>`` = 0), ``dose_um`` and
+    ``time_h`` (float32, NaN when not given) and ``is_control`` (bool). Control cells get a
+    matched control too (another control of their group when there is one).
+
+    Through :class:`~scmf_loader.dataloader.CellDataLoader` ``output="csr"`` yields this dict
+    and ``output="padded"`` :meth:`to_padded`'s (plus ``cell_ids`` and ``obs``); ``"dense"``
+    is not supported (use :meth:`dense`).
+    """
+
+    FIELDS = ("control_ids", "perturbation", "perturbation_type", "targets", "dose_um", "time_h", "is_control")
+
+    @property
+    def cell_ids(self) -> torch.Tensor:
+        """Global ids of the batch's cells."""
+        return self["cells"].cell_ids
+
+    @property
+    def obs(self) -> dict[str, torch.Tensor]:
+        """Obs codes of the batch's cells."""
+        return self["cells"].obs
+
+    @property
+    def n_cells(self) -> int:
+        """Cells in the batch."""
+        return len(self["cells"])
+
+    def _fields(self) -> dict[str, torch.Tensor]:
+        return {k: self[k] for k in self.FIELDS}
+
+    def to_padded(self, max_genes: int | None = None, add_cls: bool = True, truncation: str = "top",
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Padded token batches of cells and controls (``CSRBatch.to_padded``; the controls'
+        keys prefixed ``control_``) with the perturbation fields."""
+        cells = self["cells"].to_padded(max_genes, add_cls, truncation, generator)
+        controls = self["controls"].to_padded(max_genes, add_cls, truncation, generator)
+        return {**cells, **{f"control_{k}": v for k, v in controls.items()}, **self._fields()}
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Not available: a loader's ``output="dense"`` would drop the controls."""
+        raise ConfigurationError("a PerturbationBatch has no single dense form: use output='csr' and batch.dense()")
+
+    def dense(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Dense ``expression`` and ``control_expression`` with the perturbation fields."""
+        return {"expression": self["cells"].to_dense(dtype), "control_expression": self["controls"].to_dense(dtype),
+                **self._fields()}
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> PerturbationBatch:
+        """The batch with every tensor moved to ``device``."""
+        return PerturbationBatch({k: v.to(device, non_blocking=non_blocking) for k, v in self.items()})
+
+    def pin_memory(self) -> PerturbationBatch:
+        """The batch in page-locked memory (unchanged without CUDA)."""
+        if not torch.cuda.is_available():
+            return self
+        return PerturbationBatch({k: v.pin_memory() for k, v in self.items()})
+
+
+class PerturbationDataset(CellDataset):
+    """A :class:`~scmf_loader.dataset.CellDataset` whose batches are
+    :class:`PerturbationBatch` es: each cell with its perturbation fields and a matched control.
+
+    ``match_on``: obs columns a control must share with its perturbed cell (default: those of
+    :data:`DEFAULT_MATCH_ON` the dataset keeps; ``()`` matches any control). ``seed``: the seed
+    controls are drawn with (give the loader's); :meth:`set_epoch` (called by
+    :class:`PerturbationSampler`) draws new pairs each epoch. Other arguments as for
+    ``CellDataset``; ``obs_columns`` always includes the schema and ``match_on`` columns.
+
+    Opening scans the control and ``match_on`` columns of every shard once (O(cells) time,
+    O(controls) memory) and raises :class:`MissingControlError` naming every group that holds
+    perturbed cells but no control, :class:`PerturbationSchemaError` when the schema columns
+    are missing, and ``ConfigurationError`` for a ``match_on`` column the dataset does not keep.
+    """
+
+    def __init__(self, source: Any, gene_vocab: Any = None, preprocessing: Any = None, max_genes: int | None = None,
+                 *, match_on: Sequence[str] | None = None, seed: int = 0, obs_columns: Sequence[str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(source, gene_vocab, preprocessing, max_genes, **kwargs)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigurationError(f"seed must be an integer >= 0, got {seed!r}")
+        where = str(self.store.path) if self.store is not None else "AnnData"
+        kept = tuple(self.categories)
+        missing = [c for c in COLUMNS if c not in kept]
+        if missing:
+            raise PerturbationSchemaError(
+                f"{where}: obs lacks the perturbation column(s) {missing}; convert with --perturbation auto "
+                f"(or COLUMNS) to add them; kept obs columns: {list(kept)}"
+            )
+        if match_on is None:
+            match_on = tuple(c for c in DEFAULT_MATCH_ON if c in kept)
+        elif isinstance(match_on, str):
+            match_on = (match_on,)
+        absent = [c for c in match_on if c not in kept]
+        if absent:
+            raise ConfigurationError(f"{where}: match_on column(s) {absent} not kept in this dataset; kept: {list(kept)}")
+        self.match_on = tuple(match_on)
+        self.seed = seed
+        self.epoch = 0
+        if obs_columns is not None:
+            unknown = [c for c in obs_columns if c not in kept]
+            if unknown:
+                raise ConfigurationError(f"obs column(s) {unknown} not kept in this dataset; kept: {list(kept)}")
+            wanted = dict.fromkeys([*obs_columns, *COLUMNS, *self.match_on])
+            self.obs_columns = tuple(wanted)
+            self.categories = {c: self.categories[c] for c in self.obs_columns}
+        self._tables(where)
+        self._index_controls(where)
+
+    # ---- decoding ------------------------------------------------------------------------
+    @property
+    def perturbations(self) -> list[str]:
+        """Perturbation names by id (the ``perturbation`` ids of a batch index this list)."""
+        return list(self.categories[PERTURBATION])
+
+    def _tables(self, where: str) -> None:
+        """Per-category lookup tables of the schema columns (code -1 → the last row)."""
+        cats = self.categories
+        bad = [t for t in cats[PERTURBATION_TYPE] if t not in PERTURBATION_TYPES]
+        flags = {"True": True, "False": False, "true": True, "false": False, "1": True, "0": False}
+        odd = [c for c in cats[IS_CONTROL] if c not in flags]
+        if bad or odd:
+            raise PerturbationSchemaError(
+                f"{where}: perturbation_type values {bad} not in {PERTURBATION_TYPES}" if bad
+                else f"{where}: is_control values {odd} are not booleans"
+            )
+        self._type_table = np.array([PERTURBATION_TYPES.index(t) for t in cats[PERTURBATION_TYPE]] + [4], dtype=np.int64)
+        self._control_table = np.array([flags[c] for c in cats[IS_CONTROL]] + [False], dtype=bool)
+        self._dose_table = _floats(cats[DOSE], f"{where}: obs column {DOSE!r}")
+        self._time_table = _floats(cats[TIME], f"{where}: obs column {TIME!r}")
+        split = [[t for t in c.split(TARGET_SEPARATOR) if t] for c in cats[TARGETS]]
+        width = max([1, *map(len, split)])
+        table = np.full((len(split) + 1, width), PAD_ID, dtype=np.int64)
+        for i, tokens in enumerate(split):
+            table[i, : len(tokens)] = self.vocab.encode(tokens)
+        self._target_table = table
+
+    def _group_keys(self, codes: Mapping[str, Any]) -> np.ndarray:
+        """One int64 key per cell from its ``match_on`` codes (mixed radix; -1 is a value)."""
+        first = codes[IS_CONTROL]
+        keys = np.zeros(len(first), dtype=np.int64)
+        for c, radix in zip(self.match_on, self._radix, strict=True):
+            keys = keys * radix + (np.asarray(codes[c], dtype=np.int64) + 1)
+        return keys
+
+    # ---- controls ------------------------------------------------------------------------
+    def _index_controls(self, where: str) -> None:
+        """Global ids of every control cell sorted by group, and each group's range."""
+        self._radix = [len(self.categories[c]) + 1 for c in self.match_on]
+        if math.prod(self._radix) >= 2**62:
+            raise ConfigurationError(f"{where}: match_on {list(self.match_on)} has too many value combinations")
+        ctrl_ids, ctrl_keys, pert_keys = [], [], []
+        for s in range(self.n_shards):
+            codes = {c: self.obs_codes(s, c) for c in (IS_CONTROL, *self.match_on)}
+            is_ctrl = self._control_table[np.asarray(codes[IS_CONTROL], dtype=np.int64)]
+            keys = self._group_keys(codes)
+            ctrl_ids.append(np.flatnonzero(is_ctrl).astype(np.int64) + int(self.shard_offsets[s]))
+            ctrl_keys.append(keys[is_ctrl])
+            pert_keys.append(np.unique(keys[~is_ctrl], return_counts=True))
+        ids = np.concatenate([np.zeros(0, np.int64), *ctrl_ids])
+        keys = np.concatenate([np.zeros(0, np.int64), *ctrl_keys])
+        order = np.lexsort((ids, keys))
+        self._control_ids, sorted_keys = ids[order], keys[order]
+        self._groups, first = np.unique(sorted_keys, return_index=True)
+        self._group_ptr = np.append(first, len(sorted_keys)).astype(np.int64)
+        perturbed = np.concatenate([np.zeros(0, np.int64), *(k for k, _ in pert_keys)])
+        counts = np.concatenate([np.zeros(0, np.int64), *(n for _, n in pert_keys)])
+        lonely = ~np.isin(perturbed, self._groups)
+        if lonely.any():
+            totals: dict[int, int] = {}
+            for k, n in zip(perturbed[lonely].tolist(), counts[lonely].tolist(), strict=True):
+                totals[k] = totals.get(k, 0) + n
+            raise MissingControlError(f"{where}: no control cell to match " + "; ".join(
+                f"{self._describe(k)} ({n} perturbed cells)" for k, n in sorted(totals.items())[:10]
+            ) + (f"; ... {len(totals) - 10} more groups" if len(totals) > 10 else "")
+                + "; choose other match_on columns or add control cells")
+
+    def _describe(self, key: int) -> str:
+        """``plate='P3', cell_line='K562'`` of a group key."""
+        if not self.match_on:
+            return "the whole dataset"
+        parts = []
+        for c, radix in reversed(list(zip(self.match_on, self._radix, strict=True))):
+            key, code = divmod(key, radix)
+            parts.append(f"{c}={self.categories[c][code - 1] if code else None!r}")
+        return "match group " + ", ".join(reversed(parts))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw matched controls for ``epoch`` (pairs are a function of seed, epoch and cell)."""
+        if epoch < 0:
+            raise ConfigurationError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def matched_controls(self, ids: Any, codes: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Global ids of the matched controls of cells ``ids`` in the current epoch.
+        ``codes``: the cells' obs codes when already read (else read here)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if codes is None:
+            codes = CellDataset.__getitems__(self, ids).obs
+        codes = {k: np.asarray(v) for k, v in codes.items()}
+        g = np.searchsorted(self._groups, self._group_keys(codes))
+        lo, hi = self._group_ptr[g], self._group_ptr[g + 1]  # every cell's group has controls
+        n = (hi - lo).astype(np.uint64)
+        base = np.random.SeedSequence([self.seed, self.epoch, 0x70657274]).generate_state(1, np.uint64)[0]
+        h = _mix(ids.astype(np.uint64) ^ base)
+        pick = lo + (h % n).astype(np.int64)
+        # a control cell drew itself: move it to a uniformly drawn other control of its group
+        selfish = (self._control_ids[pick] == ids) & (n > 1)
+        if selfish.any():
+            step = 1 + (_mix(h[selfish]) % (n[selfish] - np.uint64(1))).astype(np.int64)
+            pick[selfish] = lo[selfish] + (pick[selfish] - lo[selfish] + step) % (hi - lo)[selfish]
+        return self._control_ids[pick]
+
+    # ---- batches -------------------------------------------------------------------------
+    def _collate(self, cells: CSRBatch) -> PerturbationBatch:
+        ids = cells.cell_ids.numpy()
+        codes = {k: v.numpy() for k, v in cells.obs.items()}
+        control_ids = self.matched_controls(ids, codes)
+        pert = codes[PERTURBATION].astype(np.int64)
+
+        def row(table: np.ndarray, column: str) -> torch.Tensor:
+            return torch.from_numpy(table[codes[column].astype(np.int64)])  # -1 → the last row
+
+        return PerturbationBatch(
+            cells=cells, controls=CellDataset.__getitems__(self, control_ids),
+            control_ids=torch.from_numpy(control_ids), perturbation=torch.from_numpy(pert),
+            perturbation_type=row(self._type_table, PERTURBATION_TYPE), targets=row(self._target_table, TARGETS),
+            dose_um=row(self._dose_table, DOSE), time_h=row(self._time_table, TIME),
+            is_control=row(self._control_table, IS_CONTROL),
+        )
+
+    def __getitems__(self, ids: Any) -> PerturbationBatch:  # type: ignore[override]
+        """The :class:`PerturbationBatch` of cells ``ids`` (zero copy for the cells when they
+        are one range of one shard; the controls are gathered)."""
+        return self._collate(CellDataset.__getitems__(self, ids))
+
+    def get_range(self, start: int, stop: int) -> PerturbationBatch:  # type: ignore[override]
+        """The batch of cells ``[start, stop)``."""
+        return self.__getitems__(np.arange(start, stop, dtype=np.int64))
+
+    def __getitem__(self, index: Any) -> Any:
+        """``ds[i]``: the ``CellDataset`` dict of cell ``i`` plus ``perturbation`` (id),
+        ``perturbation_name``, ``perturbation_type``, ``targets``, ``dose_um``, ``time_h``,
+        ``is_control`` and ``control_id``; ``ds[ids]``: a :class:`PerturbationBatch`."""
+        if not isinstance(index, (int, np.integer)):
+            return super().__getitem__(index)
+        i = int(index) + (len(self) if index < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"cell {index} out of range for {len(self)} cells")
+        batch = self.__getitems__([i])
+        out = self._cell(batch["cells"])
+        pert = int(batch["perturbation"][0])
+        out.update(
+            perturbation=pert, perturbation_name=self.perturbations[pert] if pert >= 0 else None,
+            perturbation_type=PERTURBATION_TYPES[int(batch["perturbation_type"][0])],
+            targets=batch["targets"][0][batch["targets"][0] != PAD_ID], dose_um=float(batch["dose_um"][0]),
+            time_h=float(batch["time_h"][0]), is_control=bool(batch["is_control"][0]),
+            control_id=int(batch["control_ids"][0]),
+        )
+        return out
+
+    def __repr__(self) -> str:
+        return (f"PerturbationDataset(n_cells={len(self)}, perturbations={len(self.perturbations)}, "
+                f"match_on={list(self.match_on)}, controls={len(self._control_ids)})")
+
+
+class PerturbationSampler(BatchSampler):
+    """Batches holding at most ``k`` cells of any one perturbation (obs column ``key``).
+
+    Each shard's cells make ``len(shard) // batch_size`` batches; each batch gives every
+    perturbation present in the shard its share of the batch, capped at ``k`` (the excess
+    goes to the others, integer quotas ±1 drawn per batch), and each perturbation's cells are
+    drawn in a shuffled cycle: common perturbations (controls, usually) are subsampled within
+    an epoch, rare ones may repeat. Shards' left-over cells (fewer than a batch) sit out the
+    epoch, so every batch is full and capped; which cells sit out changes every epoch.
+    Rank/world/worker split, ``drop_last`` padding and resume as for every
+    :class:`~scmf_loader.samplers.BatchSampler`. ``set_epoch`` also sets the epoch of a
+    :class:`PerturbationDataset`, so its matched controls follow the loader's epochs.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int = 64, k: int = 8, *, key: str = PERTURBATION, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size, **kwargs)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigurationError(f"k must be an integer >= 1, got {k!r}")
+        if key not in getattr(dataset, "categories", {}):
+            raise ConfigurationError(f"obs column {key!r} is not kept in this dataset")
+        self.dataset, self.k, self.key = dataset, k, key
+        self._layout_of: tuple[int, list[int], list[int]] | None = None
+        self._plan_of: tuple[tuple[int, int], np.ndarray] | None = None
+        for s in range(len(self.shard_sizes)):
+            n_cats = len(np.unique(np.asarray(dataset.obs_codes(s, key))))
+            if self.shard_sizes[s] >= batch_size and n_cats * k < batch_size:
+                raise ConfigurationError(
+                    f"shard {s} holds {n_cats} perturbation(s): at most {k} cells each cannot fill a batch of "
+                    f"{batch_size}; raise k or lower batch_size"
+                )
+        if self.n_batches == 0 and self.n_cells:
+            raise ConfigurationError(f"no shard holds batch_size={batch_size} cells")
+
+    @property
+    def n_batches(self) -> int:
+        """Full batches of all shards (left-over cells sit out: no partial batch)."""
+        return int((self.shard_sizes // self.batch_size).sum())
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {**super()._fingerprint(), "k": self.k, "key": self.key}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; also the dataset's (its matched controls)."""
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume (see :meth:`BatchSampler.load_state_dict`); sets the dataset's epoch too."""
+        super().load_state_dict(state)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+
+    def _epoch_layout(self, epoch: int) -> tuple[list[int], list[int]]:
+        """The shard order of ``epoch`` and the first batch index of each shard in it."""
+        if self._layout_of is None or self._layout_of[0] != epoch:
+            order = _rng(self.seed, epoch, 0).permutation(len(self.shard_sizes))
+            first = np.concatenate([[0], np.cumsum((self.shard_sizes // self.batch_size)[order])])
+            self._layout_of = (epoch, order.tolist(), first.tolist())
+        return self._layout_of[1], self._layout_of[2]
+
+    def batch(self, epoch: int, index: int) -> np.ndarray:
+        """Global row ids (int64, sorted) of batch ``index`` of ``epoch``: shards in an order
+        drawn from ``(seed, epoch)``, each shard's batches one after another."""
+        order, first = self._epoch_layout(epoch)
+        i = bisect.bisect_right(first, index) - 1
+        shard = order[i]
+        if self._plan_of is None or self._plan_of[0] != (epoch, shard):
+            self._plan_of = ((epoch, shard), self._shard_batches(epoch, shard))
+        return self._plan_of[1][index - first[i]] + self._offsets[shard]
+
+    def _shard_batches(self, epoch: int, shard: int) -> np.ndarray:
+        """``(batches, batch_size)`` local ids of one shard's batches in ``epoch``."""
+        bs, n_batches = self.batch_size, int(self.shard_sizes[shard]) // self.batch_size
+        codes = np.asarray(self.dataset.obs_codes(shard, self.key), dtype=np.int64)
+        rng = _rng(self.seed, epoch, 3, shard)
+        cats, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+        quota = _integer_quotas(_capped_shares(counts, bs, self.k), n_batches, rng)
+        batch_of, drawn = [], []
+        for j in range(len(cats)):
+            pool = rng.permutation(np.flatnonzero(inverse == j))
+            drawn.append(np.resize(pool, int(quota[:, j].sum())))
+            batch_of.append(np.repeat(np.arange(n_batches), quota[:, j]))
+        order = np.argsort(np.concatenate(batch_of), kind="stable")
+        return np.sort(np.concatenate(drawn)[order].reshape(n_batches, bs), axis=1)
+
+
+def _capped_shares(counts: np.ndarray, batch_size: int, k: int) -> np.ndarray:
+    """Cells per batch of each category: proportional to ``counts``, capped at ``k``, the
+    excess spread over the uncapped ones (water filling); sums to ``batch_size``."""
+    x = batch_size * counts / counts.sum()
+    capped = np.zeros(len(counts), dtype=bool)
+    while True:
+        over = (x > k + 1e-9) & ~capped
+        if not over.any():
+            return np.minimum(x, k)
+        capped |= over
+        free = ~capped
+        x = np.where(capped, float(k), (batch_size - k * capped.sum()) * counts / counts[free].sum())
+
+
+def _integer_quotas(shares: np.ndarray, n_batches: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n_batches, categories)`` integer quotas: ``floor(share)`` plus one for as many
+    categories as the batch still needs, drawn per batch with probability ∝ the fractional
+    part (Efraimidis–Spirakis keys), so no quota exceeds ``ceil(share)``."""
+    base = np.floor(shares + 1e-9).astype(np.int64)
+    frac = np.clip(shares - base, 0.0, None)
+    short = int(round(float(shares.sum()))) - int(base.sum())
+    quota = np.repeat(base[None, :], n_batches, axis=0)
+    if short > 0:
+        keys = np.where(frac > 1e-9, rng.random((n_batches, len(shares))) ** (1.0 / np.maximum(frac, 1e-12)), -1.0)
+        top = np.argsort(-keys, axis=1, kind="stable")[:, :short]
+        np.put_along_axis(quota, top, base[top] + 1, axis=1)
+    return quota
