@@ -48,6 +48,7 @@ from scmf_loader.format.shard import (
     read_obs_codes,
     read_x_metadata,
 )
+from scmf_loader.vocab import GeneVocab
 
 __all__ = [
     "Level",
@@ -83,12 +84,10 @@ def check_manifest_arrays(manifest: Manifest, where: str | os.PathLike[str]) -> 
                 )
 
 
-def check_vocab(dataset_dir: str | os.PathLike[str], manifest: Manifest) -> Any:
+def check_vocab(dataset_dir: str | os.PathLike[str], manifest: Manifest) -> GeneVocab:
     """Load the vocabulary and check it against the manifest: ``n_genes`` tokens and THE
     vocabulary hash, ``vocab.sha256`` (content of tokens and symbols). Returns the
     :class:`~scmf_loader.vocab.GeneVocab`."""
-    from scmf_loader.vocab import GeneVocab
-
     path = Path(dataset_dir) / manifest.vocab["path"]
     vocab = GeneVocab.from_file(path)
     if len(vocab) != manifest.n_genes:
