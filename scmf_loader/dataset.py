@@ -65,6 +65,8 @@ class CellDataset(torch.utils.data.Dataset):
     the values are final; ``"raw"`` skips it and yields the stored values. ``max_genes``
     truncates the genes of a single cell (``ds[i]``) to its highest-expressed ones.
     ``obs_columns`` restricts the kept obs columns carried in batches (default: all).
+    ``registry``: a registry file; ``source`` is then ``"name@version"``, refused when the
+    manifest found there has another ``dataset_id`` (:mod:`scmf_loader.registry`).
     """
 
     def __init__(
@@ -78,7 +80,12 @@ class CellDataset(torch.utils.data.Dataset):
         gene_column: str = "var_names",
         verify: bool = False,
         max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
+        registry: str | os.PathLike[str] | None = None,
     ) -> None:
+        if registry is not None:  # source is "name@version" (see scmf_loader.registry)
+            from scmf_loader.registry import open_registered
+
+            source = open_registered(source, registry, verify=verify, max_open_shards=max_open_shards)
         if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
             raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
         use_recorded = preprocessing is None
