@@ -52,8 +52,13 @@ class GeneAlignment:
         return bool(np.all(np.diff(self.keep_columns) > 0))
 
 
-def build_alignment(genes: Sequence[str], vocab: GeneVocab, source: str) -> GeneAlignment:
+def build_alignment(
+    genes: Sequence[str], vocab: GeneVocab, source: str, organism: str | None = None
+) -> GeneAlignment:
     """Align gene names to ``vocab`` (names may be tokens, versioned Ensembl ids or symbols).
+
+    With ``organism`` (e.g. ``"mouse"`` under a ``human+mouse`` vocabulary), only that
+    organism's names match, so a mouse gene never lands on a human gene of the same symbol.
 
     Raises :class:`~scmf_loader.errors.InvalidInputError` when a gene is a reserved special
     token or two genes map to the same vocabulary token, and
@@ -61,7 +66,7 @@ def build_alignment(genes: Sequence[str], vocab: GeneVocab, source: str) -> Gene
     names the input in those messages.
     """
     names = [str(g) for g in genes]
-    ids = vocab.encode(names)
+    ids = vocab.encode(names, organism=organism)
     special = (ids < _N_SPECIAL) & (ids != UNK_ID)
     special |= np.fromiter((n in SPECIAL_TOKENS for n in names), dtype=bool, count=len(names))
     if special.any():
