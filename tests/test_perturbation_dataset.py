@@ -211,6 +211,18 @@ def test_workers_and_padded_output(dataset_dir: Path) -> None:
         for key in ("control_ids", "perturbation", "targets", "is_control", "time_h"):
             torch.testing.assert_close(a[key], b[key])
         torch.testing.assert_close(a["controls"].values, b["controls"].values)
+    # later epochs through workers: the sampler sets the dataset's epoch before workers start
+    # (persistent workers keep the copy they started with; see docs/perturbation.md)
+    def epoch1(workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        d = PerturbationDataset(dataset_dir, seed=2)
+        loader = CellDataLoader(d, num_workers=workers, sampler=PerturbationSampler(d, 100, k=20, seed=2),
+                                persistent_workers=False)
+        loader.set_epoch(1)
+        return pairs(d, loader)
+
+    for (a, b), (c, d) in zip(epoch1(0), epoch1(2), strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
     padded = next(iter(CellDataLoader(ds, batch_size=32, num_workers=0, seed=2, output="padded", max_genes=16)))
     assert padded["gene_indices"].shape == (32, 17)
     assert padded["control_gene_indices"].shape == (32, 17)
