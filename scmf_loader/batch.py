@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from scmf_loader import buffers
+from scmf_loader import buffers, outputs
 from scmf_loader.errors import ConfigurationError
-from scmf_loader.vocab import CLS_ID, PAD_ID
 
 __all__ = ["CSRBatch", "as_tensor", "gather_rows"]
 
@@ -82,18 +81,6 @@ def gather_rows(
     indices = np.concatenate(idx_parts, out=buffers.empty(nnz, idx_parts[0].dtype))
     values = np.concatenate(data_parts, out=buffers.empty(nnz, data_parts[0].dtype))
     return indptr, indices, values
-
-
-def _keep(values: np.ndarray, k: int, truncation: str, generator: torch.Generator | None) -> np.ndarray:
-    """Ascending positions of the ``k`` values a cell keeps: the largest (ties to the lower
-    position, i.e. gene id) or a uniform random subset drawn from ``generator``."""
-    if truncation == "random":
-        return np.sort(torch.randperm(len(values), generator=generator)[:k].numpy())
-    threshold = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest
-    keep = values > threshold
-    ties = np.flatnonzero(values == threshold)[: k - int(np.count_nonzero(keep))]
-    keep[ties] = True
-    return np.flatnonzero(keep)
 
 
 Columns = Mapping[str, torch.Tensor] | tuple[Sequence[str], torch.Tensor] | Callable[[], Any]
@@ -232,21 +219,45 @@ class CSRBatch:
     def _on_cpu(self) -> bool:
         return self.values.device.type == "cpu"
 
-    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A dense ``(cells, n_genes)`` matrix (``values``' dtype unless ``dtype`` is given)."""
-        dtype = dtype or self.values.dtype
+    def _cpu_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.indptr.numpy(), self.indices.numpy(), self.values.numpy()
+
+    def _fused(self, preprocessing: Any, genes: Any) -> dict[str, Any]:
+        """Keyword arguments of the fused preprocessing for :mod:`scmf_loader.outputs`."""
+        kw: dict[str, Any] = {"genes": None if genes is None else np.asarray(genes)}
+        if preprocessing is not None:
+            dtype = np.float64 if self.values.dtype == torch.float64 else np.float32
+            kw["divisors"] = preprocessing.divisors_for(self.stats, dtype)
+            kw["log1p"] = bool(preprocessing.log1p)
+        return kw
+
+    def to_dense(
+        self, dtype: torch.dtype | None = None, *, preprocessing: Any = None, genes: Any = None
+    ) -> torch.Tensor:
+        """A dense ``(cells, n_genes)`` matrix (``values``' dtype unless ``dtype`` is given;
+        the compute dtype with ``preprocessing``). ``preprocessing`` (a
+        :class:`~scmf_loader.preprocess.PreprocessingPipeline`: its per-cell divisors and
+        ``log1p``) and ``genes`` (token ids: only their columns, in that order) are fused
+        into the kernel (:mod:`scmf_loader.outputs`)."""
         if not self._on_cpu():
-            out = torch.zeros(self.shape, dtype=dtype, device=self.values.device)
-            rows = torch.repeat_interleave(torch.arange(len(self), device=out.device), self.lengths())
-            out[rows, self.indices.long()] = self.values.to(dtype)
-            return out
-        try:
-            out = torch.from_numpy(buffers.zeros(self.shape, torch.empty(0, dtype=dtype).numpy().dtype))
-        except TypeError:  # a torch dtype numpy lacks (bfloat16)
-            out = torch.zeros(self.shape, dtype=dtype)
-        rows = np.repeat(np.arange(len(self), dtype=np.int64) * self.n_genes, np.diff(self.indptr.numpy()))
-        out.view(-1).numpy()[rows + self.indices.numpy()] = self.values.numpy()
-        return out
+            if preprocessing is None and genes is None:
+                dtype = dtype or self.values.dtype
+                out = torch.zeros(self.shape, dtype=dtype, device=self.values.device)
+                rows = torch.repeat_interleave(torch.arange(len(self), device=out.device), self.lengths())
+                out[rows, self.indices.long()] = self.values.to(dtype)
+                return out
+            return self.to("cpu").to_dense(dtype, preprocessing=preprocessing, genes=genes).to(self.values.device)
+        np_dtype = None
+        if dtype is not None:
+            try:
+                np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+            except TypeError:  # a torch dtype numpy lacks (bfloat16): through float32
+                return self.to_dense(torch.float32, preprocessing=preprocessing, genes=genes).to(dtype)
+        return torch.from_numpy(outputs.dense(*self._cpu_arrays(), self.n_genes, dtype=np_dtype,
+                                              **self._fused(preprocessing, genes)))
+
+    def _on_device(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return out if self._on_cpu() else {k: v.to(self.values.device) for k, v in out.items()}
 
     def to_padded(
         self,
@@ -254,6 +265,9 @@ class CSRBatch:
         add_cls: bool = True,
         truncation: str = "top",
         generator: torch.Generator | None = None,
+        *,
+        preprocessing: Any = None,
+        genes: Any = None,
     ) -> dict[str, torch.Tensor]:
         """Padded token batch: ``gene_indices`` (int64), ``expression`` (float32) and
         ``attention_mask`` (bool), each ``(cells, L)``.
@@ -263,36 +277,63 @@ class CSRBatch:
         ``add_cls`` a ``<cls>`` token (id 3, expression 0) comes first and ``L`` grows by
         one. A cell with more than ``max_genes`` genes keeps its highest-expressed ones
         (``truncation="top"``, ties to the lower gene id) or a uniform random subset
-        (``"random"``, drawn from ``generator``). Computed on the CPU (the result is moved
-        back to the batch's device).
+        (``"random"``, seeded by one draw from ``generator``). ``preprocessing`` and
+        ``genes`` are fused as in :meth:`to_dense`. Computed on the CPU by
+        :func:`scmf_loader.outputs.padded` (the result is moved back to the batch's device).
         """
-        if max_genes is not None and max_genes < 1:
-            raise ConfigurationError(f"max_genes must be >= 1, got {max_genes}")
         if truncation not in TRUNCATIONS:
             raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-        if not self._on_cpu():
-            out = self.to("cpu").to_padded(max_genes, add_cls, truncation, generator)
-            return {k: v.to(self.values.device) for k, v in out.items()}
-        ip, idx, val = self.indptr.numpy(), self.indices.numpy(), self.values.numpy()
-        lengths = np.diff(ip)
-        n = len(lengths)
-        k = max_genes if max_genes is not None else (int(lengths.max()) if n else 0)
-        c = 1 if add_cls else 0
-        gene = buffers.empty((n, k + c), np.int64)
-        gene.fill(PAD_ID)
-        expr = buffers.zeros((n, k + c), np.float32)
-        gene[:, :c] = CLS_ID
-        for i, (s, e) in enumerate(zip(ip[:-1].tolist(), ip[1:].tolist(), strict=True)):
-            if e - s <= k:  # one contiguous copy per cell
-                gene[i, c : c + e - s] = idx[s:e]
-                expr[i, c : c + e - s] = val[s:e]
-            else:
-                keep = _keep(val[s:e], k, truncation, generator)
-                gene[i, c:] = idx[s:e][keep]
-                expr[i, c:] = val[s:e][keep]
-        mask = np.less(np.arange(k + c), (np.minimum(lengths, k) + c)[:, None], out=buffers.empty((n, k + c), np.bool_))
-        return {
-            "gene_indices": torch.from_numpy(gene),
-            "expression": torch.from_numpy(expr),
-            "attention_mask": torch.from_numpy(mask),
-        }
+        if max_genes is not None and max_genes < 1:
+            raise ConfigurationError(f"max_genes must be >= 1, got {max_genes}")
+        b = self if self._on_cpu() else self.to("cpu")
+        out = outputs.padded(*b._cpu_arrays(), self.n_genes, max_genes=max_genes, add_cls=add_cls,
+                             truncation=truncation, seed=_seed(truncation, generator),
+                             **b._fused(preprocessing, genes))
+        return self._on_device({k: torch.from_numpy(v) for k, v in out.items()})
+
+    def to_rank(
+        self,
+        medians: Any,
+        max_genes: int | None = None,
+        add_cls: bool = True,
+        *,
+        preprocessing: Any = None,
+        genes: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        """Geneformer rank-value tokens: ``gene_indices`` (int64) and ``attention_mask``
+        (bool). Each non-zero value is divided by its gene's non-zero median (``medians``:
+        one float32 per token, e.g. :attr:`CellDataset.gene_nonzero_median`); genes are
+        ordered by that ratio, highest first (ties: the lower gene id), the first
+        ``max_genes`` kept; ``<cls>`` first with ``add_cls``. See
+        :func:`scmf_loader.outputs.rank`."""
+        b = self if self._on_cpu() else self.to("cpu")
+        out = outputs.rank(*b._cpu_arrays(), self.n_genes, medians, max_genes=max_genes, add_cls=add_cls,
+                           **b._fused(preprocessing, genes))
+        return self._on_device({k: torch.from_numpy(v) for k, v in out.items()})
+
+    def to_binned(
+        self,
+        n_bins: int = 51,
+        max_genes: int | None = None,
+        add_cls: bool = True,
+        truncation: str = "top",
+        generator: torch.Generator | None = None,
+        *,
+        preprocessing: Any = None,
+        genes: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        """scGPT value bins in the :meth:`to_padded` layout: ``expression`` is the int64 bin
+        (1..n_bins-1 for non-zeros from per-cell quantiles of the non-zero values, 0 for
+        padding). The exact rule: :func:`scmf_loader.outputs.binned`."""
+        b = self if self._on_cpu() else self.to("cpu")
+        out = outputs.binned(*b._cpu_arrays(), self.n_genes, n_bins=n_bins, max_genes=max_genes, add_cls=add_cls,
+                             truncation=truncation, seed=_seed(truncation, generator),
+                             **b._fused(preprocessing, genes))
+        return self._on_device({k: torch.from_numpy(v) for k, v in out.items()})
+
+
+def _seed(truncation: str, generator: torch.Generator | None) -> int:
+    """One draw from ``generator`` for random truncation (0 otherwise: unused)."""
+    if truncation != "random":
+        return 0
+    return int(torch.randint(0, 2**62, (1,), generator=generator))

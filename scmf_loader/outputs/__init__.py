@@ -1,0 +1,221 @@
+"""Model-ready outputs of a CSR batch, written by kernels into preallocated arrays.
+
+Every function takes a batch's CSR arrays (``indptr``, ``indices``, ``values``; numpy
+arrays or anything ``np.asarray`` takes) and ``n_genes``, and returns numpy arrays:
+
+* :func:`padded` - ``gene_indices`` (int64), ``expression`` (float32), ``attention_mask``
+  (bool), each ``(cells, L)``; genes in vocabulary order; a cell longer than ``max_genes``
+  keeps its largest values (``truncation="top"``, ties to the lower gene id) or a random
+  subset (``"random"``: the ``max_genes`` entries with the largest splitmix64 hash of
+  ``(seed, cell, position)``; the same subset for the same seed on every backend).
+* :func:`dense` - ``(cells, n_genes)`` (or ``(cells, len(genes))`` with a subset).
+* :func:`rank` - Geneformer's rank-value encoding: ``gene_indices`` and ``attention_mask``;
+  each non-zero value divided by its gene's non-zero median (``medians``, float32, one per
+  token, computed in the compute dtype), genes ordered by that ratio descending, ties to
+  the lower token id, the first ``max_genes`` kept. Stored zeros, and genes whose median is
+  not a positive finite number, are left out.
+* :func:`binned` - scGPT's value binning: the :func:`padded` layout with ``expression`` the
+  int64 bin of each value. Per cell, ``edges = np.quantile(nz, np.linspace(0, 1, n_bins - 1))``
+  over its non-zero values ``nz`` (numpy's "linear" method, numpy's arithmetic exactly), and
+  a non-zero value's bin is ``np.digitize(value, edges)`` (the number of edges <= value),
+  in ``1 .. n_bins - 1``; stored zeros and padding are 0. This is scGPT's ``_digitize`` with
+  ``side="one"``: scGPT's default ``"both"`` draws a random bin between the left and right
+  digitisation for values equal to several edges; here such a value always takes the
+  highest (deterministic). Bins are computed over all of a cell's entries, before
+  truncation to ``max_genes`` (which follows :func:`padded`'s rule on the values).
+
+``L`` is ``max_genes`` (plus one with ``add_cls``, the ``<cls>`` id 3 first, expression 0),
+else the longest kept cell. Padding is the ``<pad>`` id 0, expression 0, mask False.
+
+**Fused preprocessing** (every function): ``divisors`` (one per cell: library size /
+target_sum, or a scran size factor, as :meth:`PreprocessingPipeline.divisors_for` gives
+them), ``log1p`` and ``genes`` (token ids to keep, e.g. an HVG subset; :func:`dense`
+returns their columns in that order, the token outputs keep token ids) are applied while
+the values are read, so each value is read and written once. The arithmetic is
+:class:`~scmf_loader.preprocess.PreprocessingPipeline`'s: the compute dtype is float64 for
+float64 values, else float32; ``value / divisor``, then ``log1p``. Truncation, ranks and
+bins use the preprocessed values.
+
+**Backends**: ``"numba"`` (compiled, ``nogil``; used when numba imports, the faster one:
+``scripts/bench_outputs.py``) and ``"numpy"`` (vectorised); ``backend=None`` picks (or
+``$SCMF_OUTPUT_BACKEND``). Malformed arrays (``indptr`` negative, decreasing or past the
+entries, gene ids outside ``[0, n_genes)``) raise :class:`~scmf_loader.errors.ScmfError`
+and are never read out of bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scmf_loader import buffers
+from scmf_loader.errors import ConfigurationError, ScmfError
+from scmf_loader.outputs import _common as common
+from scmf_loader.outputs import vectorised
+from scmf_loader.outputs._common import BACKENDS, numba_available, resolve_backend
+
+__all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "rank", "resolve_backend"]
+
+_EMPTY_F64 = np.zeros(0, np.float64)
+_EMPTY_MAP = np.zeros(0, np.int32)
+
+
+class _Batch:
+    """Checked arguments shared by the four outputs."""
+
+    def __init__(self, indptr: Any, indices: Any, values: Any, n_genes: int, divisors: Any, log1p: bool,
+                 genes: Any, backend: str | None) -> None:
+        self.backend = resolve_backend(backend)
+        self.n_genes = int(n_genes)
+        self.indptr, self.indices, values = common.check_batch(
+            indptr, indices, values, self.n_genes, full=self.backend == "numpy")
+        if values.dtype not in common.NATIVE_VALUES:
+            values = values.astype(np.float32)
+        self.values = values
+        self.f32 = values.dtype != np.float64
+        self.n = len(self.indptr) - 1
+        self.divisors = common.check_divisors(divisors, self.n, self.f32)
+        self.log1p = bool(log1p)
+        self.colmap = common.colmap_of(genes, self.n_genes)
+
+    def entries(self, keep: np.ndarray | None = None) -> vectorised.Entries:
+        return vectorised.entries(self.indptr, self.indices, self.values, self.divisors, self.log1p, self.f32,
+                                  self.colmap, keep)
+
+    def compiled_args(self) -> tuple[Any, ...]:
+        div = _EMPTY_F64 if self.divisors is None else self.divisors.astype(np.float64)
+        colmap = _EMPTY_MAP if self.colmap is None else self.colmap
+        return (self.indptr, self.indices, self.values, self.n_genes, div, self.log1p, self.f32, colmap)
+
+    def width(self, max_genes: int | None, keep: np.ndarray | None = None) -> int:
+        """``max_genes``, else the longest cell once the subset and ``keep`` are applied."""
+        if max_genes is not None:
+            return int(max_genes)
+        if self.n == 0:
+            return 0
+        if self.colmap is None and keep is None:
+            return int(np.diff(self.indptr).max())
+        if self.backend != "numpy":  # the counts below index: check everything first
+            common.check_batch(self.indptr, self.indices, self.values, self.n_genes)
+        return int(np.diff(self.entries(keep).indptr).max())
+
+    def run(self, kernel: Any, *args: Any) -> None:
+        code, where = kernel(*self.compiled_args(), *args)
+        if code:
+            nnz = min(len(self.indices), len(self.values))
+            raise common.kernel_error(int(code), int(where), self.indptr, self.indices, nnz, self.n_genes)
+
+
+def _compiled() -> Any:
+    from scmf_loader.outputs import compiled
+
+    return compiled
+
+
+def _token_arrays(n: int, width: int, expr_dtype: Any) -> tuple[np.ndarray, ...]:
+    gene = buffers.empty((n, width), np.int64)
+    mask = buffers.empty((n, width), np.bool_)
+    if expr_dtype is None:
+        return gene, mask
+    return gene, buffers.empty((n, width), expr_dtype), mask
+
+
+def padded(indptr: Any, indices: Any, values: Any, n_genes: int, *, max_genes: int | None = None,
+           add_cls: bool = True, truncation: str = "top", seed: int = 0, divisors: Any = None, log1p: bool = False,
+           genes: Any = None, backend: str | None = None) -> dict[str, np.ndarray]:
+    """Padded token batch (see the module docstring)."""
+    common.check_sizes(max_genes, truncation)
+    b = _Batch(indptr, indices, values, n_genes, divisors, log1p, genes, backend)
+    cls, random = int(bool(add_cls)), truncation == "random"
+    if b.backend == "numpy":
+        ent = b.entries()
+        k = max_genes if max_genes is not None else (int(np.diff(ent.indptr).max()) if b.n else 0)
+        return vectorised.padded(ent, k, cls, random, seed)
+    k = b.width(max_genes)
+    gene, expr, mask = _token_arrays(b.n, k + cls, np.float32)
+    b.run(_compiled().padded, k, cls, random, np.uint64(seed), gene, expr, mask)
+    return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
+
+
+def dense(indptr: Any, indices: Any, values: Any, n_genes: int, *, dtype: Any = None, divisors: Any = None,
+          log1p: bool = False, genes: Any = None, backend: str | None = None) -> np.ndarray:
+    """Dense ``(cells, n_genes)`` matrix (``(cells, len(genes))`` with a subset) of
+    ``dtype`` (default: the values' dtype, or the compute dtype when preprocessing)."""
+    b = _Batch(indptr, indices, values, n_genes, divisors, log1p, genes, backend)
+    transform = b.divisors is not None or b.log1p
+    if dtype is None:
+        dtype = (np.float32 if b.f32 else np.float64) if transform else np.asarray(values).dtype
+    dtype = np.dtype(dtype)
+    width = b.n_genes if b.colmap is None else int((b.colmap >= 0).sum())
+    if b.backend == "numpy" or dtype not in common.NATIVE_VALUES:
+        if b.backend != "numpy":
+            common.check_batch(b.indptr, b.indices, b.values, b.n_genes)
+        if not transform and b.colmap is None:  # the stored values, untouched
+            return _dense_raw(b, dtype)
+        return vectorised.dense(b.entries(), width, b.colmap, dtype)
+    out = buffers.empty((b.n, width), dtype)
+    b.run(_compiled().dense, out)
+    return out
+
+
+def _dense_raw(b: _Batch, dtype: np.dtype) -> np.ndarray:
+    out = buffers.zeros((b.n, b.n_genes), dtype)
+    s, e = int(b.indptr[0]), int(b.indptr[-1])
+    rows = np.repeat(np.arange(b.n, dtype=np.int64) * b.n_genes, np.diff(b.indptr))
+    out.reshape(-1)[rows + b.indices[s:e]] = b.values[s:e]
+    return out
+
+
+def _check_medians(medians: Any, n_genes: int) -> np.ndarray:
+    if medians is None:
+        raise ScmfError("rank output needs the per-gene non-zero medians (var/nonzero_median); none were given")
+    med = np.asarray(medians)
+    if med.shape != (n_genes,):
+        raise ConfigurationError(f"medians must hold one number per token ({n_genes}), got shape {med.shape}")
+    return np.ascontiguousarray(med, dtype=np.float32)
+
+
+def rank(indptr: Any, indices: Any, values: Any, n_genes: int, medians: Any, *, max_genes: int | None = None,
+         add_cls: bool = True, divisors: Any = None, log1p: bool = False, genes: Any = None,
+         backend: str | None = None) -> dict[str, np.ndarray]:
+    """Rank-value token batch (see the module docstring)."""
+    common.check_sizes(max_genes)
+    med = _check_medians(medians, int(n_genes))
+    b = _Batch(indptr, indices, values, n_genes, divisors, log1p, genes, backend)
+    cls = int(bool(add_cls))
+    keep = None
+    if b.backend == "numpy" or max_genes is None:
+        if b.backend != "numpy":
+            common.check_batch(b.indptr, b.indices, b.values, b.n_genes)
+        s, e = int(b.indptr[0]), int(b.indptr[-1])
+        m = med[b.indices[s:e]]
+        keep = (b.values[s:e] != 0) & (m > 0) & np.isfinite(m)
+    if b.backend == "numpy":
+        ent = b.entries(keep)
+        k = max_genes if max_genes is not None else (int(np.diff(ent.indptr).max()) if b.n else 0)
+        return vectorised.rank(ent, med, k, cls)
+    k = b.width(max_genes, keep)
+    gene, mask = _token_arrays(b.n, k + cls, None)
+    b.run(_compiled().rank, med, k, cls, gene, mask)
+    return {"gene_indices": gene, "attention_mask": mask}
+
+
+def binned(indptr: Any, indices: Any, values: Any, n_genes: int, *, n_bins: int = 51, max_genes: int | None = None,
+           add_cls: bool = True, truncation: str = "top", seed: int = 0, divisors: Any = None, log1p: bool = False,
+           genes: Any = None, backend: str | None = None) -> dict[str, np.ndarray]:
+    """Binned token batch (see the module docstring)."""
+    common.check_sizes(max_genes, truncation)
+    if isinstance(n_bins, bool) or int(n_bins) < 2:
+        raise ConfigurationError(f"n_bins must be >= 2, got {n_bins!r}")
+    b = _Batch(indptr, indices, values, n_genes, divisors, log1p, genes, backend)
+    cls, random = int(bool(add_cls)), truncation == "random"
+    if b.backend == "numpy":
+        ent = b.entries()
+        k = max_genes if max_genes is not None else (int(np.diff(ent.indptr).max()) if b.n else 0)
+        return vectorised.binned(ent, int(n_bins), k, cls, random, seed)
+    k = b.width(max_genes)
+    gene, expr, mask = _token_arrays(b.n, k + cls, np.int64)
+    qs = np.linspace(0, 1, int(n_bins) - 1)
+    b.run(_compiled().binned, qs, k, cls, random, np.uint64(seed), gene, expr, mask)
+    return {"gene_indices": gene, "expression": expr, "attention_mask": mask}

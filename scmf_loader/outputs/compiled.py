@@ -1,0 +1,330 @@
+"""The output kernels compiled with numba (``nogil=True``: threads may run them in parallel).
+
+Imported only when numba is importable (:func:`scmf_loader.outputs.numba_available`);
+:mod:`scmf_loader.outputs.vectorised` computes the same numbers with numpy alone. Each
+kernel walks the cells once, reading a cell's entries once into small scratch arrays (the
+fused preprocessing happens there) and writing every byte of its row of the output once,
+padding included. Bounds are checked as the data is read: a kernel returns ``(code,
+where)``, ``code`` 0 for success, :data:`BAD_INDPTR` (``where`` = the cell) or
+:data:`BAD_INDEX` (``where`` = the entry), and the caller raises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from scmf_loader.outputs._sort import splitmix, stable_sort, value_keys
+
+BAD_INDPTR, BAD_INDEX = 1, 2
+_CLS, _PAD = 3, 0
+_MAX_BUCKETS = (1 << 16) + 1
+_MEMO = 64
+
+
+@njit(nogil=True, cache=True)
+def _check_indptr(indptr: np.ndarray, nnz: int) -> tuple[int, int]:
+    """``(first bad cell or -1, longest cell)``: starts >= 0, non-decreasing, ends <= nnz."""
+    longest = 0
+    if len(indptr) and indptr[0] < 0:
+        return 0, 0
+    for c in range(len(indptr) - 1):
+        s, e = indptr[c], indptr[c + 1]
+        if e < s or e > nnz:
+            return c, 0
+        longest = max(longest, e - s)
+    return -1, longest
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _value(v, d, has_div, log1p, f32, memo, stamp, tag):  # noqa: ANN001, ANN202
+    """One value through the fused preprocessing, in the compute dtype (held in a float64).
+
+    ``log1p`` of a small whole count is remembered per cell (``stamp[count] == tag``): raw
+    counts repeat a few small values, and ``log1p`` costs more than everything else here.
+    The remembered number is the very one computed, so results do not depend on it."""
+    if log1p and v >= 0 and v < len(memo) and v == np.floor(v):
+        i = np.int64(v)
+        if stamp[i] == tag:
+            return memo[i]
+        x = _compute(v, d, has_div, log1p, f32)
+        memo[i] = x
+        stamp[i] = tag
+        return x
+    return _compute(v, d, has_div, log1p, f32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _compute(v, d, has_div, log1p, f32):  # noqa: ANN001, ANN202
+    if f32:
+        x = np.float32(v)
+        if has_div:
+            x = x / np.float32(d)
+        if log1p:
+            x = np.log1p(x)
+        return np.float64(x) + 0.0
+    y = np.float64(v)
+    if has_div:
+        y = y / d
+    if log1p:
+        y = np.log1p(y)
+    return y + 0.0
+
+
+@njit(nogil=True, cache=True)
+def _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, drop_zero, sg, sv, sp, memo, stamp) -> int:  # noqa: ANN001
+    """Cell ``c``'s kept entries into ``sg`` (gene), ``sv`` (value), ``sp`` (position in the
+    cell): the count, or ``-1 - j`` for an out-of-range gene id at entry ``j``."""
+    s, e = indptr[c], indptr[c + 1]
+    has_div, has_map = len(div) > 0, len(colmap) > 0
+    d = div[c] if has_div else 1.0
+    m = 0
+    for j in range(s, e):
+        g = indices[j]
+        if g < 0 or g >= n_genes:
+            return -1 - j
+        if has_map and colmap[g] < 0:
+            continue
+        if drop_zero and values[j] == 0:
+            continue
+        x = _value(values[j], d, has_div, log1p, f32, memo, stamp, c + 1)
+        sg[m] = g
+        sv[m] = x
+        sp[m] = j - s
+        m += 1
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _order(sv, sp, m, c, random, seed, keys, order, skeys, counts) -> None:  # noqa: ANN001
+    """``order[:m]``: positions by value descending (ties: lower position), or by the top 32
+    bits of the seeded hash of ``(cell, position)`` descending, for random truncation."""
+    if random:
+        for i in range(m):
+            keys[i] = ~(splitmix(seed, c, sp[i]) >> np.uint64(32))
+    else:
+        value_keys(sv, m, keys, True)
+    stable_sort(keys, m, order, skeys, counts)
+
+
+@njit(nogil=True, cache=True)
+def _pad_row(gene, mask, c, first) -> None:  # noqa: ANN001
+    for j in range(first, gene.shape[1]):
+        gene[c, j] = _PAD
+        mask[c, j] = False
+
+
+@njit(nogil=True, cache=True)
+def _scratch(longest):  # noqa: ANN001, ANN202
+    """Per-call scratch: one cell's genes, values, positions, sort keys and order."""
+    return (np.empty(longest, np.int64), np.empty(longest, np.float64), np.empty(longest, np.int64),
+            np.empty(longest, np.uint64), np.empty(longest, np.int64), np.empty(longest, np.uint64),
+            np.empty(_MAX_BUCKETS, np.int64), np.empty(_MEMO, np.float64), np.zeros(_MEMO, np.int64))
+
+
+@njit(nogil=True, cache=True)
+def _direct_row(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, tag, gr, er, w) -> bool:  # noqa: ANN001
+    """Cell entries ``[s, e)`` straight into row views at ``w`` (no subset, no truncation);
+    False if a gene id is out of range."""
+    bad = False
+    for j in range(s, e):
+        g = indices[j]
+        bad |= (g < 0) | (g >= n_genes)
+        gr[w + j - s] = g
+    if has_div or log1p:
+        for j in range(s, e):
+            er[w + j - s] = _value(values[j], d, has_div, log1p, f32, memo, stamp, tag)
+    else:
+        for j in range(s, e):
+            er[w + j - s] = values[j]
+    return not bad
+
+
+@njit(nogil=True, cache=True)
+def _first_bad(indices, s, e, n_genes) -> int:  # noqa: ANN001
+    for j in range(s, e):
+        if indices[j] < 0 or indices[j] >= n_genes:
+            return j
+    return s
+
+
+@njit(nogil=True, cache=True)
+def _keep_first(order, m, k, keep) -> None:  # noqa: ANN001
+    keep[:m] = False
+    for i in range(k):
+        keep[order[i]] = True
+
+
+@njit(nogil=True, cache=True)
+def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
+    """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding."""
+    bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
+    if bad >= 0:
+        return BAD_INDPTR, bad
+    sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
+    keep = np.empty(longest, np.bool_)
+    has_div, direct = len(div) > 0, len(colmap) == 0
+    for c in range(len(indptr) - 1):
+        s, e = indptr[c], indptr[c + 1]
+        gr, er, mr = gene[c], expr[c], mask[c]
+        if cls:
+            gr[0], er[0] = _CLS, 0.0
+        if direct and e - s <= k:
+            d = div[c] if has_div else 1.0
+            if not _direct_row(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c + 1, gr, er, cls):
+                return BAD_INDEX, _first_bad(indices, s, e, n_genes)
+            n = e - s
+        else:
+            m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, False, sg, sv, sp, memo, stamp)
+            if m < 0:
+                return BAD_INDEX, -1 - m
+            n = min(m, k)
+            if m > k:
+                _order(sv, sp, m, c, random, seed, keys, order, skeys, counts)
+                _keep_first(order, m, k, keep)
+            else:
+                keep[:m] = True
+            w = cls
+            for i in range(m):
+                if keep[i]:
+                    gr[w], er[w] = sg[i], sv[i]
+                    w += 1
+        mr[: cls + n] = True
+        gr[cls + n :] = _PAD
+        er[cls + n :] = 0.0
+        mr[cls + n :] = False
+    return 0, 0
+
+
+@njit(nogil=True, cache=True)
+def dense(indptr, indices, values, n_genes, div, log1p, f32, colmap, out):  # noqa: ANN001, ANN201
+    """Dense rows: zeros, then each kept value at its column (``colmap[gene]`` with a subset)."""
+    bad, _ = _check_indptr(indptr, min(len(indices), len(values)))
+    if bad >= 0:
+        return BAD_INDPTR, bad
+    memo, stamp = np.empty(_MEMO, np.float64), np.zeros(_MEMO, np.int64)
+    has_div, has_map, transform = len(div) > 0, len(colmap) > 0, len(div) > 0 or log1p
+    for c in range(len(indptr) - 1):
+        row = out[c]
+        row[:] = 0
+        d = div[c] if has_div else 1.0
+        for j in range(indptr[c], indptr[c + 1]):
+            g = indices[j]
+            if g < 0 or g >= n_genes:
+                return BAD_INDEX, j
+            col = colmap[g] if has_map else g
+            if col >= 0:
+                if transform:
+                    row[col] = _value(values[j], d, has_div, log1p, f32, memo, stamp, c + 1)
+                else:
+                    row[col] = values[j]
+    return 0, 0
+
+
+@njit(nogil=True, cache=True)
+def _ratios(sg, sv, m, medians, f32) -> int:  # noqa: ANN001
+    """Values divided by their gene's median, in place; genes whose median is not a positive
+    finite number are dropped. Returns the count kept."""
+    w = 0
+    for i in range(m):
+        md = medians[sg[i]]
+        if not (md > 0 and md < np.inf):
+            continue
+        sv[w] = np.float64(np.float32(sv[i]) / np.float32(md)) if f32 else sv[i] / np.float64(md)
+        sg[w] = sg[i]
+        w += 1
+    return w
+
+
+@njit(nogil=True, cache=True)
+def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, k, cls, gene, mask):  # noqa: ANN001, ANN201
+    """Rank-value tokens: genes by value / median descending (ties: lower gene id)."""
+    bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
+    if bad >= 0:
+        return BAD_INDPTR, bad
+    sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
+    for c in range(len(indptr) - 1):
+        m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, True, sg, sv, sp, memo, stamp)
+        if m < 0:
+            return BAD_INDEX, -1 - m
+        m = _ratios(sg, sv, m, medians, f32)
+        value_keys(sv, m, keys, True)
+        stable_sort(keys, m, order, skeys, counts)
+        if cls:
+            gene[c, 0], mask[c, 0] = _CLS, True
+        n = min(m, k)
+        for i in range(n):
+            gene[c, cls + i], mask[c, cls + i] = sg[order[i]], True
+        _pad_row(gene, mask, c, cls + n)
+    return 0, 0
+
+
+@njit(nogil=True, cache=True)
+def _edges(asc, a, qs, f32, edges) -> None:  # noqa: ANN001
+    """``edges``: ``np.quantile(asc[:a], qs)`` (method "linear"), numpy's arithmetic exactly."""
+    for j in range(len(qs)):
+        vi = (a - 1) * qs[j]
+        if vi >= a - 1:
+            edges[j] = asc[a - 1]
+            continue
+        prev = np.floor(vi)
+        lo, hi = asc[int(prev)], asc[int(prev) + 1]
+        diff = np.float64(np.float32(hi) - np.float32(lo)) if f32 else hi - lo
+        t = vi - prev
+        edges[j] = hi - diff * (1 - t) if t >= 0.5 else lo + diff * t
+
+
+@njit(nogil=True, cache=True)
+def _digits(sv, order, m, asc, qs, f32, edges, dig) -> None:  # noqa: ANN001
+    """``dig[p]``: the bin of value ``sv[p]`` (``order`` sorts values descending): 0 for a
+    zero, else the number of edges <= value (``np.digitize``), edges from the non-zeros."""
+    a = 0
+    for i in range(m - 1, -1, -1):
+        x = sv[order[i]]
+        if x != 0:
+            asc[a] = x
+            a += 1
+    if a:
+        _edges(asc, a, qs, f32, edges)
+    j = len(qs)
+    for i in range(m):
+        p = order[i]
+        x = sv[p]
+        if x == 0:
+            dig[p] = 0
+            continue
+        while j > 0 and edges[j - 1] > x:
+            j -= 1
+        dig[p] = j
+
+
+@njit(nogil=True, cache=True)
+def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
+    """Binned tokens: padded layout with per-cell quantile bins as ``expression``."""
+    bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
+    if bad >= 0:
+        return BAD_INDPTR, bad
+    sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
+    asc, dig, keep = np.empty(longest, np.float64), np.empty(longest, np.int64), np.empty(longest, np.bool_)
+    edges = np.empty(len(qs), np.float64)
+    for c in range(len(indptr) - 1):
+        m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, False, sg, sv, sp, memo, stamp)
+        if m < 0:
+            return BAD_INDEX, -1 - m
+        _order(sv, sp, m, c, False, seed, keys, order, skeys, counts)
+        _digits(sv, order, m, asc, qs, f32, edges, dig)
+        keep[:m] = True
+        if m > k:
+            if random:
+                _order(sv, sp, m, c, True, seed, keys, order, skeys, counts)
+            _keep_first(order, m, k, keep)
+        if cls:
+            gene[c, 0], expr[c, 0], mask[c, 0] = _CLS, 0, True
+        w = cls
+        for i in range(m):
+            if keep[i]:
+                gene[c, w], expr[c, w], mask[c, w] = sg[i], dig[i], True
+                w += 1
+        expr[c, w:] = 0
+        _pad_row(gene, mask, c, w)
+    return 0, 0
