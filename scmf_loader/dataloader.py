@@ -30,7 +30,7 @@ from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSa
 
 __all__ = ["OUTPUTS", "CellDataLoader"]
 
-OUTPUTS = ("csr", "padded", "dense")
+OUTPUTS = ("csr", "padded", "dense", "rank", "binned")
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,10 @@ class _Fetcher(torch.utils.data.Dataset):
     """What workers run: read one requested batch and convert it to the chosen output."""
 
     def __init__(self, dataset: CellDataset, output: str, max_genes: int | None, add_cls: bool,
-                 truncation: str, seed: int, rank: int) -> None:
+                 truncation: str, seed: int, rank: int, n_bins: int = 51) -> None:
         self.dataset = dataset
         self.output = output
+        self.n_bins = n_bins
         self.max_genes = max_genes
         self.add_cls = add_cls
         self.truncation = truncation
@@ -160,18 +161,24 @@ class _Fetcher(torch.utils.data.Dataset):
             return _Ref(request)
         return _Packed(self.read(request))
 
-    def convert(self, batch: CSRBatch, request: _Request) -> Any:
-        """The batch in the loader's output form."""
+    def convert(self, batch: CSRBatch, request: _Request, preprocessing: Any = None) -> Any:
+        """The batch in the loader's output form. ``preprocessing`` (a pipeline not yet
+        applied to ``batch``) is fused into the output kernel (:mod:`scmf_loader.outputs`)."""
         if self.output == "csr":
-            return batch
+            return batch if preprocessing is None else preprocessing.apply_batch(batch)
+        fused = {"preprocessing": preprocessing}
+        generator = None
+        if self.truncation == "random" and self.output in ("padded", "binned"):
+            state = np.random.SeedSequence([self.seed, request.epoch, self.rank, request.position])
+            generator = torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
         if self.output == "dense":
-            out: dict[str, Any] = {"expression": batch.to_dense()}
+            out: dict[str, Any] = {"expression": batch.to_dense(**fused)}
+        elif self.output == "padded":
+            out = batch.to_padded(self.max_genes, self.add_cls, self.truncation, generator, **fused)
+        elif self.output == "rank":
+            out = batch.to_rank(self.dataset.gene_nonzero_median, self.max_genes, self.add_cls, **fused)
         else:
-            generator = None
-            if self.truncation == "random":
-                state = np.random.SeedSequence([self.seed, request.epoch, self.rank, request.position])
-                generator = torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1))
-            out = batch.to_padded(self.max_genes, self.add_cls, self.truncation, generator)
+            out = batch.to_binned(self.n_bins, self.max_genes, self.add_cls, self.truncation, generator, **fused)
         out["cell_ids"] = batch.cell_ids
         out["obs"] = batch.obs
         return out
@@ -189,8 +196,11 @@ class CellDataLoader:
     then apply; the loader's ``drop_last`` applies to every sampler, given or built (a
     given sampler with another ``drop_last`` is used through a copy, the original kept). ``output`` is ``"csr"`` (a
     :class:`~scmf_loader.batch.CSRBatch`), ``"padded"`` (``CSRBatch.to_padded`` with
-    ``max_genes``, ``add_cls`` and ``truncation``, plus ``cell_ids`` and ``obs``) or
-    ``"dense"`` (``expression`` of shape ``(cells, n_genes)``, plus ``cell_ids`` and ``obs``).
+    ``max_genes``, ``add_cls`` and ``truncation``, plus ``cell_ids`` and ``obs``),
+    ``"dense"`` (``expression`` of shape ``(cells, n_genes)``, plus ``cell_ids`` and ``obs``),
+    ``"rank"`` (``CSRBatch.to_rank`` with the dataset's ``gene_nonzero_median``,
+    ``max_genes`` and ``add_cls``) or ``"binned"`` (``CSRBatch.to_binned`` with ``n_bins``,
+    ``max_genes``, ``add_cls`` and ``truncation``), each plus ``cell_ids`` and ``obs``.
 
     Epochs advance by themselves when an iteration runs to its end; ``set_epoch`` selects
     one explicitly. ``state_dict()`` taken after any batch and given to
@@ -213,6 +223,7 @@ class CellDataLoader:
         output: str = "csr",
         max_genes: int | None = None,
         *,
+        n_bins: int = 51,
         add_cls: bool = True,
         truncation: str = "top",
         sampler: BatchSampler | None = None,
@@ -223,6 +234,10 @@ class CellDataLoader:
     ) -> None:
         if output not in OUTPUTS:
             raise ConfigurationError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output == "binned" and (isinstance(n_bins, bool) or n_bins < 2):
+            raise ConfigurationError(f"n_bins must be >= 2, got {n_bins!r}")
+        if output == "rank":
+            dataset.gene_nonzero_median  # noqa: B018 -- raises now, naming the fix, for a dataset without it
         if truncation not in TRUNCATIONS:
             raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
         max_genes = dataset.max_genes if max_genes is None else max_genes
@@ -250,7 +265,7 @@ class CellDataLoader:
         self._done = 0
         self._resume: int | None = None
         self._requests = _Requests(sampler)
-        self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank)
+        self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins)
         extra: dict[str, Any] = {}
         if num_workers > 0:
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,

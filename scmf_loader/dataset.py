@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from scmf_loader.batch import CSRBatch, as_tensor, gather_rows
-from scmf_loader.errors import ConfigurationError, VocabularyError
+from scmf_loader.errors import ConfigurationError, ScmfError, VocabularyError
 from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, DatasetStore, open_dataset
 from scmf_loader.vocab import GeneVocab
 
@@ -50,6 +50,24 @@ def _apply(preprocessing: Any, batch: CSRBatch) -> CSRBatch:
     if hasattr(preprocessing, "apply_batch"):
         return preprocessing.apply_batch(batch)
     return preprocessing(batch)
+
+
+def _read_nonzero_median(store: DatasetStore | None, n_genes: int) -> np.ndarray:
+    """Shard 0's ``var/nonzero_median`` (every shard stores the same dataset-wide array)."""
+    fix = "re-convert with a version that stores var/nonzero_median"
+    if store is None or store.n_shards == 0:
+        raise ScmfError(f"per-gene non-zero medians exist only in a converted dataset directory; {fix}")
+    import zarr  # lazily: only this read needs it
+
+    shard_dir = store.shard_dir(0)
+    try:
+        med = np.asarray(zarr.open_group(str(shard_dir), mode="r")["var"]["nonzero_median"][...])
+    except (KeyError, FileNotFoundError):
+        raise ScmfError(f"{shard_dir}: var has no 'nonzero_median' (the per-gene non-zero medians the "
+                        f"rank output needs); {fix}") from None
+    if med.shape != (n_genes,):
+        raise ScmfError(f"{shard_dir}: var/nonzero_median holds {med.shape} values, expected ({n_genes},)")
+    return med.astype(np.float32, copy=False)
 
 
 class CellDataset(torch.utils.data.Dataset):
@@ -141,6 +159,16 @@ class CellDataset(torch.utils.data.Dataset):
     def n_genes(self) -> int:
         """Vocabulary size (the column space of every batch)."""
         return len(self.vocab)
+
+    @property
+    def gene_nonzero_median(self) -> np.ndarray:
+        """Per token, the median of its non-zero values over the whole dataset (float32),
+        read once from the shards' ``var["nonzero_median"]`` (the ``rank`` output divides
+        by it). Raises :class:`~scmf_loader.errors.ScmfError` for a dataset without it."""
+        cached = self.__dict__.get("_nonzero_median")
+        if cached is None:
+            cached = self.__dict__["_nonzero_median"] = _read_nonzero_median(self.store, self.n_genes)
+        return cached
 
     @property
     def n_shards(self) -> int:
