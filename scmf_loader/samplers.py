@@ -98,7 +98,7 @@ class _Layout:
 
         # Python lists for the per-batch lookups (bisect on a list beats numpy on scalars)
         self._first, self._order, self._full = self.first.tolist(), order.tolist(), full.tolist()
-        self._tail_before = self.tail_before.tolist()
+        self._tail_before, self._shift = self.tail_before.tolist(), self.shift.tolist()
 
     def locate(self, index: int) -> tuple[int, int]:
         """``(shard, batch within it)`` of batch ``index``, or ``(-1, tail batch number)``."""
@@ -385,7 +385,7 @@ class BlockShuffleSampler(BatchSampler):
             shard, b = layout.locate(index)
             if shard >= 0:
                 n = self._offsets[shard + 1] - self._offsets[shard]
-                lo = int(layout.shift[shard]) + int(self._shard_plan(epoch, shard)[b, 0])
+                lo = layout._shift[shard] + int(self._shard_plan(epoch, shard)[b, 0])
                 if lo + self.batch_size <= n or lo >= n:
                     start = self._offsets[shard] + lo % n
                     return start, start + self.batch_size
@@ -393,7 +393,7 @@ class BlockShuffleSampler(BatchSampler):
 
     def _shard_batch(self, epoch: int, shard: int, b: int) -> np.ndarray:
         starts = self._shard_plan(epoch, shard)[b]
-        shift = int(self._layout(epoch).shift[shard])
+        shift = self._layout(epoch)._shift[shard]
         if len(starts) == 1 and not shift:
             s = int(starts[0])
             return np.arange(s, s + self.block_size, dtype=np.int64)
