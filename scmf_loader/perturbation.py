@@ -95,8 +95,9 @@ class PerturbationBatch(dict):
     matched control too (another control of their group when there is one).
 
     Through :class:`~scmf_loader.dataloader.CellDataLoader` ``output="csr"`` yields this dict
-    and ``output="padded"`` :meth:`to_padded`'s (plus ``cell_ids`` and ``obs``); ``"dense"``
-    is not supported (use :meth:`dense`).
+    and ``output="padded"`` / ``"rank"`` / ``"binned"`` the dict of :meth:`to_padded` /
+    :meth:`to_rank` / :meth:`to_binned` (plus ``cell_ids`` and ``obs``); ``"dense"`` is not
+    supported (use :meth:`dense`).
     """
 
     FIELDS = ("control_ids", "perturbation", "perturbation_type", "targets", "dose_um", "time_h", "is_control")
@@ -119,15 +120,27 @@ class PerturbationBatch(dict):
     def _fields(self) -> dict[str, torch.Tensor]:
         return {k: self[k] for k in self.FIELDS}
 
-    def to_padded(self, max_genes: int | None = None, add_cls: bool = True, truncation: str = "top",
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Padded token batches of cells and controls (``CSRBatch.to_padded``; the controls'
-        keys prefixed ``control_``) with the perturbation fields."""
-        cells = self["cells"].to_padded(max_genes, add_cls, truncation, generator)
-        controls = self["controls"].to_padded(max_genes, add_cls, truncation, generator)
+    def _both(self, method: str, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``CSRBatch.<method>`` of cells and controls (the controls' keys prefixed
+        ``control_``) with the perturbation fields."""
+        cells = getattr(self["cells"], method)(*args, **kwargs)
+        controls = getattr(self["controls"], method)(*args, **kwargs)
         return {**cells, **{f"control_{k}": v for k, v in controls.items()}, **self._fields()}
 
-    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def to_padded(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Padded token batches of cells and controls (``CSRBatch.to_padded``'s arguments;
+        the controls' keys prefixed ``control_``) with the perturbation fields."""
+        return self._both("to_padded", *args, **kwargs)
+
+    def to_rank(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``CSRBatch.to_rank`` of cells and controls, as :meth:`to_padded`."""
+        return self._both("to_rank", *args, **kwargs)
+
+    def to_binned(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``CSRBatch.to_binned`` of cells and controls, as :meth:`to_padded`."""
+        return self._both("to_binned", *args, **kwargs)
+
+    def to_dense(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Not available: a loader's ``output="dense"`` would drop the controls."""
         raise ConfigurationError("a PerturbationBatch has no single dense form: use output='csr' and batch.dense()")
 
@@ -312,12 +325,18 @@ class PerturbationDataset(CellDataset):
             return torch.from_numpy(table[codes[column].astype(np.int64)])  # -1 → the last row
 
         return PerturbationBatch(
-            cells=cells, controls=CellDataset.__getitems__(self, control_ids),
+            cells=cells, controls=self._rows(control_ids),
             control_ids=torch.from_numpy(control_ids), perturbation=torch.from_numpy(pert),
             perturbation_type=row(self._type_table, PERTURBATION_TYPE), targets=row(self._target_table, TARGETS),
             dose_um=row(self._dose_table, DOSE), time_h=row(self._time_table, TIME),
             is_control=row(self._control_table, IS_CONTROL),
         )
+
+    def _rows(self, ids: np.ndarray) -> CSRBatch:
+        """The batch of cells ``ids`` (random, repeating): read once each in id order (one
+        run list per shard), then put in ``ids``' order by one vectorised row gather."""
+        unique, inverse = np.unique(ids, return_inverse=True)
+        return _take_rows(CellDataset.__getitems__(self, unique), inverse.reshape(-1))
 
     def __getitems__(self, ids: Any) -> PerturbationBatch:  # type: ignore[override]
         """The :class:`PerturbationBatch` of cells ``ids`` (zero copy for the cells when they
@@ -439,6 +458,27 @@ class PerturbationSampler(BatchSampler):
             batch_of.append(np.repeat(np.arange(n_batches), quota[:, j]))
         order = np.argsort(np.concatenate(batch_of), kind="stable")
         return np.sort(np.concatenate(drawn)[order].reshape(n_batches, bs), axis=1)
+
+
+def _take_rows(batch: CSRBatch, rows: np.ndarray) -> CSRBatch:
+    """Rows ``rows`` of ``batch`` (any order, repeats allowed) as a new batch; obs and stats
+    follow lazily."""
+    ip = batch.indptr.numpy()
+    lengths = ip[rows + 1] - ip[rows]
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    at = np.repeat(ip[rows] - indptr[:-1], lengths) + np.arange(int(indptr[-1]), dtype=np.int64)
+    pick = torch.from_numpy(rows)
+
+    def obs() -> dict[str, torch.Tensor]:
+        return {k: v[pick] for k, v in batch.obs.items()}
+
+    def stats() -> dict[str, torch.Tensor]:
+        return {k: v[pick] for k, v in batch.stats.items()}
+
+    indices, values = batch.indices.numpy().take(at), batch.values.numpy().take(at)
+    return CSRBatch(torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(values),
+                    batch.cell_ids[pick], batch.n_genes, obs, stats)
 
 
 def _capped_shares(counts: np.ndarray, batch_size: int, k: int) -> np.ndarray:

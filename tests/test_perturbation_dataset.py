@@ -229,6 +229,11 @@ def test_workers_and_padded_output(dataset_dir: Path) -> None:
     assert padded["control_attention_mask"].dtype == torch.bool
     assert padded["perturbation"].shape == (32,)
     assert padded["cell_ids"].shape == (32,)
+    binned = next(iter(CellDataLoader(ds, batch_size=32, num_workers=0, seed=2, output="binned", n_bins=5, max_genes=16)))
+    cells_only = plain[0]["cells"].to_binned(5, 16)
+    assert binned["control_expression"].shape == (32, 17)
+    assert int(binned["control_expression"].max()) <= 4
+    assert set(cells_only) <= set(binned)
     with pytest.raises(ConfigurationError, match="dense"):
         next(iter(CellDataLoader(ds, batch_size=32, num_workers=0, output="dense")))
     dense = plain[0].dense()
