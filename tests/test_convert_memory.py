@@ -127,7 +127,8 @@ def _warm_up() -> float:
     import h5py  # noqa: F401
     import zarr  # noqa: F401
 
-    import scmf_shards.convert  # noqa: F401
+    import scmf_shards.convert.driver  # noqa: F401  (the package itself imports lazily)
+    import scmf_shards.sources.h5ad  # noqa: F401
     import scmf_shards.write  # noqa: F401
 
     return _vm_hwm_mb()
@@ -208,7 +209,7 @@ def vm_hwm_mb():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-import anndata, scmf_shards.convert, scmf_shards.write  # what the conversion imports anyway
+import anndata, scmf_shards.convert.driver, scmf_shards.sources.h5ad, scmf_shards.write  # what the conversion imports anyway
 from scmf_shards.cli import main
 
 base = vm_hwm_mb()
