@@ -111,6 +111,7 @@ def _check_signature(snippet: Snippet) -> None:
     assert got == want, f"{snippet.doc}:{snippet.line}: the signature shown differs from {snippet.arg}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc", DOCS)
 def test_the_docs_python_snippets_run(doc: str, workdir: Path, tmp_path: Path) -> None:
     """Each document's snippets run in order (a later one may use what an earlier one made),
