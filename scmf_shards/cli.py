@@ -270,6 +270,9 @@ def verify_cmd(directory: str, quiet: bool) -> None:
         total = 0
     with tqdm(total=total, desc="verify", unit="shard", disable=quiet or not total, leave=False) as bar:
         problems = verify_dataset(directory, progress=bar.update)
+    from scmf_shards.versions import reference_problems
+
+    problems += reference_problems(directory)  # shards reused from a parent version
     if problems:
         for p in problems:
             click.echo(f"error: {p}", err=True)
@@ -314,6 +317,69 @@ def info_cmd(directory: str, as_json: bool) -> None:
     shown = {k: [summarise_lists(s) for s in v] if k == "sources" else summarise_lists(v, k)
              for k, v in info.items()}  # one line per source, however many
     click.echo(format_info(shown))
+
+
+@main.command("append")
+@click.argument("base", type=str)
+@click.argument("inputs", nargs=-1, required=True, type=str)
+@cli_option(_by_name("output"), "The new version's dataset directory.")
+@click.option("--link", type=click.Choice(["symlink", "hard", "copy"]), default="symlink", show_default=True,
+              help="How BASE's shards are reused: relative symbolic links (a reference to BASE), hard links, or a copy.")
+@with_options("h5ad")
+@cli_option(_by_name("workers"))
+@cli_option(_by_name("scheduler"))
+@cli_option(_by_name("overwrite"))
+@cli_option(_by_name("quiet"))
+@_handle_errors
+def append_cmd(base: str, inputs: tuple[str, ...], output: str | None, link: str, **opts: Any) -> None:
+    """A new version: BASE's cells (shards reused, never rewritten) plus those of INPUTS."""
+    from scmf_shards.versions import append_dataset
+
+    if not output:
+        raise ScmfError("give the new version's directory with --output")
+    manifest = append_dataset(base, list(inputs), output, link=link, **opts)
+    if not opts.get("quiet"):
+        click.echo(f"wrote {output}: {manifest.n_cells:,} cells, {len(manifest.shards)} shards, id {manifest.dataset_id}")
+
+
+@main.command("log")
+@click.argument("directory", type=str)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")
+@_handle_errors
+def log_cmd(directory: str, as_json: bool) -> None:
+    """The versions DIRECTORY descends from, newest first."""
+    from scmf_shards.versions import format_lineage, lineage
+
+    chain = lineage(directory)
+    click.echo(json.dumps(chain, indent=1) if as_json else format_lineage(chain))
+
+
+@main.command("diff")
+@click.argument("a", type=str)
+@click.argument("b", type=str)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")
+@_handle_errors
+def diff_cmd(a: str, b: str, as_json: bool) -> None:
+    """What differs between datasets A and B: sources, cells, vocabulary, preprocessing, shards."""
+    from scmf_shards.versions import diff_datasets, format_diff
+
+    diff = diff_datasets(a, b)
+    click.echo(json.dumps(diff, indent=1) if as_json else format_diff(diff))
+
+
+@main.command("register")
+@click.argument("directory", type=str)
+@click.option("--name", required=True, help="Dataset name, e.g. atlas.")
+@click.option("--version", "version_", required=True, help="Version, e.g. v2.")
+@click.option("--registry", required=True, help="Registry YAML file (created if absent).")
+@click.option("--overwrite", is_flag=True, help="Re-point an existing name@version at another dataset_id.")
+@_handle_errors
+def register_cmd(directory: str, name: str, version_: str, registry: str, overwrite: bool) -> None:
+    """Register DIRECTORY as NAME@VERSION, pinned to its dataset_id."""
+    from scmf_loader.registry import register
+
+    entry = register(directory, name, version_, registry, overwrite=overwrite)
+    click.echo(f"registered {entry.spec} -> {entry.uri} ({entry.dataset_id}) in {registry}")
 
 
 if __name__ == "__main__":  # pragma: no cover

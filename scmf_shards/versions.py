@@ -126,15 +126,31 @@ def _organisms_of(vocab: GeneVocab) -> set[str]:
         return set()
 
 
+def _genes_of(path: str, gene_column: str) -> list[str] | None:
+    """Gene ids of a local ``.h5ad`` (read backed: var only), else ``None``."""
+    if not path.endswith(".h5ad") or not os.path.isfile(path):
+        return None
+    import anndata as ad
+
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        names = adata.var_names if gene_column == "var_names" else adata.var.get(gene_column)
+        return None if names is None else [str(g) for g in names]
+    finally:
+        adata.file.close()
+
+
 def _check_organisms(paths: Sequence[str], options: Any, vocab: GeneVocab, base_dir: Path) -> None:
     """Refuse new inputs whose genes belong to an organism BASE's vocabulary does not hold."""
-    from scmf_shards.convert.driver import _open_h5ad
     from scmf_shards.species import detect_organism
 
     known = _organisms_of(vocab)
     for p in paths:
+        genes = _genes_of(p, options.gene_column)
+        if not genes:
+            continue  # not a local .h5ad: the vocabulary overlap check decides
         try:
-            org = detect_organism(p, genes=_open_h5ad(p, options).genes)
+            org = detect_organism(p, genes=genes)
         except InvalidInputError:
             continue  # symbols, no metadata: the vocabulary overlap check decides
         if known and org not in known:
