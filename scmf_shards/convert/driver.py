@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from scmf_loader.errors import DatasetExistsError, InvalidInputError, ScmfError
+from scmf_loader.errors import DatasetExistsError
 from scmf_loader.format import (
     SHARDS_DIR,
     VOCAB_NAME,
@@ -45,6 +45,7 @@ from scmf_shards.options import ConvertOptions
 from scmf_shards.plan import ReadChunk, assignment_table, plan_chunks, shard_sizes
 from scmf_shards.preprocess.stats import allows_negative, check_preprocessing, fit_preprocessing
 from scmf_shards.scratch import release_all as scratch_release_all
+from scmf_shards.sources import open_sources, prepare_sources
 
 __all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "resolve_vocab"]
 
@@ -84,29 +85,15 @@ def _source_names(paths: Sequence[str]) -> list[str]:
     return out
 
 
-def _open_h5ad(path: str, options: ConvertOptions) -> Any:
-    """An :class:`H5adSource`; any error of the file system layer (fsspec, botocore: no
-    credentials, no network ...) while opening a URL becomes one line naming the URL."""
-    from scmf_shards.sources.h5ad import H5adSource, is_url
-
-    try:
-        return H5adSource(path, matrix=options.matrix, gene_column=options.gene_column)
-    except ScmfError:
-        raise
-    except Exception as exc:
-        if not is_url(path):
-            raise
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InvalidInputError(f"{path}: cannot open ({reason})") from exc
-
-
 def convert_h5ad(
     inputs: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     options: ConvertOptions | None = None,
     **kwargs: Any,
 ) -> Manifest:
-    """Convert ``.h5ad`` inputs (paths or fsspec URLs) into a dataset directory ``output``.
+    """Convert AnnData inputs into a dataset directory ``output``: ``.h5ad`` files, ``.zarr``
+    stores, directories of them or globs, and scmf dataset directories (paths or fsspec
+    URLs; see :func:`scmf_shards.sources.open_sources`).
 
     Options come from ``options`` or keyword arguments (see :class:`ConvertOptions`).
     Returns the manifest written last. Raises a :class:`~scmf_loader.errors.ScmfError`
@@ -116,12 +103,9 @@ def convert_h5ad(
         options = ConvertOptions(**kwargs)
     elif kwargs:
         raise TypeError("pass either options or keyword arguments, not both")
-    paths = [os.fspath(p) for p in inputs]
-    if not paths:
-        raise ScmfError("no input files given")
-    if len(set(paths)) != len(paths):
-        raise ScmfError(f"the same input is given twice: {paths}")
-    return convert_sources([_open_h5ad(p, options) for p in paths], output, options)
+    sources = open_sources([os.fspath(p) for p in inputs], options.matrix, options.gene_column,
+                           allow_negative=allows_negative(options.preprocessing))
+    return convert_sources(sources, output, options)
 
 
 @dataclass
@@ -203,6 +187,7 @@ def convert_sources(
 def _execute(run: _Run) -> Manifest:
     """The stages of one conversion, in order."""
     plan = _plan(run)
+    run.sources = prepare_sources(run.sources, run.ws.root / "sources")  # e.g. CSC stored as CSR
     stored = [store_alignment(a, run.ws.alignment(i)) for i, a in enumerate(run.alignments)]
     prep = fit_preprocessing(  # stats pass(es) over all chunks: HVGs, scran size factors
         run.options.preprocessing, run.sources, plan.chunks, stored, run.vocab.tokens,

@@ -1,0 +1,162 @@
+"""The source protocol: what the converter needs from every input, and the pieces shared by
+the sources (:class:`RowChunk`, URL helpers, file fingerprints).
+
+A source is one input of a conversion (an AnnData ``.h5ad`` file or ``.zarr`` store, an scmf
+dataset directory, a Census query). The driver opens every source once, in the main process,
+then sends it (pickled) with each task to wherever the task runs; a source therefore holds
+no open file, only what reopens it. Rows are numbered ``0 .. n_cells - 1``; columns are the
+source's genes (:attr:`Source.genes`), in their stored order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+
+from scmf_loader.labels import stringify
+
+__all__ = [
+    "RowChunk",
+    "Source",
+    "is_url",
+    "local_path",
+    "source_fingerprint",
+    "strings",
+]
+
+
+@dataclass
+class RowChunk:
+    """Raw rows ``[start, stop)`` of a source: a CSR matrix over the source's genes (values in
+    the source dtype) and the requested obs columns as object arrays of strings (None = NA)."""
+
+    start: int
+    stop: int
+    matrix: sp.csr_matrix
+    cell_ids: np.ndarray
+    obs: dict[str, np.ndarray]
+    library_size: np.ndarray | None = None  # totals over all genes of the source, when
+    #                                          ``matrix`` holds only some of them (float64)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What every conversion input implements (duck-typed; small and picklable).
+
+    Attributes: ``path`` (what the user named: a path or URL, recorded in the manifest),
+    ``kind`` (``"h5ad"``, ``"anndata_zarr"``, ``"scmf_dataset"``, ``"cellxgene_census"``),
+    ``layout`` (how the matrix is stored, e.g. ``"csr"``), ``n_cells``, ``n_genes``, ``dtype``
+    (of the stored values) and ``genes`` (``n_genes`` gene ids, as strings).
+    Sources may also implement ``prepare(work_dir) -> Source``: a one-time step before any
+    rows are read (e.g. a CSC matrix stored again as CSR); see
+    :func:`scmf_shards.sources.prepare_sources`.
+    """
+
+    path: str
+    kind: str
+    layout: str
+    n_cells: int
+    n_genes: int
+    dtype: np.dtype
+
+    @property
+    def genes(self) -> list[str]:
+        """Gene id of every column, in column order."""
+        ...
+
+    def check_obs_columns(self, columns: Sequence[str]) -> None:
+        """Raise :class:`~scmf_loader.errors.InvalidInputError` naming the input if any of
+        ``columns`` is not an obs column of this source."""
+        ...
+
+    def obs_values(self, column: str) -> np.ndarray:
+        """Every value of one obs column, as strings (None = NA)."""
+        ...
+
+    def read_rows(self, start: int, stop: int, obs_columns: Sequence[str] = (),
+                  reuse: bool = False) -> RowChunk:
+        """Rows ``[start, stop)``: a CSR matrix over :attr:`genes`, cell ids and obs values.
+        ``reuse`` allows the matrix to live in this thread's scratch buffers (valid until the
+        next reusing read on the thread). Memory is bounded by the rows read."""
+        ...
+
+    def fingerprint(self) -> dict[str, object]:
+        """What identifies this input's content (hashed into the ``dataset_id``): JSON
+        values only, never a time or a machine-specific path."""
+        ...
+
+    def manifest_fields(self, fingerprint: dict[str, object]) -> dict[str, object]:
+        """Provenance recorded for this source in the manifest (``size``/``sha256`` when the
+        source is a file or store)."""
+        ...
+
+
+def is_url(path: str) -> bool:
+    """True for an fsspec URL (``proto://...``), False for a plain local path or ``file://``."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """``path`` without a ``file://`` prefix."""
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _hash_stream(opener: Any, h: Any) -> int:
+    """Feed a file into ``h`` in 8 MiB pieces through one reused buffer; its size."""
+    size = 0
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with opener as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            size += n
+            h.update(view[:n])
+    return size
+
+
+def source_fingerprint(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a source file (local or fsspec URL), streamed."""
+    h = hashlib.sha256()
+    if is_url(path):
+        import fsspec
+
+        opener: Any = fsspec.open(path, "rb")
+    else:
+        opener = open(local_path(path), "rb")  # noqa: SIM115
+    return _hash_stream(opener, h), h.hexdigest()
+
+
+def tree_fingerprint(path: str) -> tuple[int, str]:
+    """(total bytes, sha256) of a directory tree (a ``.zarr`` store; local or URL): the hash
+    of every file's relative path, size and sha256, in sorted path order."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path if is_url(path) else local_path(path))
+    root = root.rstrip("/")
+    files = sorted(p for p in fs.find(root) if not fs.isdir(p))
+    outer = hashlib.sha256()
+    total = 0
+    for p in files:
+        inner = hashlib.sha256()
+        n = _hash_stream(fs.open(p, "rb"), inner)
+        rel = p[len(root) + 1 :]
+        outer.update(f"{rel}\0{n}\0{inner.hexdigest()}\n".encode())
+        total += n
+    return total, outer.hexdigest()
+
+
+def strings(values: Any) -> np.ndarray:
+    """Values as an object array of strings (None for a missing value)."""
+    items = values.tolist() if hasattr(values, "tolist") else list(values)
+    if set(map(type, items)) <= {str, type(None)}:  # the common case (decoded categories and
+        out = np.empty(len(items), dtype=object)   # string indexes): no per-value Python loop
+        out[:] = items
+        return out
+    return stringify(items)
