@@ -175,7 +175,8 @@ def main() -> None:
 @click.pass_context
 @_handle_errors
 def h5ad_cmd(ctx: click.Context, inputs: tuple[str, ...], config_path: str | None, **_: Any) -> None:
-    """Convert one or more .h5ad files (paths or fsspec URLs) into a dataset directory."""
+    """Convert AnnData inputs (.h5ad files, .zarr stores, directories or globs of them, scmf
+    datasets; paths or fsspec URLs) into a dataset directory."""
     from scmf_shards.convert import convert_h5ad
 
     config = _load_config(config_path)
@@ -192,6 +193,9 @@ def h5ad_cmd(ctx: click.Context, inputs: tuple[str, ...], config_path: str | Non
             f"wrote {output}: {manifest.n_cells:,} cells, {len(manifest.shards)} shards, "
             f"nnz {manifest.nnz:,}, id {manifest.dataset_id}"
         )
+
+
+main.add_command(h5ad_cmd, "anndata")  # the same command under the name of what it reads
 
 
 CENSUS_SOURCES = ("cellxgene_census", "census")
