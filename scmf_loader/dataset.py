@@ -254,19 +254,34 @@ class CellDataset(torch.utils.data.Dataset):
                 self._blocks.pop(next(iter(self._blocks)))
         return block
 
+    def _zero_copy(self, shard: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """Rows ``[start, stop)`` of ``shard``: a rebased ``indptr`` and slices of the shard's
+        tensors (views of the copy-on-write map that share its version counter, so a write
+        through the batch makes the store remap before the next read; see
+        :meth:`DatasetStore.tensors`)."""
+        indptr = self.store.csr(shard).indptr[start : stop + 1]
+        indices, data = self.store.tensors(shard)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        return torch.from_numpy(indptr - lo), indices[lo:hi], data[lo:hi]
+
+    def _gather(self, groups: list[tuple[int, Any, Any, Any]]) -> tuple[np.ndarray, ...]:
+        if self.store is not None:
+            return gather_rows([(self.store.csr(s), a, b) for s, a, b, _ in groups])
+        if not groups:
+            return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+        parts = [self._source.fetch(s, np.asarray(a), np.asarray(b)) for s, a, b, _ in groups]
+        lengths = np.concatenate([p[0] for p in parts])
+        indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        indices = np.concatenate([p[1] for p in parts]).astype(np.int32, copy=False)
+        return indptr, indices, np.concatenate([p[2] for p in parts])
+
     def _finish(self, ids: np.ndarray, groups: list[tuple[int, Any, Any, Any]]) -> CSRBatch:
         """Assemble the batch from ``(shard, run starts, run stops, cell selector)`` groups."""
-        if self.store is not None:
-            indptr, indices, values = gather_rows([(self.store.csr(s), a, b) for s, a, b, _ in groups])
-        elif groups:
-            parts = [self._source.fetch(s, np.asarray(a), np.asarray(b)) for s, a, b, _ in groups]
-            lengths = np.concatenate([p[0] for p in parts])
-            indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=indptr[1:])
-            indices = np.concatenate([p[1] for p in parts]).astype(np.int32, copy=False)
-            values = np.concatenate([p[2] for p in parts])
+        if self.store is not None and len(groups) == 1 and len(groups[0][1]) == 1:
+            arrays = self._zero_copy(groups[0][0], int(groups[0][1][0]), int(groups[0][2][0]))
         else:
-            indptr, indices, values = np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+            arrays = tuple(as_tensor(a) for a in self._gather(groups))
         # obs codes and cell stats: copies (never aliasing the cached columns), made only when
         # the batch's obs or stats are first read
         blocks = [(self._columns(s), sel) for s, _, _, sel in groups]
@@ -277,7 +292,7 @@ class CellDataset(torch.utils.data.Dataset):
             return lambda: (names, torch.from_numpy(np.concatenate([b[j][sel] for b, sel in blocks])))
 
         batch = CSRBatch(
-            torch.from_numpy(indptr), as_tensor(indices), as_tensor(values), torch.from_numpy(ids), self.n_genes,
+            *arrays, torch.from_numpy(ids), self.n_genes,
             rows(0, self.obs_columns, torch.int64), rows(1, self.cell_stats, torch.float64),
         )
         return batch if self.preprocessing is None else _apply(self.preprocessing, batch)

@@ -71,6 +71,7 @@ class DatasetStore:
         np.cumsum(counts, out=self.shard_offsets[1:])
         self.categories: dict[str, tuple[str, ...]] = {c.name: tuple(c.categories) for c in manifest.obs_columns}
         self._maps: OrderedDict[int, ShardArrays] = OrderedDict()
+        self._tensors: dict[int, tuple[Any, Any]] = {}  # torch views of the maps (see tensors())
         self._checked: set[int] = set()  # shards whose structure passed the cheap check
         self._obs: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
@@ -110,16 +111,44 @@ class DatasetStore:
 
     # ---- arrays -----------------------------------------------------------------------
     def csr(self, shard: int) -> ShardArrays:
-        """The CSR arrays of ``shard``, memory-mapped on first use (LRU of open maps)."""
+        """The CSR arrays of ``shard``, memory-mapped on first use (LRU of open maps).
+
+        Maps are copy-on-write (``MAP_PRIVATE``): an in-place write on a batch tensor never
+        reaches the file, but it would stay visible to later reads of the same map. So a shard
+        whose tensors (:meth:`tensors`, which zero-copy batches slice) were written through is
+        mapped afresh here: the next read sees the file's bytes again, while batches already
+        handed out keep the old map and their own edits.
+        """
         maps = self._maps.get(shard)
-        if maps is not None:
+        if maps is not None and not self._written(shard):
             self._maps.move_to_end(shard)
             return maps
+        self._tensors.pop(shard, None)
         maps = self._map(shard)
         self._maps[shard] = maps
+        self._maps.move_to_end(shard)
         if len(self._maps) > self.max_open_shards:
-            self._maps.popitem(last=False)  # views handed out keep their map alive
+            evicted, _ = self._maps.popitem(last=False)  # views handed out keep their map alive
+            self._tensors.pop(evicted, None)
         return maps
+
+    def tensors(self, shard: int) -> tuple[Any, Any]:
+        """``(indices, data)`` of ``shard`` as torch tensors over its map, made once per map.
+
+        Zero-copy batches are slices of these, so they share one autograd version counter:
+        any in-place op on any batch of the shard bumps it, and :meth:`csr` then remaps. An
+        integer comparison per read is the whole cost of keeping later epochs exact."""
+        maps = self.csr(shard)
+        found = self._tensors.get(shard)
+        if found is None:
+            from scmf_loader.batch import as_tensor  # torch only where tensors are asked for
+
+            found = self._tensors[shard] = (as_tensor(maps.indices), as_tensor(maps.data))
+        return found
+
+    def _written(self, shard: int) -> bool:
+        found = self._tensors.get(shard)
+        return found is not None and (found[0]._version != 0 or found[1]._version != 0)
 
     def _map(self, shard: int) -> ShardArrays:
         entry = self.manifest.shards[shard]
@@ -198,11 +227,13 @@ class DatasetStore:
     def close(self) -> None:
         """Drop every cached map and obs column (batches already handed out stay valid)."""
         self._maps.clear()
+        self._tensors.clear()
         self._obs.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
+        state["_tensors"] = {}
         state["_obs"] = OrderedDict()
         return state
 
