@@ -19,7 +19,9 @@ from scmf_loader.errors import (
     FormatVersionError,
     ManifestError,
     ManifestNotFoundError,
+    ObsColumnNotFoundError,
     ScmfError,
+    ShardCorruptError,
     ShardNotFoundError,
     ShardSizeError,
     VocabularyError,
@@ -31,6 +33,7 @@ if _TYPE_CHECKING:
     from scmf_loader.census import CensusDataset
     from scmf_loader.dataloader import CellDataLoader
     from scmf_loader.dataset import CellDataset
+    from scmf_loader.perturbation import PerturbationDataset, PerturbationSampler
     from scmf_loader.preprocess import PreprocessingPipeline
     from scmf_loader.samplers import (
         BatchAwareSampler,
@@ -52,6 +55,8 @@ _LAZY = {
     "CensusDataset": "scmf_loader.census",
     "DatasetStore": "scmf_loader.store",
     "Partition": "scmf_loader.world",
+    "PerturbationDataset": "scmf_loader.perturbation",
+    "PerturbationSampler": "scmf_loader.perturbation",
     "PreprocessingPipeline": "scmf_loader.preprocess",
     "SequentialSampler": "scmf_loader.samplers",
     "open_dataset": "scmf_loader.store",
@@ -75,10 +80,14 @@ __all__ = [
     "GeneVocab",
     "ManifestError",
     "ManifestNotFoundError",
+    "ObsColumnNotFoundError",
     "Partition",
+    "PerturbationDataset",
+    "PerturbationSampler",
     "PreprocessingPipeline",
     "ScmfError",
     "SequentialSampler",
+    "ShardCorruptError",
     "ShardNotFoundError",
     "ShardSizeError",
     "VocabularyError",
