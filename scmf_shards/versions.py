@@ -10,10 +10,11 @@ hold BASE's cells and the new ones:
   them with BASE's checksums, under the same paths inside NEW (a manifest path never leaves
   its dataset directory).
 - The new cells are aligned to BASE's vocabulary (its ``vocab.json``), preprocessed as BASE
-  was (the same normalisation, ``log1p`` and ``bake``; HVGs chosen on BASE's cells apply to
-  the new ones through the loader when BASE was not baked; a baked HVG selection or scran
-  size factors, both fitted on BASE's cells, are refused with the reason), shuffled among
-  themselves with BASE's seed and shard size, and written as new shards after BASE's.
+  was (the same normalisation, ``log1p`` and ``bake``, computed per cell; HVGs selected on
+  BASE's cells are BASE's choice for the new cells too: their other genes' non-zeros are
+  dropped, as the converter does; scran size factors, fitted on all of BASE's cells
+  together, are refused with the reason), shuffled among themselves with BASE's seed and
+  shard size, and written as new shards after BASE's.
 - The manifest records ``parent`` (BASE's ``dataset_id`` and location) and ``lineage``
   (one entry per version, oldest first). ``dataset_id`` is content-defined: the parent's id,
   the new inputs' own (checksums, vocabulary, options) and the merged obs categories.
@@ -86,13 +87,6 @@ def _append_preprocessing(base: Manifest, where: str) -> dict[str, Any]:
             f"{where}: was normalised with scran size factors, fitted on its own cells together; "
             "new cells cannot get factors on the same scale without refitting every cell. Convert "
             "all inputs anew"
-        )
-    if p.get("hvg_selection") and p.get("baked", True):
-        raise ConfigurationError(
-            f"{where}: its values were baked with {p.get('n_hvg_genes') or p.get('hvg_selection')} highly "
-            "variable genes selected on its own cells; the converter cannot apply that fixed gene "
-            "list to new cells at conversion. Convert BASE with --no-bake (the loader then applies "
-            "BASE's HVGs to every cell) or convert all inputs anew"
         )
     out = {k: p[k] for k in ("target_sum", "log1p", "assume_normalized") if k in p}
     out["normalize"] = p.get("normalize") or "none"
@@ -196,15 +190,31 @@ def _merged_categories(base: Manifest, new: Manifest) -> tuple[dict[str, list[st
     return cats, renamed
 
 
+def _restrict(arrays: Any, keep: Any) -> tuple[Any, Any, Any]:
+    """CSR arrays with only the non-zeros of vocabulary ids where ``keep`` is True."""
+    import numpy as np
+
+    indptr, indices, data = (np.asarray(a) for a in (arrays.indptr, arrays.indices, arrays.data))
+    if keep is None:
+        return indptr, indices, data
+    mask = keep[indices]
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))[mask]
+    new_indptr = np.zeros(len(indptr), dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(indptr) - 1), out=new_indptr[1:])
+    return new_indptr, indices[mask], data[mask]
+
+
 def _rewrite_shard(tmp_dir: Path, entry: ShardEntry, new: Manifest, out: Path, relpath: str,
-                   cats: Mapping[str, Sequence[str]], renamed: Mapping[str, str], tokens: list[str]) -> ShardEntry:
-    """One shard of the new cells written into ``out`` with codes of the child categories."""
+                   cats: Mapping[str, Sequence[str]], renamed: Mapping[str, str], tokens: list[str],
+                   keep: Any) -> ShardEntry:
+    """One shard of the new cells written into ``out`` with codes of the child categories
+    (and, when BASE selected HVGs, only their non-zeros: ``keep``)."""
     import numpy as np
 
     from scmf_shards.write import write_shard
 
     shard_dir = tmp_dir / entry.path
-    arrays = map_csr(shard_dir, entry, new.dtype)
+    indptr, indices, data = _restrict(map_csr(shard_dir, entry, new.dtype), keep)
     codes = {}
     for col in new.obs_columns:
         target = {v: i for i, v in enumerate(cats[col.name])}
@@ -213,10 +223,21 @@ def _rewrite_shard(tmp_dir: Path, entry: ShardEntry, new: Manifest, out: Path, r
         codes[col.name] = remap[np.asarray(read_obs_codes(shard_dir, col.name), dtype=np.int64)]
     numeric = {k: read_obs_values(shard_dir, k) for k in new.cell_stats}
     return write_shard(
-        out / relpath, relpath, data=np.asarray(arrays.data), indices=np.asarray(arrays.indices),
-        indptr=np.asarray(arrays.indptr), n_genes=new.n_genes, cell_ids=read_obs_index(shard_dir),
+        out / relpath, relpath, data=data, indices=indices, indptr=indptr, n_genes=new.n_genes, cell_ids=read_obs_index(shard_dir),
         obs_codes=codes, obs_categories=cats, var_names=tokens, numeric_obs=numeric,
     )
+
+
+def _hvg_mask(base: Manifest, vocab: GeneVocab) -> Any:
+    """Vocabulary ids BASE kept (its HVGs), as a mask; ``None`` when it kept every gene."""
+    import numpy as np
+
+    genes = base.preprocessing.get("hvg_genes")
+    if not genes:
+        return None
+    keep = np.zeros(len(vocab), dtype=bool)
+    keep[vocab.encode(genes)] = True
+    return keep
 
 
 def _link_shard(src: Path, dst: Path, link: str) -> None:
@@ -287,7 +308,8 @@ def append_dataset(
             new_paths.append(shard_relpath(i))
         i += 1
     (out / "shards").mkdir(exist_ok=True)
-    new_shards = [_rewrite_shard(tmp_dir, e, nm, out, rel, cats, renamed, vocab.tokens)
+    keep = _hvg_mask(bm, vocab)
+    new_shards = [_rewrite_shard(tmp_dir, e, nm, out, rel, cats, renamed, vocab.tokens, keep)
                   for e, rel in zip(nm.shards, new_paths, strict=True)]
     for e in bm.shards:
         (out / e.path).parent.mkdir(parents=True, exist_ok=True)
