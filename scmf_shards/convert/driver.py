@@ -187,7 +187,7 @@ def convert_sources(
 def _execute(run: _Run) -> Manifest:
     """The stages of one conversion, in order."""
     plan = _plan(run)
-    run.sources = prepare_sources(run.sources, run.ws.root / "sources")  # e.g. CSC stored as CSR
+    run.sources = prepare_sources(run.sources, plan.buckets / "sources")  # CSC copied as CSR
     stored = [store_alignment(a, run.ws.alignment(i)) for i, a in enumerate(run.alignments)]
     prep = fit_preprocessing(  # stats pass(es) over all chunks: HVGs, scran size factors
         run.options.preprocessing, run.sources, plan.chunks, stored, run.vocab.tokens,
