@@ -14,6 +14,7 @@ way ``anndata.read_h5ad`` reads them; such files are small (they predate large a
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -31,6 +32,16 @@ _LEGACY_CACHE_SIZE = 4
 def _attr(node: Any, name: str, default: str = "") -> str:
     value = node.attrs.get(name, default)
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _read_elem(node: Any) -> Any:
+    """``anndata.io.read_elem``, quiet about old formats (reading them is the point here)."""
+    import anndata
+    from anndata.io import read_elem
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", anndata.OldFormatWarning)
+        return read_elem(node)
 
 
 def _is_group(node: Any) -> bool:
@@ -89,9 +100,7 @@ class Frame:
         through ``anndata.io.read_elem``."""
         if self.legacy:
             return self._legacy()[column or "\0index"]
-        from anndata.io import read_elem
-
-        value = read_elem(self._element(column))
+        value = _read_elem(self._element(column))
         if hasattr(value, "to_numpy"):  # pandas (categorical, nullable): NA becomes None
             value = value.to_numpy(dtype=object, na_value=None)
         return strings(value)
@@ -111,14 +120,12 @@ class Frame:
         if hit is not None:
             _LEGACY_CACHE.move_to_end(cache_key)
             return hit
-        from anndata.io import read_elem
-
         if _is_group(self.node):  # 0.7-era group: anndata reads the frame (categories by ref)
-            df = read_elem(self.node)
+            df = _read_elem(self.node)
             out = {"\0index": strings(df.index.to_numpy(dtype=object))}
             out.update({c: strings(df[c].to_numpy(dtype=object, na_value=None)) for c in df.columns})
         else:
-            out = self._structured(read_elem(self.node))
+            out = self._structured(_read_elem(self.node))
         _LEGACY_CACHE[cache_key] = out
         if len(_LEGACY_CACHE) > _LEGACY_CACHE_SIZE:
             _LEGACY_CACHE.popitem(last=False)
@@ -134,9 +141,7 @@ class Frame:
             values = _decode(arr[name])
             cats_key = f"{name}_categories"
             if uns is not None and cats_key in uns and values.dtype.kind in "iu":
-                from anndata.io import read_elem
-
-                cats = np.atleast_1d(_decode(read_elem(uns[cats_key]))).astype(object)
+                cats = np.atleast_1d(_decode(_read_elem(uns[cats_key]))).astype(object)
                 if (values < len(cats)).all():
                     mapped = np.empty(len(values), dtype=object)
                     ok = values >= 0
@@ -154,9 +159,7 @@ class Frame:
         node = self._element(column)
         enc = _attr(node, "encoding-type", "array")
         if enc == "categorical":
-            from anndata.io import read_elem
-
-            cats = np.asarray(read_elem(node["categories"]), dtype=object)
+            cats = np.asarray(_read_elem(node["categories"]), dtype=object)
             codes = np.asarray(node["codes"][start:stop]).astype(np.int64)
             out = np.empty(len(codes), dtype=object)
             ok = codes >= 0
