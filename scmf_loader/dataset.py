@@ -85,6 +85,10 @@ class CellDataset(torch.utils.data.Dataset):
     ``obs_columns`` restricts the kept obs columns carried in batches (default: all).
     ``registry``: a registry file; ``source`` is then ``"name@version"``, refused when the
     manifest found there has another ``dataset_id`` (:mod:`scmf_loader.registry`).
+    A ``source`` at an fsspec URL (``s3://``, ``gs://``, ``https://``, ...) is read through
+    a node-local cache: each shard fetched and verified on first access, then memory-mapped
+    from ``cache_dir`` (kept under ``cache_limit`` bytes); ``storage_options`` go to fsspec
+    (:mod:`scmf_loader.streaming`).
     """
 
     def __init__(
@@ -99,6 +103,9 @@ class CellDataset(torch.utils.data.Dataset):
         verify: bool = False,
         max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
         registry: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | str = "20GB",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if registry is not None:  # source is "name@version" (see scmf_loader.registry)
             from scmf_loader.registry import open_registered
@@ -116,6 +123,11 @@ class CellDataset(torch.utils.data.Dataset):
         self.max_genes = max_genes
         self.preprocessing = preprocessing
         if _is_dataset_dir(source):
+            if isinstance(source, str) and "://" in source:  # any fsspec URL: a local cache
+                from scmf_loader.streaming.remote import open_remote_dataset
+
+                source = open_remote_dataset(source, verify=verify, max_open_shards=max_open_shards, cache_dir=cache_dir,
+                                             cache_limit=cache_limit, storage_options=storage_options)
             store = source if isinstance(source, DatasetStore) else open_dataset(
                 source, verify=verify, max_open_shards=max_open_shards
             )
