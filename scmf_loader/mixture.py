@@ -191,6 +191,12 @@ class MixtureDataset(torch.utils.data.Dataset):
         """All members' shards, one after the other."""
         return len(self.shard_offsets) - 1
 
+    @property
+    def gene_nonzero_median(self) -> np.ndarray:
+        """The first dataset's per-gene non-zero medians (its vocabulary is the mixture's):
+        what the ``rank`` output divides by."""
+        return self.datasets[0].gene_nonzero_median
+
     def member_of(self, ids: Any) -> np.ndarray:
         """The member index of each global id."""
         return np.searchsorted(self.offsets, np.asarray(ids, dtype=np.int64), side="right") - 1
