@@ -15,14 +15,12 @@ hold BASE's cells and the new ones:
   dropped, as the converter does; scran size factors, fitted on all of BASE's cells
   together, are refused with the reason), shuffled among themselves with BASE's seed and
   shard size, and written as new shards after BASE's.
-- The manifest records ``parent`` (BASE's ``dataset_id`` and location) and ``lineage``
-  (one entry per version, oldest first). ``dataset_id`` is content-defined: the parent's id,
-  the new inputs' own (checksums, vocabulary, options) and the merged obs categories.
+- The manifest records ``parent`` and ``lineage`` (``docs/format.md`` section 10); the
+  content-defined ``dataset_id`` hashes the parent's id, the new inputs' own and the obs
+  categories, which grow by appending (BASE's codes stay valid).
 
-Obs categories grow by appending: BASE's codes stay valid, new values come after them.
-:func:`reference_problems` checks that a child's reused shards still reach its parent
-(``scmf-convert verify`` reports them), :func:`lineage` walks the chain, :func:`diff_datasets`
-compares two versions.
+:func:`reference_problems` checks a child's reused shards (``scmf-convert verify``),
+:func:`lineage` walks the chain, :func:`diff_datasets` compares two versions.
 """
 
 from __future__ import annotations
@@ -162,8 +160,13 @@ def _prepare_output(out: Path, base_dir: Path, overwrite: bool) -> None:
         out.mkdir(parents=True)
         return
     entries = {p.name for p in out.iterdir()}
-    if not entries or entries == {WORK_DIR}:
-        return  # new, or an interrupted append (its conversion resumes)
+    if WORK_DIR in entries and MANIFEST_NAME not in entries:  # an interrupted append:
+        for name in entries - {WORK_DIR}:  # its conversion resumes, the rest is redone
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return
+    if not entries:
+        return
     if (MANIFEST_NAME in entries or WORK_DIR in entries) and overwrite:
         shutil.rmtree(out)
         out.mkdir(parents=True)

@@ -276,3 +276,14 @@ def test_append_applies_base_preprocessing_and_hvgs(versions: dict, tmp_path: Pa
     for name, row in zip(ds.cell_names(ids), got, strict=True):
         np.testing.assert_allclose(row, expected[name], rtol=1e-5, atol=1e-6)
     assert len(ids) == sum(SIZES[3:])
+
+
+def test_an_interrupted_append_is_finished_by_a_rerun(versions: dict, tmp_path: Path) -> None:
+    from scmf_shards.versions import WORK_DIR, append_dataset
+
+    out = tmp_path / "out"
+    (out / WORK_DIR).mkdir(parents=True)  # what a killed append leaves: its scratch ...
+    (out / "shards" / "000005.zarr").mkdir(parents=True)  # ... and a half-written shard
+    manifest = append_dataset(versions["base"], versions["srcs"][3:], out)
+    assert manifest.dataset_id == versions["manifest"].dataset_id
+    assert not (out / WORK_DIR).exists()
