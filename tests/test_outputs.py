@@ -28,6 +28,10 @@ def _csr(seed: int, n: int = 48, ints: bool = True, dtype: type = np.float32) ->
     np.cumsum(lengths, out=indptr[1:])
     indices = np.concatenate(rows).astype(np.int32)
     values = rng.integers(1, 6, len(indices)) if ints else rng.lognormal(0, 1, len(indices))
+    if not ints and dtype != np.int32:  # normalised data may be negative: orders must hold there too
+        neg = np.zeros(len(values), dtype=bool)
+        neg[::7] = values[::7] < 0.9
+        values[neg] *= -0.2  # small enough that log1p(value / divisor) stays defined
     return indptr, indices, values.astype(dtype)
 
 

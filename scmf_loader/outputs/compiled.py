@@ -14,11 +14,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from scmf_loader.outputs._sort import splitmix, stable_sort, value_keys
+from scmf_loader.outputs._sort import splitmix, stable_sort, threshold, value_keys
 
 BAD_INDPTR, BAD_INDEX = 1, 2
 _CLS, _PAD = 3, 0
 _MAX_BUCKETS = (1 << 16) + 1
+_SIGN = np.uint64(1) << np.uint64(63)
 _MEMO = 64
 
 
@@ -156,6 +157,60 @@ def _keep_first(order, m, k, keep) -> None:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
+def _keep_top(sv, sp, m, k, c, random, seed, keys, tmp, counts, keep) -> None:  # noqa: ANN001
+    """``keep[:m]``: the ``k`` entries first in :func:`_order`'s order, by selection (no sort)."""
+    if random:
+        for i in range(m):
+            keys[i] = ~(splitmix(seed, c, sp[i]) >> np.uint64(32))
+    else:
+        value_keys(sv, m, keys, True)
+    t, below = threshold(keys, m, k, counts, tmp)
+    ties, cut, seen = k - below, m, 0
+    for i in range(m):  # the ties kept are the first keys equal to t: find where they end
+        seen += keys[i] == t
+        if seen == ties:
+            cut = i + 1
+            break
+    for i in range(m):
+        keep[i] = (keys[i] < t) | ((keys[i] == t) & (i < cut))
+
+
+@njit(nogil=True, cache=True)
+def _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c, k, random, seed,
+                sv, keys, tmp, counts, gr, er, w) -> bool:  # noqa: ANN001
+    """A cell longer than ``k`` (no subset) straight into row views: values and keys in one
+    pass, the threshold, then one pass writing the kept entries; False for a bad gene id."""
+    m = e - s
+    bits = sv.view(np.uint64)
+    bad = False
+    for i in range(m):
+        g = indices[s + i]
+        bad |= (g < 0) | (g >= n_genes)
+        sv[i] = _value(values[s + i], d, has_div, log1p, f32, memo, stamp, c + 1)
+        if random:
+            keys[i] = ~(splitmix(seed, c, i) >> np.uint64(32))
+        else:
+            b = bits[i]
+            keys[i] = b if b & _SIGN else ~(b | _SIGN)  # descending: value_keys, complemented
+    if bad:
+        return False
+    t, below = threshold(keys, m, k, counts, tmp)
+    ties, cut, seen = k - below, m, 0
+    for i in range(m):
+        seen += keys[i] == t
+        if seen == ties:
+            cut = i + 1
+            break
+    last = w + k
+    for i in range(m):  # branch-free: a dropped entry is overwritten by the next kept one
+        if w == last:
+            break
+        gr[w], er[w] = indices[s + i], sv[i]
+        w += (keys[i] < t) | ((keys[i] == t) & (i < cut))
+    return True
+
+
+@njit(nogil=True, cache=True)
 def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
     """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
@@ -169,26 +224,31 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, k, cls, ra
         gr, er, mr = gene[c], expr[c], mask[c]
         if cls:
             gr[0], er[0] = _CLS, 0.0
+        d = div[c] if has_div else 1.0
         if direct and e - s <= k:
-            d = div[c] if has_div else 1.0
             if not _direct_row(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c + 1, gr, er, cls):
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
             n = e - s
+        elif direct:
+            if not _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c, k, random, seed,
+                               sv, keys, skeys, counts, gr, er, cls):
+                return BAD_INDEX, _first_bad(indices, s, e, n_genes)
+            n = k
         else:
             m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, False, sg, sv, sp, memo, stamp)
             if m < 0:
                 return BAD_INDEX, -1 - m
             n = min(m, k)
             if m > k:
-                _order(sv, sp, m, c, random, seed, keys, order, skeys, counts)
-                _keep_first(order, m, k, keep)
+                _keep_top(sv, sp, m, k, c, random, seed, keys, skeys, counts, keep)
             else:
                 keep[:m] = True
-            w = cls
-            for i in range(m):
-                if keep[i]:
-                    gr[w], er[w] = sg[i], sv[i]
-                    w += 1
+            w, last = cls, cls + n
+            for i in range(m):  # branch-free: a dropped entry is overwritten by the next kept one
+                if w == last:
+                    break
+                gr[w], er[w] = sg[i], sv[i]
+                w += keep[i]
         mr[: cls + n] = True
         gr[cls + n :] = _PAD
         er[cls + n :] = 0.0
