@@ -5,7 +5,7 @@ The cells are the parent's, in its row order (shard 0, shard 1 ...); the genes a
 parent vocabulary's tokens without the special tokens (column ``j`` is vocabulary id
 ``j + 4``); values are the stored ones (raw counts, or what the parent baked: its
 ``preprocessing`` is recorded in the new manifest). Cell ids are the original ones; obs
-columns are the parent's kept columns (``source`` included). The parent's per-cell
+columns are the parent's kept columns, its ``source`` as ``parent_source``. The parent's per-cell
 ``library_size`` (totals over every gene of its own inputs) is passed on, so normalising
 again uses the original totals. Rows are read from the memory-mapped shards through
 :func:`scmf_loader.open_dataset`. The new manifest names the parent's ``dataset_id``
@@ -27,9 +27,12 @@ from scmf_loader.errors import InvalidInputError
 from scmf_loader.vocab import SPECIAL_TOKENS
 from scmf_shards.sources.base import RowChunk, is_url, local_path
 
-__all__ = ["DatasetSource", "is_dataset_dir"]
+__all__ = ["PARENT_SOURCE", "DatasetSource", "is_dataset_dir"]
 
 _N_SPECIAL = len(SPECIAL_TOKENS)
+#: the parent's ``source`` column (which input each cell came from), under the name it takes
+#: as an obs column of this source (``source`` of the new dataset names the parent itself)
+PARENT_SOURCE = "parent_source"
 
 
 def is_dataset_dir(path: str) -> bool:
@@ -66,7 +69,7 @@ class DatasetSource:
         self.n_cells = int(m.n_cells)
         self.n_genes = len(self.store.vocab) - _N_SPECIAL
         self.dtype = np.dtype(m.dtype)
-        self.obs_columns = tuple(self.store.categories)
+        self.obs_columns = tuple(PARENT_SOURCE if c == "source" else c for c in self.store.categories)
         if self.n_cells == 0:
             raise InvalidInputError(f"{self.path}: holds no cells")
 
@@ -100,6 +103,7 @@ class DatasetSource:
 
     def _obs(self, column: str, start: int, stop: int) -> np.ndarray:
         self.check_obs_columns([column])
+        column = "source" if column == PARENT_SOURCE else column
         cats = np.asarray(list(self.store.categories[column]) + [None], dtype=object)
         parts = [np.asarray(self.store.obs_codes(s, column)[a:b], dtype=np.int64)
                  for s, a, b in self._pieces(start, stop)]
