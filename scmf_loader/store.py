@@ -5,7 +5,8 @@
 size against the manifest with one ``stat`` each, or everything (``verify=True``), with the
 one checker, :mod:`scmf_loader.format.integrity`. Nothing is mapped on open: a shard's three
 CSR files are memory-mapped (copy-on-write, see :func:`scmf_loader.format.shard.map_csr`) on
-first use, their ``indptr`` checked once (O(cells)), and kept in a small LRU
+first use, checked once (zarr metadata, ``indptr`` and every index in range; see
+:func:`scmf_loader.format.integrity.check_shard_on_map`), and kept in a small LRU
 (``max_open_shards``), because each ``np.memmap`` holds a duplicated file descriptor for as
 long as it lives; obs columns, read through zarr, are cached for the :data:`OBS_CACHE_SHARDS`
 most recent shards. Opening is O(number of shards) in time and memory, never O(number of
@@ -28,11 +29,11 @@ import numpy as np
 from scmf_loader.errors import ConfigurationError, ObsColumnNotFoundError, ShardCorruptError
 from scmf_loader.format import Manifest, read_manifest
 from scmf_loader.format.integrity import (
-    check_csr_structure,
     check_dataset,
     check_manifest_arrays,
     check_obs_codes,
     check_shard,
+    check_shard_on_map,
     check_vocab,
 )
 from scmf_loader.format.shard import (
@@ -153,8 +154,8 @@ class DatasetStore:
     def _map(self, shard: int) -> ShardArrays:
         entry = self.manifest.shards[shard]
         maps = map_csr(self.shard_dir(shard), entry, self.manifest.dtype)
-        if shard not in self._checked:  # O(cells), once per shard and process
-            check_csr_structure(str(self.shard_dir(shard)), entry, maps, self.n_genes)
+        if shard not in self._checked:  # once per shard and process: O(cells) + one pass over indices
+            check_shard_on_map(self.shard_dir(shard), entry, maps, self.n_genes, self.manifest.dtype)
             self._checked.add(shard)
         return maps
 

@@ -10,20 +10,22 @@ structure) and the converter's resume (:func:`shard_ok`). Every check raises the
 - :class:`~scmf_loader.errors.ChecksumMismatchError`: a file's bytes differ from the manifest;
 - :class:`~scmf_loader.errors.ShardCorruptError`: sizes and (where checked) checksums agree
   but the content breaks the format (``indptr`` not monotone from 0 to ``nnz``, indices out
-  of range or unsorted, obs codes outside their categories, zarr metadata disagreeing with
-  the manifest); the message names the shard, the array and the first bad position;
+  of range, special tokens or unsorted, values not finite / negative / not counts where the
+  manifest says so, per-cell statistics inconsistent, obs codes outside their categories,
+  zarr metadata disagreeing with the manifest); it names the shard, array and first bad position;
 - :class:`~scmf_loader.errors.ManifestError`: the manifest contradicts itself.
 
 Cost: ``level="size"`` is one ``stat`` per file; :func:`check_csr_structure` is O(cells)
-unless ``full=True`` (O(nnz), bounded memory); ``level="checksum"`` reads every byte.
+unless ``full=True`` (O(nnz), bounded memory); :func:`check_shard_on_map` adds one vectorised
+pass over ``indices``; ``level="checksum"`` reads every byte.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -46,22 +48,27 @@ from scmf_loader.format.shard import (
     map_csr,
     other_files_digest,
     read_obs_codes,
+    read_obs_values,
     read_x_metadata,
 )
-from scmf_loader.vocab import GeneVocab
+from scmf_loader.vocab import SPECIAL_TOKENS, GeneVocab
 
 __all__ = [
     "Level",
+    "ValueRules",
     "check_csr_structure",
     "check_dataset",
+    "check_index_range",
     "check_manifest_arrays",
     "check_obs_codes",
     "check_shard",
+    "check_shard_on_map",
     "check_shard_structure",
     "check_vocab",
     "check_x_metadata",
     "iter_problems",
     "shard_ok",
+    "value_rules",
 ]
 
 Level = Literal["size", "checksum"]
@@ -204,14 +211,18 @@ def _check_indptr(where: str, indptr: np.ndarray, nnz: int) -> None:
 
 
 def _check_index_block(where: str, indptr: np.ndarray, indices: np.ndarray, rows: tuple[int, int],
-                       n_genes: int) -> None:
+                       n_genes: int, first_gene: int = 0) -> None:
     lo, hi = int(indptr[rows[0]]), int(indptr[rows[1]])
     block = indices[lo:hi]
-    pos = _first((block < 0) | (block >= n_genes))
+    pos = _first((block < first_gene) | (block >= n_genes))
     if pos is not None:
-        raise ShardCorruptError(
-            f"{where}: X/indices[{lo + pos}] is {int(block[pos])}, outside the vocabulary [0, {n_genes})"
-        )
+        value = int(block[pos])
+        if 0 <= value < first_gene:
+            raise ShardCorruptError(
+                f"{where}: X/indices[{lo + pos}] is {value}, a special token (ids 0-{first_gene - 1}: "
+                f"<pad>, <unk>, <mask>, <cls>); stored genes have ids in [{first_gene}, {n_genes})"
+            )
+        raise ShardCorruptError(f"{where}: X/indices[{lo + pos}] is {value}, outside the vocabulary [0, {n_genes})")
     down = np.diff(block) <= 0  # True where an index does not increase
     starts = indptr[rows[0] + 1:rows[1]] - lo  # a new row may restart lower
     down[starts[(starts > 0) & (starts < block.size)] - 1] = False
@@ -225,14 +236,132 @@ def _check_index_block(where: str, indptr: np.ndarray, indices: np.ndarray, rows
         )
 
 
+class ValueRules(NamedTuple):
+    """What a manifest says about its stored values (see :func:`value_rules`)."""
+
+    nonneg: bool  # no value may be negative
+    counts: bool  # every value is an integer (raw counts)
+    sums: str | None  # "eq": library_size == the row sum; "ge": >= it; None: unrelated
+    why: str  # the manifest's reason, for messages
+
+
+#: sources whose per-cell library_size the converter computes from the very rows it stores
+_ROW_TOTAL_KINDS = ("h5ad", "anndata_zarr")
+_SUM_RTOL = 1e-5
+
+
+def value_rules(manifest: Manifest) -> ValueRules:
+    """The value invariants of a dataset, from its ``preprocessing`` and ``sources``.
+
+    Values are always finite. They are non-negative unless the manifest says
+    ``assume_normalized`` without ``log1p`` (the one case the converter stores negative
+    input). They are raw counts (integers) when a normalisation is recorded but not baked.
+    Where the stored values are the input's own (nothing baked) and every source is an
+    AnnData file, ``library_size`` is each cell's total over all its source's genes: equal
+    to the row sum when no source gene was dropped and no HVG subset was kept, at least the
+    row sum otherwise."""
+    prep = manifest.preprocessing
+    nonneg = not (prep.get("assume_normalized") and not prep.get("log1p", False))
+    transformed = bool(prep.get("normalize")) or bool(prep.get("log1p"))
+    baked = transformed and bool(prep.get("baked", True))
+    counts = bool(prep.get("normalize")) and not baked
+    why = (f"preprocessing normalize={prep.get('normalize')!r}, baked={bool(prep.get('baked', True))}"
+           if counts else "preprocessing")
+    sums = None
+    kinds = {s.kind for s in manifest.sources}
+    if "library_size" in manifest.cell_stats and not baked and nonneg and kinds and kinds <= set(_ROW_TOTAL_KINDS):
+        whole = all(s.genes_dropped == 0 for s in manifest.sources) and not prep.get("hvg_genes")
+        sums = "eq" if whole else "ge"
+    return ValueRules(nonneg=nonneg, counts=counts, sums=sums, why=why)
+
+
+def _check_value_block(where: str, indptr: np.ndarray, data: np.ndarray, rows: tuple[int, int],
+                       rules: ValueRules, sums: np.ndarray | None) -> None:
+    lo, hi = int(indptr[rows[0]]), int(indptr[rows[1]])
+    block = data[lo:hi]
+    checks = [(~np.isfinite(block), "not finite")] if block.dtype.kind == "f" else []
+    if rules.nonneg and block.dtype.kind != "u":
+        checks.append((block < 0, "negative; stored values MUST be >= 0 (no assume_normalized without log1p)"))
+    if rules.counts and block.dtype.kind == "f":
+        checks.append((block != np.floor(block), f"not an integer; the manifest says raw counts ({rules.why})"))
+    for mask, what in checks:
+        pos = _first(mask)
+        if pos is not None:
+            raise ShardCorruptError(f"{where}: X/data[{lo + pos}] is {block[pos].item()!r}: {what}")
+    if sums is not None:
+        total = np.zeros(block.size + 1, dtype=np.float64)
+        np.cumsum(block, dtype=np.float64, out=total[1:])
+        starts = indptr[rows[0]:rows[1] + 1] - lo
+        sums[rows[0]:rows[1]] = total[starts[1:]] - total[starts[:-1]]
+
+
+def _check_stats(where: str, n_cells: int, rules: ValueRules, stats: Mapping[str, np.ndarray],
+                 sums: np.ndarray | None) -> None:
+    """Per-cell statistics: one finite value per cell, non-negative where the values are,
+    ``library_size`` consistent with the row sums where :func:`value_rules` says."""
+    for name, column in stats.items():
+        v = np.asarray(column)
+        if v.shape != (n_cells,):
+            raise ShardCorruptError(f"{where}: obs/{name} holds {v.shape} values; the shard has {n_cells} cells")
+        if v.dtype.kind not in "iuf":
+            raise ShardCorruptError(f"{where}: obs/{name} has dtype {v.dtype}; per-cell statistics are numbers")
+        pos = _first(~np.isfinite(v) | ((v < 0) if rules.nonneg else False))
+        if pos is not None:
+            raise ShardCorruptError(f"{where}: obs/{name}[{pos}] is {v[pos].item()!r}; it must be finite and >= 0")
+    if sums is None or "library_size" not in stats:
+        return
+    lib = np.asarray(stats["library_size"], dtype=np.float64)
+    tol = _SUM_RTOL * np.maximum(np.abs(lib), np.abs(sums)) + 1e-6
+    bad = (np.abs(lib - sums) > tol) if rules.sums == "eq" else (sums > lib + tol)
+    pos = _first(bad)
+    if pos is not None:
+        rel = "equal to" if rules.sums == "eq" else "at least"
+        raise ShardCorruptError(
+            f"{where}: obs/library_size[{pos}] is {float(lib[pos])!r} but row {pos} of X/data sums to "
+            f"{float(sums[pos])!r}; the library size of stored raw values MUST be {rel} the row sum "
+            "(corrupt values or statistics)"
+        )
+
+
+def check_index_range(where: str, indices: np.ndarray, n_genes: int) -> None:
+    """Every index must lie in ``[0, n_genes)``: one vectorised pass (the maximum of the
+    indices read as unsigned, so a negative one counts as huge), in blocks of 4 Mi. The
+    loader runs this once per shard and process, before any batch is cut from the shard."""
+    for lo in range(0, len(indices), _BLOCK_NNZ):
+        block = indices[lo:lo + _BLOCK_NNZ]
+        if block.size and int(block.view(np.uint32).max()) >= n_genes:
+            pos = _first((block < 0) | (block >= n_genes))
+            raise ShardCorruptError(
+                f"{where}: X/indices[{lo + pos}] is {int(block[pos])}, outside the vocabulary [0, {n_genes})"
+            )
+
+
+def check_shard_on_map(shard_dir: str | os.PathLike[str], entry: ShardEntry, arrays: ShardArrays,
+                       n_genes: int, value_dtype: str) -> None:
+    """The loader's check of a shard it has just mapped: the zarr metadata of ``X`` agrees
+    with the manifest (four small files; skipped when ``X/zarr.json`` is absent, which the
+    loader does not need and full checks report), ``indptr`` is sound (O(cells)) and every
+    index is inside the vocabulary (one vectorised pass over ``indices``), so no batch cut
+    from the shard can point outside it."""
+    if (Path(shard_dir) / "X" / "zarr.json").exists():
+        check_x_metadata(shard_dir, entry, n_genes, value_dtype)
+    where = str(shard_dir)
+    check_csr_structure(where, entry, arrays, n_genes)
+    check_index_range(where, arrays.indices, n_genes)
+
+
 def check_csr_structure(
-    where: str, entry: ShardEntry, arrays: ShardArrays, n_genes: int, *, full: bool = False
+    where: str, entry: ShardEntry, arrays: ShardArrays, n_genes: int, *, full: bool = False,
+    first_gene: int = 0, values: ValueRules | None = None, stats: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """The CSR arrays of a shard must form a valid matrix of ``entry.n_cells`` rows and
     ``n_genes`` columns: lengths agree with the manifest and ``indptr`` runs from 0 to
     ``nnz`` without decreasing (O(cells)); with ``full``, also every index lies in
-    ``[0, n_genes)`` and indices strictly increase within each row (O(nnz), read in blocks
-    of at most 4 Mi indices). Raises ShardCorruptError naming the first bad position."""
+    ``[first_gene, n_genes)`` (``first_gene=4`` refuses the special tokens) and indices
+    strictly increase within each row, and the values follow ``values`` (finite, and as the
+    rules say non-negative, integral, summing per row to ``stats["library_size"]``) (O(nnz),
+    read in blocks of at most 4 Mi entries). Raises ShardCorruptError naming the first bad
+    position."""
     lengths = {"indptr": entry.n_cells + 1, "indices": entry.nnz, "data": entry.nnz}
     for name, n in lengths.items():
         found = len(getattr(arrays, name))
@@ -242,11 +371,16 @@ def check_csr_structure(
     if not full:
         return
     indptr, row, n = arrays.indptr, 0, entry.n_cells
+    sums = np.zeros(n, dtype=np.float64) if values is not None and values.sums else None
     while row < n:
         stop = int(np.searchsorted(indptr, indptr[row] + _BLOCK_NNZ, side="right")) - 1
         stop = min(max(stop, row + 1), n)
-        _check_index_block(where, indptr, arrays.indices, (row, stop), n_genes)
+        _check_index_block(where, indptr, arrays.indices, (row, stop), n_genes, first_gene)
+        if values is not None:
+            _check_value_block(where, indptr, arrays.data, (row, stop), values, sums)
         row = stop
+    if values is not None:
+        _check_stats(where, entry.n_cells, values, stats or {}, sums)
 
 
 def _check_array_metadata(where: str, name: str, meta: dict[str, Any], length: int, dtype: str) -> None:
@@ -304,12 +438,15 @@ def check_obs_codes(where: str, column: str, codes: np.ndarray, n_categories: in
 
 def check_shard_structure(dataset_dir: str | os.PathLike[str], manifest: Manifest, index: int) -> None:
     """The full structural check of shard ``index`` (reads all of it once): zarr metadata,
-    CSR structure including every index, obs codes of every listed column."""
+    CSR structure including every index (never a special token), the values and per-cell
+    statistics (:func:`value_rules`), obs codes of every listed column."""
     entry = manifest.shards[index]
     shard_dir = Path(dataset_dir) / entry.path
     check_x_metadata(shard_dir, entry, manifest.n_genes, manifest.dtype)
+    stats = {name: read_obs_values(shard_dir, name) for name in manifest.cell_stats}
     arrays = map_csr(shard_dir, entry, manifest.dtype)
-    check_csr_structure(str(shard_dir), entry, arrays, manifest.n_genes, full=True)
+    check_csr_structure(str(shard_dir), entry, arrays, manifest.n_genes, full=True,
+                        first_gene=len(SPECIAL_TOKENS), values=value_rules(manifest), stats=stats)
     del arrays  # close the maps before the obs reads
     for column in manifest.obs_columns:
         codes = read_obs_codes(shard_dir, column.name)
