@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from scmf_loader.errors import DatasetExistsError
+from scmf_loader.errors import DatasetExistsError, InvalidInputError, ScmfError
 from scmf_loader.format import (
     SHARDS_DIR,
     VOCAB_NAME,
@@ -46,6 +46,7 @@ from scmf_shards.plan import ReadChunk, assignment_table, plan_chunks, shard_siz
 from scmf_shards.preprocess.stats import allows_negative, check_preprocessing, fit_preprocessing
 from scmf_shards.scratch import release_all as scratch_release_all
 from scmf_shards.sources import open_sources, prepare_sources
+from scmf_shards.sources.base import is_url
 
 __all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "resolve_vocab"]
 
@@ -103,8 +104,18 @@ def convert_h5ad(
         options = ConvertOptions(**kwargs)
     elif kwargs:
         raise TypeError("pass either options or keyword arguments, not both")
-    sources = open_sources([os.fspath(p) for p in inputs], options.matrix, options.gene_column,
-                           allow_negative=allows_negative(options.preprocessing))
+    paths = [os.fspath(p) for p in inputs]
+    try:
+        sources = open_sources(paths, options.matrix, options.gene_column,
+                               allow_negative=allows_negative(options.preprocessing))
+    except ScmfError:
+        raise
+    except Exception as exc:  # fsspec/botocore (no credentials, no network) on a URL input
+        urls = [p for p in paths if is_url(p)]
+        if not urls:
+            raise
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidInputError(f"{', '.join(urls)}: cannot open ({reason})") from exc
     return convert_sources(sources, output, options)
 
 
