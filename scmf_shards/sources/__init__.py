@@ -86,25 +86,43 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     out: list[str] = []
     for raw in paths:
         p = os.fspath(raw)
-        if any(ch in p.split("://", 1)[-1] for ch in _GLOB_CHARS):
-            matches = _glob(p)
-            if not matches:
-                raise InvalidInputError(f"{p}: the pattern matches no file")
-            out.extend(matches)
-        elif _is_dir(p) and not is_dataset_dir(p) and not _is_anndata_zarr_dir(p):
-            chunks = _list_chunks(p)
-            if not chunks:
-                raise InvalidInputError(
-                    f"{p}: a directory with no .h5ad/.zarr chunks, no zarr store and no "
-                    "manifest.json (not a dataset)")
-            out.extend(chunks)
-        else:
-            out.append(p)
+        try:
+            out.extend(_expand_one(p, is_dataset_dir))
+        except ScmfError:
+            raise
+        except Exception as exc:  # fsspec/botocore: no credentials, no network ...
+            if not is_url(p):
+                raise
+            raise _url_error(p, exc) from exc
     if not out:
         raise ScmfError("no input files given")
     if len(set(out)) != len(out):
         raise ScmfError(f"the same input is given twice: {out}")
     return out
+
+
+def _expand_one(p: str, is_dataset_dir: Any) -> list[str]:
+    if any(ch in p.split("://", 1)[-1] for ch in _GLOB_CHARS):
+        matches = _glob(p)
+        if not matches:
+            raise InvalidInputError(f"{p}: the pattern matches no file")
+        return matches
+    if p.rstrip("/").endswith(_CHUNK_SUFFIXES):  # one input by its name: no listing (an https
+        return [p]                                # "directory" test would read the file)
+    if _is_dir(p) and not is_dataset_dir(p) and not _is_anndata_zarr_dir(p):
+        chunks = _list_chunks(p)
+        if not chunks:
+            raise InvalidInputError(
+                f"{p}: a directory with no .h5ad/.zarr chunks, no zarr store and no "
+                "manifest.json (not a dataset)")
+        return chunks
+    return [p]
+
+
+def _url_error(path: str, exc: BaseException) -> InvalidInputError:
+    """One line naming the URL and the first line of the file system's error."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return InvalidInputError(f"{path}: cannot open ({reason})")
 
 
 def open_source(path: str, matrix: str = "X", gene_column: str = "var_names") -> Any:
@@ -122,8 +140,7 @@ def open_source(path: str, matrix: str = "X", gene_column: str = "var_names") ->
     except Exception as exc:
         if not is_url(path):
             raise
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InvalidInputError(f"{path}: cannot open ({reason})") from exc
+        raise _url_error(path, exc) from exc
 
 
 def open_sources(paths: Sequence[str | os.PathLike[str]], matrix: str = "X",

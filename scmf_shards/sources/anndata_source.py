@@ -39,6 +39,8 @@ def is_zarr_store(path: str) -> bool:
     or a name ending in ``.zarr``), False for a file such as an ``.h5ad``."""
     if path.rstrip("/").endswith(".zarr"):
         return True
+    if path.endswith(".h5ad"):
+        return False
     if not is_url(path):
         p = local_path(path)
         return os.path.isdir(p) and any(
