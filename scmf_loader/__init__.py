@@ -33,6 +33,7 @@ if _TYPE_CHECKING:
     from scmf_loader.census import CensusDataset
     from scmf_loader.dataloader import CellDataLoader
     from scmf_loader.dataset import CellDataset
+    from scmf_loader.mixture import MixtureDataset, MixtureSampler
     from scmf_loader.perturbation import PerturbationDataset, PerturbationSampler
     from scmf_loader.preprocess import PreprocessingPipeline
     from scmf_loader.samplers import (
@@ -54,6 +55,8 @@ _LAZY = {
     "CellDataset": "scmf_loader.dataset",
     "CensusDataset": "scmf_loader.census",
     "DatasetStore": "scmf_loader.store",
+    "MixtureDataset": "scmf_loader.mixture",
+    "MixtureSampler": "scmf_loader.mixture",
     "Partition": "scmf_loader.world",
     "PerturbationDataset": "scmf_loader.perturbation",
     "PerturbationSampler": "scmf_loader.perturbation",
@@ -80,6 +83,8 @@ __all__ = [
     "GeneVocab",
     "ManifestError",
     "ManifestNotFoundError",
+    "MixtureDataset",
+    "MixtureSampler",
     "ObsColumnNotFoundError",
     "Partition",
     "PerturbationDataset",

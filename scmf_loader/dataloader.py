@@ -150,6 +150,9 @@ class _Fetcher(torch.utils.data.Dataset):
 
     def read(self, request: _Request) -> Any:
         """The requested batch in the loader's output form, read in this process."""
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:  # datasets with per-epoch draws (matched controls) follow it
+            set_epoch(request.epoch)
         ids = request.ids
         batch = self.dataset.get_range(*ids) if isinstance(ids, tuple) else self.dataset.__getitems__(ids)
         return self.convert(batch, request)
@@ -182,6 +185,47 @@ class _Fetcher(torch.utils.data.Dataset):
         out["cell_ids"] = batch.cell_ids
         out["obs"] = batch.obs
         return out
+
+
+def _checked_options(dataset: Any, output: str, n_bins: int, truncation: str,
+                     max_genes: int | None, num_workers: int) -> int | None:
+    """Validate the loader's output options; the effective ``max_genes``."""
+    if output not in OUTPUTS:
+        raise ConfigurationError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if output == "binned" and (isinstance(n_bins, bool) or n_bins < 2):
+        raise ConfigurationError(f"n_bins must be >= 2, got {n_bins!r}")
+    if output == "rank":
+        dataset.gene_nonzero_median  # noqa: B018 -- raises now, naming the fix, for a dataset without it
+    if truncation not in TRUNCATIONS:
+        raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    max_genes = dataset.max_genes if max_genes is None else max_genes
+    if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
+        raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
+    if num_workers < 0:
+        raise ConfigurationError(f"num_workers must be >= 0, got {num_workers}")
+    return max_genes
+
+
+def _sampler_for(dataset: Any, sampler: BatchSampler | None, batch_size: int, shuffle: bool,
+                 block_size: int | None, drop_last: bool, common: dict[str, Any]) -> BatchSampler:
+    """The sampler a loader uses: the given one (through a copy when its ``drop_last``
+    differs from the loader's), the dataset's own (``make_sampler``, e.g. a
+    :class:`~scmf_loader.mixture.MixtureDataset`), or a block-shuffle / sequential one."""
+    if sampler is not None:
+        if sampler.drop_last != bool(drop_last):
+            sampler = sampler.with_drop_last(drop_last)
+    elif getattr(dataset, "make_sampler", None) is not None:
+        sampler = dataset.make_sampler(batch_size, shuffle=shuffle, block_size=block_size,
+                                       drop_last=drop_last, **common)
+    elif shuffle:
+        sampler = BlockShuffleSampler(dataset, batch_size, block_size, drop_last=drop_last, **common)
+    else:
+        sampler = SequentialSampler(dataset, batch_size, drop_last=drop_last, **common)
+    if int(sampler.shard_offsets[-1]) != len(dataset):
+        raise ConfigurationError(
+            f"the sampler covers {int(sampler.shard_offsets[-1])} cells but the dataset has {len(dataset)}"
+        )
+    return sampler
 
 
 class CellDataLoader:
@@ -232,31 +276,9 @@ class CellDataLoader:
         multiprocessing_context: Any = None,
         timeout: float = 0,
     ) -> None:
-        if output not in OUTPUTS:
-            raise ConfigurationError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if output == "binned" and (isinstance(n_bins, bool) or n_bins < 2):
-            raise ConfigurationError(f"n_bins must be >= 2, got {n_bins!r}")
-        if output == "rank":
-            dataset.gene_nonzero_median  # noqa: B018 -- raises now, naming the fix, for a dataset without it
-        if truncation not in TRUNCATIONS:
-            raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-        max_genes = dataset.max_genes if max_genes is None else max_genes
-        if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
-            raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
-        if num_workers < 0:
-            raise ConfigurationError(f"num_workers must be >= 0, got {num_workers}")
-        if sampler is None:
-            common = {"drop_last": drop_last, "seed": seed, "rank": rank, "world_size": world_size}
-            if shuffle:
-                sampler = BlockShuffleSampler(dataset, batch_size, block_size, **common)
-            else:
-                sampler = SequentialSampler(dataset, batch_size, **common)
-        elif sampler.drop_last != bool(drop_last):
-            sampler = sampler.with_drop_last(drop_last)
-        if int(sampler.shard_offsets[-1]) != len(dataset):
-            raise ConfigurationError(
-                f"the sampler covers {int(sampler.shard_offsets[-1])} cells but the dataset has {len(dataset)}"
-            )
+        max_genes = _checked_options(dataset, output, n_bins, truncation, max_genes, num_workers)
+        sampler = _sampler_for(dataset, sampler, batch_size, shuffle, block_size, drop_last,
+                               {"seed": seed, "rank": rank, "world_size": world_size})
         self.dataset = dataset
         self.sampler = sampler
         self.output = output
@@ -276,6 +298,7 @@ class CellDataLoader:
             self._fetcher, sampler=self._requests, batch_size=None, collate_fn=_identity,
             num_workers=num_workers, pin_memory=False, timeout=timeout, **extra,
         )
+
 
     @property
     def epoch(self) -> int:
