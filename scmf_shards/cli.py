@@ -8,6 +8,7 @@ names the YAML keys and the Python API share). Errors raised on purpose print on
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -52,12 +53,58 @@ def _split_columns(value: Any) -> tuple[str, ...]:
     return tuple(str(c) for c in value)
 
 
+_RESUMABLE = ("h5ad_cmd", "census_cmd")  # commands whose re-run resumes an interrupted run
+
+
+def _interrupted(output: Any) -> None:
+    """Ctrl-C: say what is left and how to resume (instead of click's bare ``Aborted!``)."""
+    where = f"{output}: " if output else ""
+    click.echo(f"\ninterrupted: {where}the conversion stopped before its manifest was written, so "
+               "this is not a dataset yet; re-run the same command to resume (finished shards "
+               "are verified and kept)", err=True)
+    sys.stderr.flush()
+    # background threads (zarr's event loop) may still complain while the interpreter shuts
+    # down; the line above is all a user needs
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- closed by the exit
+    sys.exit(130)
+
+
+def _warning_lines() -> Any:
+    """While converting, warnings about disk space print as one ``warning: ...`` line."""
+    import contextlib
+
+    from scmf_shards.convert.diskspace import LowSpaceWarning
+
+    previous = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, LowSpaceWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            previous(message, category, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def scope() -> Any:
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            warnings.showwarning = previous
+
+    return scope()
+
+
 def _handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
-            fn(*args, **kwargs)
+            with _warning_lines():
+                fn(*args, **kwargs)
         except ScmfError as exc:
             _fail(exc)
+        except KeyboardInterrupt:
+            if fn.__name__ not in _RESUMABLE:
+                raise
+            _interrupted(kwargs.get("output"))
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

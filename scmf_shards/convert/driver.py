@@ -36,6 +36,7 @@ from scmf_loader.format import (
 from scmf_loader.vocab import BUILTIN_VOCABS, GeneVocab, normalize_gene_id
 from scmf_shards import faults
 from scmf_shards.align import GeneAlignment, StoredAlignment, build_alignment, store_alignment
+from scmf_shards.convert.diskspace import OutputGuard, estimate_bytes
 from scmf_shards.convert.gather import CELL_STATS, GatherTask, run_gather
 from scmf_shards.convert.output import locked, prepare_output, remove_partial_shards
 from scmf_shards.convert.scatter import ScatterTask, run_scatter
@@ -185,14 +186,17 @@ def convert_sources(
             "options": options.definition(),
         }
         dataset_id = compute_dataset_id(definition)
-        out.mkdir(parents=True, exist_ok=True)
-        with locked(out):
-            existing = prepare_output(out, dataset_id, options.overwrite)
-            if existing is not None:
-                return existing
-            run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
-                       fingerprints, dataset_id, options, runner)
-            return _execute(run)
+        # a full disk, a read-only or uncreatable output: one OutputNotWritableError line
+        with OutputGuard(out, options.scratch_dir, estimate_bytes(sources, options.dtype)) as guard:
+            out.mkdir(parents=True, exist_ok=True)
+            with locked(out):
+                existing = prepare_output(out, dataset_id, options.overwrite)
+                if existing is not None:
+                    return existing
+                guard.warn()  # before anything is written
+                run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
+                           fingerprints, dataset_id, options, runner)
+                return _execute(run)
 
 
 def _execute(run: _Run) -> Manifest:

@@ -1,0 +1,180 @@
+"""Disk space and unwritable outputs: an estimate before writing, one clear line on failure.
+
+A conversion writes its shards into ``--output`` and, while it runs, buckets of the same
+data into its scratch directory (inside ``--output`` unless ``--scratch-dir``).
+:func:`estimate_bytes` samples the inputs' first rows for the number of stored values per
+cell; :func:`warn_if_short` warns before anything is written when the estimate does not fit
+the free space. When a write fails, :func:`output_error` turns the ``OSError`` (``ENOSPC``,
+``EDQUOT``, a short write without ``errno`` on a full file system, ``EROFS``, ``EACCES``, a
+path that cannot be created) into one :class:`OutputNotWritableError` line such as
+``<output>: no space left on device (about 12 MB needed, 1 MB free)``. Nothing half-written
+looks complete: the manifest is written last, so a failed run leaves none, and re-running
+the same command once space is freed resumes (finished shards are verified and kept).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scmf_loader.errors import ScmfError
+
+__all__ = [
+    "LowSpaceWarning",
+    "OutputGuard",
+    "OutputNotWritableError",
+    "estimate_bytes",
+    "free_bytes",
+    "needed_bytes",
+    "output_error",
+    "warn_if_short",
+]
+
+SAMPLE_ROWS = 256  # rows read from each of the first SAMPLE_SOURCES inputs
+SAMPLE_SOURCES = 8
+_PER_CELL_BYTES = 8 + 64  # indptr entry + obs (codes, library size, cell id) per cell, roughly
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_CREATED = (errno.ENOTDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT, errno.ELOOP)
+
+
+class LowSpaceWarning(UserWarning):
+    """The estimated size of a conversion does not fit the free space of its output."""
+
+
+class OutputNotWritableError(ScmfError, OSError):
+    """The output (or scratch) directory cannot take the conversion: no space left, a
+    read-only file system, no permission, or a path that cannot be created."""
+
+
+def _mb(n: float) -> str:
+    return f"{max(n, 0) / 1e6:,.0f}" if n >= 10e6 else f"{max(n, 0) / 1e6:.1f}"
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (what ``statvfs`` can be asked about)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes free for this user on the file system that holds (or would hold) ``path``."""
+    return int(shutil.disk_usage(_existing(Path(path))).free)
+
+
+def _cells_and_nnz(source: Any) -> tuple[int, float] | None:
+    """``(n_cells, estimated nnz)`` of one input from its first rows (None when unknown)."""
+    n = int(getattr(source, "n_cells", 0) or 0)
+    if n == 0 or getattr(source, "layout", "csr") == "csc":
+        return None  # a CSC matrix's rows cost a pass over it: estimate from the others
+    try:
+        m = source.read_rows(0, min(n, SAMPLE_ROWS), ()).matrix
+        nnz = int(m.nnz) if hasattr(m, "nnz") else int(np.count_nonzero(np.asarray(m)))
+    except Exception:  # noqa: BLE001 -- an estimate only: the conversion reports real errors
+        return None
+    return n, nnz / max(m.shape[0], 1) * n
+
+
+def estimate_bytes(sources: Sequence[Any], dtype: str) -> int:
+    """About how many bytes the shards of ``sources`` take: stored values (value + index)
+    per cell, sampled from the first rows of the first inputs, plus per-cell overhead."""
+    sampled = [s for s in (_cells_and_nnz(src) for src in sources[:SAMPLE_SOURCES]) if s is not None]
+    n_cells = sum(int(getattr(s, "n_cells", 0) or 0) for s in sources)
+    per_cell = (sum(nnz for _, nnz in sampled) / max(sum(n for n, _ in sampled), 1)) if sampled else 0.0
+    entry = np.dtype(dtype).itemsize + 4
+    return int(n_cells * (per_cell * entry + _PER_CELL_BYTES))
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    try:
+        return os.stat(_existing(a)).st_dev == os.stat(_existing(b)).st_dev
+    except OSError:
+        return True
+
+
+def needed_bytes(out: Path, scratch: Path | None, shards: int) -> dict[Path, int]:
+    """Bytes needed per location: the shards in ``out``, and the scratch buckets (about as
+    large) in ``scratch`` (``out`` itself when None or on the same file system)."""
+    if scratch is None or _same_device(out, scratch):
+        return {out: 2 * shards}
+    return {out: shards, scratch: shards}
+
+
+def warn_if_short(out: Path, scratch: Path | None, shards: int) -> None:
+    """Warn (:class:`LowSpaceWarning`) for each location whose free space is below the estimate."""
+    for where, need in needed_bytes(out, scratch, shards).items():
+        free = free_bytes(where)
+        if need > free:
+            warnings.warn(
+                f"{where}: about {_mb(need)} MB needed but only {_mb(free)} MB free; the conversion "
+                "will likely stop with 'no space left on device' (free space, or use --scratch-dir "
+                "for the temporary buckets)", LowSpaceWarning, stacklevel=3)
+
+
+def _full(path: Path, need: int) -> bool:
+    """Whether the file system of ``path`` is (nearly) full: a short write without errno."""
+    try:
+        return free_bytes(path) < max(1 << 20, need // 100)
+    except OSError:
+        return False
+
+
+def output_error(exc: OSError, out: Path, scratch: Path | None, shards: int | None,
+                 creating: bool = False) -> ScmfError | None:
+    """The one-line error for an ``OSError`` raised while creating (``creating``) or writing
+    a conversion into ``out`` (``None`` when it is not a problem of the output's file system)."""
+    if isinstance(exc, ScmfError):
+        return None
+    needs = needed_bytes(out, scratch, shards or 0)
+    where = [p for p in needs if exc.filename and str(exc.filename).startswith(str(p))] or list(needs)
+    code = exc.errno
+    if code in _NO_SPACE or (code is None and any(_full(p, needs[p]) for p in where)):
+        p = next((p for p in where if code is not None or _full(p, needs[p])), where[0])
+        about = f"about {_mb(needs[p])} MB needed, " if shards else ""
+        quota = " (disk quota exceeded)" if code == errno.EDQUOT else ""
+        return OutputNotWritableError(
+            f"{p}: no space left on device{quota} ({about}{_mb(free_bytes(p))} MB free); free space "
+            "and re-run the same command to resume"
+        )
+    target = exc.filename or where[0]
+    if code == errno.EROFS:
+        return OutputNotWritableError(f"{out}: read-only file system (cannot write {target}); choose another --output")
+    if code in (errno.EACCES, errno.EPERM):
+        return OutputNotWritableError(f"{out}: permission denied (cannot write {target}); choose another --output")
+    if creating and code in _NOT_CREATED:
+        return OutputNotWritableError(f"{out}: cannot be created ({exc.strerror}: {target}); choose another --output")
+    return None
+
+
+class OutputGuard:
+    """Context manager around a conversion's writes into ``out``: an ``OSError`` of the
+    output's (or scratch's) file system leaves it as :class:`OutputNotWritableError`;
+    :meth:`warn` runs the free-space check. ``shards``: the estimate of the shards' bytes."""
+
+    def __init__(self, out: Path, scratch: str | os.PathLike[str] | None, shards: int | None) -> None:
+        self.out = Path(out)
+        self.scratch = Path(scratch) if scratch is not None else None
+        self.shards = shards
+
+    def __enter__(self) -> OutputGuard:
+        return self
+
+    def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, OSError):
+            error = output_error(exc, self.out, self.scratch, self.shards, creating=not self.out.is_dir())
+            if error is not None:
+                raise error from None
+        return False
+
+    def warn(self) -> None:
+        """Warn when the estimate does not fit the free space (before anything is written)."""
+        if self.shards:
+            warn_if_short(self.out, self.scratch, self.shards)
