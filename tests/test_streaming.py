@@ -92,7 +92,8 @@ def test_two_ranks_two_workers_cover_every_cell_once(remote: Remote, local: Cell
         results: dict[int, list[CSRBatch]] = {}
         errors: list[BaseException] = []
 
-        def run(rank: int, epoch: int = epoch) -> None:
+        def run(rank: int, epoch: int = epoch, results: dict[int, list[CSRBatch]] = results,
+                errors: list[BaseException] = errors) -> None:
             try:
                 ds = StreamingCellDataset(remote.url, batch_size=64, rank=rank, world_size=2, seed=7,
                                           cache_dir=tmp_path / "cache", storage_options=opts)
@@ -107,7 +108,8 @@ def test_two_ranks_two_workers_cover_every_cell_once(remote: Remote, local: Cell
         for t in threads:
             t.join()
         assert not errors, errors
-        assert len(results[0]) == len(results[1]) == -(-(-(-n // 64)) // 2)
+        n_batches = (n + 63) // 64
+        assert len(results[0]) == len(results[1]) == (n_batches + 1) // 2
         counts = Counter(cells(results[0]) + cells(results[1]))
         assert set(counts) == set(range(n))
         padding = 2 * len(results[0]) * 64 - (64 - n % 64) - n  # one padded batch of 64 cells
