@@ -32,6 +32,7 @@ def _csr(seed: int, n: int = 48, ints: bool = True, dtype: type = np.float32) ->
         neg = np.zeros(len(values), dtype=bool)
         neg[::7] = values[::7] < 0.9
         values[neg] *= -0.2  # small enough that log1p(value / divisor) stays defined
+        values[indptr[2] + 5] = -0.0  # equal to 0.0 in every order
     return indptr, indices, values.astype(dtype)
 
 

@@ -59,6 +59,7 @@ __all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "rank", "
 
 _EMPTY_F64 = np.zeros(0, np.float64)
 _EMPTY_MAP = np.zeros(0, np.int32)
+_EMPTY_BITS = np.zeros(0, np.uint32)
 
 
 class _Batch:
@@ -134,7 +135,9 @@ def padded(indptr: Any, indices: Any, values: Any, n_genes: int, *, max_genes: i
         return vectorised.padded(ent, k, cls, random, seed)
     k = b.width(max_genes)
     gene, expr, mask = _token_arrays(b.n, k + cls, np.float32)
-    b.run(_compiled().padded, k, cls, random, np.uint64(seed), gene, expr, mask)
+    plain = b.values.dtype == np.float32 and b.divisors is None and not b.log1p and b.values.flags.c_contiguous
+    vbits = b.values.view(np.uint32) if plain else _EMPTY_BITS
+    b.run(_compiled().padded, vbits, k, cls, random, np.uint64(seed), gene, expr, mask)
     return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
 
 

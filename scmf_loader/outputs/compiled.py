@@ -176,6 +176,43 @@ def _keep_top(sv, sp, m, k, c, random, seed, keys, tmp, counts, keep) -> None:  
 
 
 @njit(nogil=True, cache=True)
+def _fast_top(indices, values, vbits, s, e, n_genes, k, keys, gr, er, w) -> int:  # noqa: ANN001
+    """The common truncation of raw float32 values: when only entries of the cell's lowest
+    value are dropped, keep the first of them in position order. Reads the row twice,
+    writes it once. 1 done, 0 not that case (nothing written), -1 a bad gene id."""
+    m = e - s
+    hi, n_hi, bad = np.uint32(0), 0, False
+    for i in range(m):  # branch-free
+        b = vbits[s + i]
+        b = np.uint32(0) if b == np.uint32(0x80000000) else b  # -0.0 is 0.0
+        key = np.uint32(b if b & np.uint32(0x80000000) else ~(b | np.uint32(0x80000000)))
+        keys[i] = key
+        hi = max(hi, key)
+        g = indices[s + i]
+        bad |= (g < 0) | (g >= n_genes)
+    if bad:
+        return -1
+    for i in range(m):
+        n_hi += keys[i] == hi
+    ties = k - (m - n_hi)
+    if ties <= 0:
+        return 0
+    cut, seen = m, 0
+    for i in range(m):
+        seen += keys[i] == hi
+        if seen == ties:
+            cut = i + 1
+            break
+    last = w + k
+    for i in range(m):  # branch-free: a dropped entry is overwritten by the next kept one
+        if w == last:
+            break
+        gr[w], er[w] = indices[s + i], values[s + i]
+        w += (keys[i] != hi) | (i < cut)
+    return 1
+
+
+@njit(nogil=True, cache=True)
 def _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c, k, random, seed,
                 sv, keys, tmp, counts, gr, er, w) -> bool:  # noqa: ANN001
     """A cell longer than ``k`` (no subset) straight into row views: values and keys in one
@@ -211,13 +248,15 @@ def _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, st
 
 
 @njit(nogil=True, cache=True)
-def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
-    """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding."""
+def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
+    """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding.
+    ``vbits``: the float32 values' bits when nothing transforms them (else empty)."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
-    keep = np.empty(longest, np.bool_)
+    keep, keys32 = np.empty(longest, np.bool_), np.empty(longest, np.uint32)
+    fast = len(vbits) > 0 and not random
     has_div, direct = len(div) > 0, len(colmap) == 0
     for c in range(len(indptr) - 1):
         s, e = indptr[c], indptr[c + 1]
@@ -225,7 +264,14 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, k, cls, ra
         if cls:
             gr[0], er[0] = _CLS, 0.0
         d = div[c] if has_div else 1.0
-        if direct and e - s <= k:
+        done = 0
+        if direct and fast and e - s > k:
+            done = _fast_top(indices, values, vbits, s, e, n_genes, k, keys32, gr, er, cls)
+            if done < 0:
+                return BAD_INDEX, _first_bad(indices, s, e, n_genes)
+        if done:
+            n = k
+        elif direct and e - s <= k:
             if not _direct_row(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c + 1, gr, er, cls):
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
             n = e - s

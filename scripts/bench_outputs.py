@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Benchmark of the model-ready output kernels against the CSR every-byte epoch (not a test).
+
+Uses (or makes) bench_loader's generated dataset (default 100k cells x 20k genes, ~2,000
+non-zeros per cell, raw counts, converted without preprocessing) and measures in one run,
+interleaved, median of ``--reps``, in one process with a warm page cache:
+
+* ``csr_read_epoch``: contiguous CSR batches of ``--batch`` cells, every value and index read
+  (the bar's reference: bench_loader's ``loader_read_epoch``);
+* each output built from those batches, with the compiled (numba) and the vectorised
+  (numpy) kernels: ``padded`` (``--max-genes``), ``rank``, ``binned`` (51 bins), ``dense``;
+* the same with on-the-fly preprocessing (library size to 1e4, log1p) fused into the kernel,
+  and the CSR batch preprocessed by ``PreprocessingPipeline.apply_batch`` for reference.
+
+Rates are cells per second of CPU time (``time.thread_time``: on a shared machine, wall
+time mostly measures the neighbours) and of wall time; ratios to the CSR epoch are paired
+per repetition. Slow measures (``dense``, the numpy kernels) run on the first
+``--slow-batches`` batches only. The rank medians are the per-gene non-zero medians of
+the first 20,000 cells (the converter does not store them yet).
+
+    python scripts/bench_outputs.py --out bench-out/outputs.json [--cells 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loader import generate_h5ad, touch  # noqa: E402
+
+
+def dataset_dir(work: Path, cells: int, genes: int, nnz: int) -> Path:
+    """bench_loader's dataset directory for this size, generated and converted if missing."""
+    tag = f"{cells}x{genes}x{nnz}"
+    h5ad, ds_dir = work / f"cells-{tag}.h5ad", work / f"ds-{tag}"
+    work.mkdir(parents=True, exist_ok=True)
+    if not h5ad.exists():
+        generate_h5ad(h5ad, cells, genes, nnz)
+    if not (ds_dir / "manifest.json").exists():
+        from scmf_shards.convert import convert_h5ad
+
+        convert_h5ad([h5ad], ds_dir, vocab="union", obs_columns=("cell_type", "batch", "donor"),
+                     shard_size=50_000, quiet=True, overwrite=True)
+    return ds_dir
+
+
+def nonzero_medians(ds: Any, n_cells: int) -> np.ndarray:
+    """Per-gene median of the non-zero values of the first ``n_cells`` cells (1 where none)."""
+    b = ds.get_range(0, min(n_cells, int(ds.shard_offsets[1])))
+    genes, values = b.indices.numpy().astype(np.int64), b.values.numpy()
+    order = np.lexsort((values, genes))
+    genes, values = genes[order], values[order]
+    starts = np.searchsorted(genes, np.arange(ds.n_genes))
+    ends = np.searchsorted(genes, np.arange(ds.n_genes), side="right")
+    med = np.ones(ds.n_genes, dtype=np.float32)
+    has = ends > starts
+    lo, hi = (starts + ends - 1) // 2, (starts + ends) // 2
+    med[has] = ((values[lo[has]].astype(np.float64) + values[hi[has]]) / 2).astype(np.float32)
+    return med
+
+
+def tasks_for(batches: list[Any], slow: int, max_genes: int, med: np.ndarray, pipe: Any) -> dict[str, tuple[Callable[[], None], int]]:
+    """name -> (one epoch over its batches, cells in it)."""
+
+    def epoch(fn: Callable[[Any], Any], n_batches: int | None = None) -> tuple[Callable[[], None], int]:
+        chosen = batches if n_batches is None else batches[:n_batches]
+
+        def run() -> None:
+            for b in chosen:
+                fn(b)
+
+        return run, sum(len(b) for b in chosen)
+
+    def on(backend: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def call(b: Any) -> Any:
+            os.environ["SCMF_OUTPUT_BACKEND"] = backend
+            return fn(b)
+
+        return call
+
+    tasks = {"csr_read_epoch": epoch(lambda b: touch(b.values.numpy(), b.indices.numpy()))}
+    outputs = {
+        f"padded_{max_genes}": lambda b: b.to_padded(max_genes),
+        "rank": lambda b: b.to_rank(med, max_genes),
+        "binned": lambda b: b.to_binned(51, max_genes),
+        f"padded_{max_genes}+preprocessing": lambda b: b.to_padded(max_genes, preprocessing=pipe),
+        "rank+preprocessing": lambda b: b.to_rank(med, max_genes, preprocessing=pipe),
+        "binned+preprocessing": lambda b: b.to_binned(51, max_genes, preprocessing=pipe),
+        "dense": lambda b: b.to_dense(),
+    }
+    for backend in ("numba", "numpy"):
+        for name, fn in outputs.items():
+            few = slow if (backend == "numpy" or name == "dense") else None
+            tasks[f"{name}[{backend}]"] = epoch(on(backend, fn), few)
+    tasks["csr+preprocessing (apply_batch)"] = epoch(lambda b: touch(pipe.apply_batch(b).values.numpy(), b.indices.numpy()))
+    return tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON result path")
+    p.add_argument("--workdir", default="/tmp/scmf-bench-loader", help="where data is generated (shared with bench_loader)")
+    p.add_argument("--cells", type=int, default=100_000)
+    p.add_argument("--genes", type=int, default=20_000)
+    p.add_argument("--nnz", type=int, default=2_000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--max-genes", type=int, default=2048)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--slow-batches", type=int, default=24, help="batches for dense and the numpy kernels")
+    args = p.parse_args(argv)
+
+    from scmf_loader import CellDataLoader, CellDataset
+    from scmf_loader.outputs import numba_available
+    from scmf_loader.preprocess import PreprocessingPipeline
+
+    if not numba_available():
+        raise SystemExit("numba is needed to compare the two backends: pip install numba")
+    ds = CellDataset(dataset_dir(Path(args.workdir), args.cells, args.genes, args.nnz))
+    loader = CellDataLoader(ds, batch_size=args.batch, num_workers=0, drop_last=False, shuffle=True, seed=0)
+    batches = list(loader)  # zero-copy views of the maps: the epoch's reads happen in the tasks
+    med = nonzero_medians(ds, 20_000)
+    pipe = PreprocessingPipeline(normalize="library_size", target_sum=1e4, log1p=True)
+    tasks = tasks_for(batches, args.slow_batches, args.max_genes, med, pipe)
+    for run, _ in tasks.values():  # compile, fault pages in, warm the buffers
+        run()
+    cpu: dict[str, list[float]] = {k: [] for k in tasks}
+    wall: dict[str, list[float]] = {k: [] for k in tasks}
+    for _ in range(args.reps):  # interleaved: a busy machine slows every measure alike
+        for name, (run, _) in tasks.items():
+            c, w = time.thread_time(), time.perf_counter()
+            run()
+            cpu[name].append(time.thread_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    cells = {k: n for k, (_, n) in tasks.items()}
+    rate = {k: cells[k] / statistics.median(v) for k, v in cpu.items()}
+    rate_wall = {k: cells[k] / statistics.median(v) for k, v in wall.items()}
+    ref = cpu["csr_read_epoch"]
+    ratio = {k: statistics.median((cells[k] / t) / (cells["csr_read_epoch"] / r) for t, r in zip(v, ref, strict=True))
+             for k, v in cpu.items()}
+    res = {"cells": args.cells, "genes": args.genes, "batch_size": args.batch, "max_genes": args.max_genes,
+           "reps": args.reps, "nnz_per_cell": ds.store.manifest.nnz / len(ds), "load_average": os.getloadavg(),
+           "cells_per_s_cpu_time": rate, "cells_per_s_wall_time": rate_wall, "ratio_to_csr_epoch_cpu": ratio,
+           "raw_seconds": {"cpu": cpu, "wall": wall, "cells": cells}}
+    print(f"\n{args.cells:,} cells x {args.genes:,} genes, {res['nnz_per_cell']:.0f} nnz/cell, batch {args.batch}, "
+          f"median of {args.reps}, load average {res['load_average'][0]:.1f}")
+    print(f"{'measure (one process)':40s} {'cells/s cpu':>12s} {'vs CSR':>7s} {'cells/s wall':>13s}")
+    for k in tasks:
+        print(f"{k:40s} {rate[k]:12,.0f} {ratio[k]:7.2f} {rate_wall[k]:13,.0f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
