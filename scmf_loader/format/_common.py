@@ -30,6 +30,54 @@ def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: the shard-array checksums a manifest entry may carry: format v1 writes ``sha256``,
+#: format v2 ``xxh3_128`` (XXH3, 128-bit, seed 0, digest as 32 hex digits, big-endian as
+#: the xxHash reference's canonical form prints it)
+CHECKSUM_ALGORITHMS = ("sha256", "xxh3_128")
+
+
+def _xxh3_128() -> Any:
+    try:
+        import xxhash  # imported lazily: only checksums of format v2 need it
+    except ImportError:  # pragma: no cover - a dependency of the package
+        from scmf_loader.errors import ScmfError
+
+        raise ScmfError("format v2 checksums need the 'xxhash' package: pip install xxhash") from None
+    return xxhash.xxh3_128()
+
+
+def hasher(algorithm: str) -> Any:
+    """A fresh hash object (``update``, ``hexdigest``) of one of :data:`CHECKSUM_ALGORITHMS`."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "xxh3_128":
+        return _xxh3_128()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}; expected one of {CHECKSUM_ALGORITHMS}")
+
+
+def file_checksum(path: str | os.PathLike[str], algorithm: str) -> str:
+    """Hex digest of a file's bytes with ``algorithm``, read in 8 MiB pieces (bounded memory)."""
+    if algorithm == "sha256":
+        return sha256_file(path)
+    h = hasher(algorithm)
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return str(h.hexdigest())
+
+
+def buffer_checksum(data: bytes | memoryview, algorithm: str) -> str:
+    """Hex digest of an in-memory buffer with ``algorithm``."""
+    h = hasher(algorithm)
+    h.update(data)
+    return str(h.hexdigest())
+
+
 def check_relpath(path: str, what: str) -> str:
     """``path`` if it is relative and stays inside the dataset directory, else ManifestError."""
     if not isinstance(path, str) or not path:

@@ -37,7 +37,7 @@ from scmf_loader.errors import (
     ShardNotFoundError,
     ShardSizeError,
 )
-from scmf_loader.format._common import sha256_file
+from scmf_loader.format._common import file_checksum
 from scmf_loader.format.manifest import Manifest
 from scmf_loader.format.shard import (
     ARRAY_NAMES,
@@ -138,12 +138,13 @@ def _check_checksums(base: Path, entry: ShardEntry, label: str) -> None:
         if a.nbytes == 0:
             continue
         f = base / a.path
-        digest = sha256_file(f)
-        if digest != a.sha256:
-            raise ChecksumMismatchError(
-                f"{f}: checksum mismatch in {name} of {label}: sha256 {digest} differs from "
-                f"the manifest's {a.sha256}; the file is corrupt: re-copy or re-convert"
-            )
+        for algorithm, expected in a.checksums.items():  # sha256 (v1), xxh3_128 (v2)
+            digest = file_checksum(f, algorithm)
+            if digest != expected:
+                raise ChecksumMismatchError(
+                    f"{f}: checksum mismatch in {name} of {label}: {algorithm} {digest} differs "
+                    f"from the manifest's {expected}; the file is corrupt: re-copy or re-convert"
+                )
     if entry.other_files is not None:
         found = other_files_digest(base)
         if found != entry.other_files:
@@ -160,8 +161,9 @@ def check_shard(
     *, index: int | None = None,
 ) -> None:
     """Check one shard's files against its manifest entry: present and of the listed sizes
-    (``level="size"``, one ``stat`` each), and also every sha256 and the digest of its other
-    files (``level="checksum"``, reads everything). ``index`` names the shard in messages."""
+    (``level="size"``, one ``stat`` each), and also every checksum (sha256 in v1, xxh3_128
+    in v2) and the digest of its other files (``level="checksum"``, reads everything).
+    ``index`` names the shard in messages."""
     if level not in ("size", "checksum"):
         raise ValueError(f"level must be 'size' or 'checksum', got {level!r}")
     base = Path(dataset_dir) / entry.path

@@ -48,8 +48,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "scmf-shards"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2  # v2: shard arrays checksummed with xxh3_128 (v1: sha256)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
 LAYOUT_RAW = "raw"
@@ -150,6 +150,12 @@ class Manifest:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_by: str = ""
+    #: an appended version's parent (``dataset_id``, ``location``, ``n_shards``, ``link``)
+    parent: Mapping[str, Any] | None = None
+    #: every version of the chain, oldest first (``dataset_id``, ``n_cells``, ``n_shards``, ``sources``)
+    lineage: Sequence[Mapping[str, Any]] | None = None
+    #: per source name, the parsed perturbation metadata's summary (``--perturbation``)
+    perturbation: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_format_version(self.format, self.format_version, self.layout)
@@ -182,11 +188,17 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with keys in a fixed order (deterministic bytes)."""
-        return {
+        head = {
             "format": self.format,
             "format_version": self.format_version,
             "dataset_id": self.dataset_id,
             "created_by": self.created_by,
+        }
+        if self.parent is not None:
+            head["parent"] = dict(self.parent)
+        if self.lineage is not None:
+            head["lineage"] = [dict(v) for v in self.lineage]
+        return head | {
             "layout": self.layout,
             "n_cells": self.n_cells,
             "n_genes": self.n_genes,
@@ -195,6 +207,7 @@ class Manifest:
             "vocab": dict(self.vocab),
             "preprocessing": dict(self.preprocessing),
             "sources": [s.to_dict() for s in self.sources],
+            **({"perturbation": dict(self.perturbation)} if self.perturbation is not None else {}),
             "obs_columns": [{"name": c.name, "categories": list(c.categories)} for c in self.obs_columns],
             "cell_stats": list(self.cell_stats),
             "shuffle": dict(self.shuffle),
@@ -226,6 +239,10 @@ def manifest_from_dict(d: Mapping[str, Any]) -> Manifest:
         cell_stats=tuple(check_type(d.get("cell_stats", []), list, "cell_stats", what)),
         shuffle=req(d, "shuffle", dict, what),
         shards=[ShardEntry.from_dict(s, i) for i, s in enumerate(req(d, "shards", list, what))],
+        parent=check_type(d["parent"], dict, "parent", what) if d.get("parent") is not None else None,
+        lineage=check_type(d["lineage"], list, "lineage", what) if d.get("lineage") is not None else None,
+        perturbation=(check_type(d["perturbation"], dict, "perturbation", what)
+                      if d.get("perturbation") is not None else None),
     )
 
 

@@ -26,9 +26,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scmf_loader.errors import ManifestError, ShardCorruptError, ShardNotFoundError, ShardSizeError
-from scmf_loader.format._common import check_relpath, nonneg, req, sha256_file
+from scmf_loader.format._common import (
+    CHECKSUM_ALGORITHMS,
+    buffer_checksum,
+    check_relpath,
+    nonneg,
+    req,
+    sha256_file,
+)
 
 __all__ = [
+    "ARRAY_CHECKSUM",
     "ARRAY_NAMES",
     "INDEX_DTYPE",
     "INDPTR_DTYPE",
@@ -39,6 +47,7 @@ __all__ = [
     "OtherFiles",
     "ShardArrays",
     "ShardEntry",
+    "array_checksum",
     "array_dtypes",
     "array_nbytes",
     "csr_arrays",
@@ -93,22 +102,48 @@ def array_nbytes(n_cells: int, nnz: int, value_dtype: str) -> dict[str, int]:
 # ---- the shard's manifest entry ------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ArrayEntry:
-    """One raw CSR array file of a shard: relative path, byte count, sha256, dtype."""
+    """One raw CSR array file of a shard: relative path, byte count, dtype and its checksum
+    (at least one of :data:`CHECKSUM_ALGORITHMS`: ``sha256`` in format v1, ``xxh3_128`` in
+    format v2; every one present is checked)."""
 
     path: str
     nbytes: int
-    sha256: str
+    sha256: str | None = None
+    xxh3_128: str | None = None
     dtype: str
+
+    def __post_init__(self) -> None:
+        if not self.checksums:
+            raise ManifestError(f"array {self.path}: no checksum; expected one of {list(CHECKSUM_ALGORITHMS)}")
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """``{algorithm: hex digest}`` of every checksum this entry carries."""
+        return {a: getattr(self, a) for a in CHECKSUM_ALGORITHMS if getattr(self, a) is not None}
+
+    @property
+    def digest(self) -> str:
+        """The entry's content identity, ``"<algorithm>:<hex>"`` (the strongest it carries:
+        a shard array's bytes are the same iff their digests are)."""
+        algorithm, value = next(iter(self.checksums.items()))
+        return f"{algorithm}:{value}"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], what: str) -> ArrayEntry:
         """Parse and validate one array entry."""
+        sums = {a: req(d, a, str, what) for a in CHECKSUM_ALGORITHMS if a in d}
+        if not sums:
+            raise ManifestError(f"{what}: no checksum; expected a key among {list(CHECKSUM_ALGORITHMS)}")
         return cls(
             path=check_relpath(req(d, "path", str, what), what),
             nbytes=nonneg(req(d, "nbytes", int, what), "nbytes", what),
-            sha256=req(d, "sha256", str, what),
             dtype=req(d, "dtype", str, what),
+            **sums,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (fixed key order; absent checksums left out)."""
+        return {"path": self.path, "nbytes": self.nbytes, **self.checksums, "dtype": self.dtype}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +222,7 @@ class ShardEntry:
             "path": self.path,
             "n_cells": self.n_cells,
             "nnz": self.nnz,
-            "arrays": {n: asdict(a) for n, a in self.arrays.items()},
+            "arrays": {n: a.to_dict() for n, a in self.arrays.items()},
         }
         if self.other_files is not None:
             out["other_files"] = asdict(self.other_files)
@@ -346,16 +381,30 @@ def _obs_frame(cell_ids: np.ndarray, obs_codes: Mapping[str, np.ndarray],
     return obs
 
 
+@dataclass(frozen=True)
+class ShardContent:
+    """Everything one shard holds, as the writer takes it: the CSR arrays (rows are cells,
+    ``indices`` vocabulary ids), the vocabulary size and tokens (``var_names``), the
+    original cell ids, categorical obs (codes and categories per column), numeric per-cell
+    columns (``numeric_obs``, e.g. ``library_size``) and numeric per-gene columns
+    (``var_columns``, one value per token, e.g. ``nonzero_median``)."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    n_genes: int
+    cell_ids: np.ndarray
+    obs_codes: Mapping[str, np.ndarray]
+    obs_categories: Mapping[str, Sequence[str]]
+    var_names: Sequence[str]
+    numeric_obs: Mapping[str, np.ndarray] | None = None
+    var_columns: Mapping[str, np.ndarray] | None = None
+
+
 def write_shard_files(
     path: str | os.PathLike[str],
     arrays: ShardArrays,
-    *,
-    n_genes: int,
-    cell_ids: np.ndarray,
-    obs_codes: Mapping[str, np.ndarray],
-    obs_categories: Mapping[str, Sequence[str]],
-    var_names: Sequence[str],
-    numeric_obs: Mapping[str, np.ndarray] | None = None,
+    content: ShardContent,
     after_x: Callable[[], None] | None = None,
 ) -> None:
     """Write one complete shard group at ``path`` (which must not exist; callers write to a
@@ -371,9 +420,12 @@ def write_shard_files(
 
     root = Path(path)
     n_cells = len(arrays.indptr) - 1
-    obs = _obs_frame(cell_ids, obs_codes, obs_categories, numeric_obs)
+    n_genes = content.n_genes
+    obs = _obs_frame(content.cell_ids, content.obs_codes, content.obs_categories, content.numeric_obs)
     placeholder = sp.csr_matrix((n_cells, n_genes), dtype=arrays.data.dtype)
-    var = _var_frame(var_names)
+    var = _var_frame(content.var_names)
+    for name, values in (content.var_columns or {}).items():
+        var[name] = np.asarray(values)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not unique.*")
         adata = ad.AnnData(X=placeholder, obs=obs, var=var)
@@ -400,14 +452,22 @@ def _var_frame(names: Sequence[str]) -> Any:
     return pd.DataFrame(index=pd.Index(list(names)))
 
 
-def _sha256_array(a: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+#: the checksum the writer records for each CSR array (format v2)
+ARRAY_CHECKSUM = "xxh3_128"
 
 
-def shard_entry(path: str | os.PathLike[str], relpath: str, arrays: ShardArrays) -> ShardEntry:
+def array_checksum(a: np.ndarray, algorithm: str = ARRAY_CHECKSUM) -> str:
+    """Hex digest of an in-memory array's bytes (what its raw chunk file holds)."""
+    return buffer_checksum(memoryview(np.ascontiguousarray(a)).cast("B"), algorithm)
+
+
+def shard_entry(path: str | os.PathLike[str], relpath: str, arrays: ShardArrays,
+                checksums: Mapping[str, str] | None = None) -> ShardEntry:
     """The manifest entry of the shard just written at ``path`` from ``arrays``: byte counts
-    and sha256 of the in-memory arrays (no re-read), each checked against the file's size on
-    disk, and the digest of every other file. ``relpath`` is its path in the dataset."""
+    and :data:`ARRAY_CHECKSUM` digests of the in-memory arrays (no re-read; ``checksums``:
+    digests already computed while the bytes were in cache, by array name), each checked
+    against the file's size on disk, and the digest of every other file. ``relpath`` is its
+    path in the dataset."""
     root = Path(path)
     entries = {}
     for name in ARRAY_NAMES:
@@ -416,7 +476,8 @@ def shard_entry(path: str | os.PathLike[str], relpath: str, arrays: ShardArrays)
         on_disk = (root / rel).stat().st_size if values.size else 0
         if on_disk != values.nbytes:
             raise ShardSizeError(f"{root / rel}: wrote {on_disk} bytes, expected {values.nbytes}")
-        entries[name] = ArrayEntry(path=rel, nbytes=int(values.nbytes), sha256=_sha256_array(values),
-                                   dtype=str(values.dtype))
+        digest = (checksums or {}).get(name) or array_checksum(values)
+        entries[name] = ArrayEntry(path=rel, nbytes=int(values.nbytes), dtype=str(values.dtype),
+                                   **{ARRAY_CHECKSUM: digest})
     return ShardEntry(path=relpath, n_cells=len(arrays.indptr) - 1, nnz=int(arrays.indptr[-1]),
                       arrays=entries, other_files=other_files_digest(root))
