@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumMismatchError",
     "ConfigurationError",
+    "DatasetChangedError",
     "DatasetExistsError",
     "DatasetLockedError",
     "FormatVersionError",
@@ -18,10 +19,12 @@ __all__ = [
     "ManifestError",
     "ManifestNotFoundError",
     "ObsColumnNotFoundError",
+    "RegistryError",
     "ScmfError",
     "ShardCorruptError",
     "ShardNotFoundError",
     "ShardSizeError",
+    "UnknownDatasetError",
     "VocabularyError",
 ]
 
@@ -87,3 +90,19 @@ class DatasetLockedError(ScmfError, BlockingIOError):
 class ConfigurationError(ScmfError):
     """A loader argument is out of range or inconsistent (``rank >= world_size``,
     ``max_genes < 1``, a resume state taken with other settings, ...)."""
+
+
+class RegistryError(ScmfError):
+    """A registry file is missing, unreadable or malformed."""
+
+
+class UnknownDatasetError(RegistryError, KeyError):
+    """A name or version that the registry does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return Exception.__str__(self)
+
+
+class DatasetChangedError(ScmfError):
+    """The dataset at a registered location has another ``dataset_id`` than the registry
+    pins: the data changed under the name."""

@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scmf_loader.errors import ConfigurationError, ManifestError, ScmfError
+from scmf_loader.errors import (
+    ConfigurationError,
+    DatasetChangedError,
+    ManifestError,
+    RegistryError,
+    UnknownDatasetError,
+)
 
 __all__ = [
     "DatasetChangedError",
@@ -43,22 +49,6 @@ __all__ = [
     "register",
     "resolve",
 ]
-
-
-class RegistryError(ScmfError):
-    """A registry file is missing, unreadable or malformed."""
-
-
-class UnknownDatasetError(RegistryError, KeyError):
-    """A name or version that the registry does not hold."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return Exception.__str__(self)
-
-
-class DatasetChangedError(ScmfError):
-    """The dataset at a registered location has another ``dataset_id`` than the registry
-    pins: the data changed under the name."""
 
 
 @dataclass(frozen=True)

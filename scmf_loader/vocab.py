@@ -34,10 +34,8 @@ from scmf_loader.organisms import (
     human_mouse_layout,
 )
 
-__all__ = [
-    "BUILTIN_VOCABS", "CLS_ID", "MASK_ID", "PAD_ID", "SPECIAL_TOKENS", "UNK_ID", "GeneVocab",
-    "normalize_gene_id",
-]
+__all__ = ["BUILTIN_VOCABS", "CLS_ID", "MASK_ID", "PAD_ID", "SPECIAL_TOKENS", "UNK_ID", "GeneVocab",
+           "normalize_gene_id", "resolve_vocab"]
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<cls>")
 PAD_ID, UNK_ID, MASK_ID, CLS_ID = 0, 1, 2, 3
@@ -79,23 +77,19 @@ class GeneVocab:
     ) -> None:
         tokens = list(tokens)
         if tuple(tokens[:4]) != SPECIAL_TOKENS:
-            raise VocabularyError(
-                f"vocabulary must start with the special tokens {list(SPECIAL_TOKENS)}, "
-                f"found {tokens[:4]}"
-            )
+            raise VocabularyError(f"vocabulary must start with the special tokens "
+                                  f"{list(SPECIAL_TOKENS)}, found {tokens[:4]}")
         if symbols is not None and len(symbols) != len(tokens):
-            raise VocabularyError(
-                f"symbols has {len(symbols)} entries but the vocabulary has {len(tokens)} tokens"
-            )
+            raise VocabularyError(f"symbols has {len(symbols)} entries but the vocabulary has "
+                                  f"{len(tokens)} tokens")
         index: dict[str, int] = {}
         for i, tok in enumerate(tokens):
             if not isinstance(tok, str) or not tok:
                 raise VocabularyError(f"token {i} is {tok!r}; tokens must be non-empty strings")
             tok = normalize_gene_id(tok) if i >= 4 else tok
             if tok in index:
-                raise VocabularyError(
-                    f"duplicate gene {tok!r} at ids {index[tok]} and {i}; genes must be unique"
-                )
+                raise VocabularyError(f"duplicate gene {tok!r} at ids {index[tok]} and {i}; "
+                                      "genes must be unique")
             index[tok] = i
             tokens[i] = tok
         self._tokens = tokens
@@ -113,9 +107,8 @@ class GeneVocab:
 
     def _check_origins(self, origins: Sequence[str | None]) -> list[str | None]:
         if len(origins) != len(self._tokens):
-            raise VocabularyError(
-                f"origins has {len(origins)} entries but the vocabulary has {len(self._tokens)} tokens"
-            )
+            raise VocabularyError(f"origins has {len(origins)} entries but the vocabulary has "
+                                  f"{len(self._tokens)} tokens")
         if any(o is not None for o in origins[:4]):
             raise VocabularyError("the special tokens have no organism: their origins must be null")
         return [None if o is None else canonical_organism(o) for o in origins]
@@ -127,9 +120,8 @@ class GeneVocab:
             table = out.setdefault(canonical_organism(org), {})
             for alias, i in names.items():
                 if not isinstance(i, int) or not 4 <= i < n:
-                    raise VocabularyError(
-                        f"alias {alias!r} ({org}) points to id {i!r}; expected a gene id in 4..{n - 1}"
-                    )
+                    raise VocabularyError(f"alias {alias!r} ({org}) points to id {i!r}; "
+                                          f"expected a gene id in 4..{n - 1}")
                 table[normalize_gene_id(str(alias))] = i
         return out
 
@@ -168,9 +160,7 @@ class GeneVocab:
             genes = [str(g) for g in adata.var_names]
         else:
             if key not in adata.var.columns:
-                raise VocabularyError(
-                    f"var has no column {key!r}; available: {list(adata.var.columns)}"
-                )
+                raise VocabularyError(f"var has no column {key!r}; available: {list(adata.var.columns)}")
             genes = [str(g) for g in adata.var[key]]
         return cls.from_genes(genes, name="from_adata", source=key)
 
@@ -429,9 +419,8 @@ class GeneVocab:
         """Organism of the gene behind token ``token_id`` (``None`` for a special token or a
         vocabulary without species). A human token that mouse orthologs map onto is human."""
         if not 0 <= int(token_id) < len(self._tokens):
-            raise VocabularyError(
-                f"id {token_id} is out of range for a vocabulary of {len(self._tokens)} tokens"
-            )
+            raise VocabularyError(f"id {token_id} is out of range for a vocabulary of "
+                                  f"{len(self._tokens)} tokens")
         if self._origins is not None:
             return self._origins[int(token_id)]
         return None if int(token_id) < 4 or self.is_multi_species else self.species
@@ -475,13 +464,11 @@ class GeneVocab:
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> list[str]:
         """Tokens of ids; an id out of range is an error."""
-        out = []
-        n = len(self._tokens)
-        for i in np.asarray(ids, dtype=np.int64).ravel().tolist():
-            if not 0 <= i < n:
-                raise VocabularyError(f"id {i} is out of range for a vocabulary of {n} tokens")
-            out.append(self._tokens[i])
-        return out
+        n, flat = len(self._tokens), np.asarray(ids, dtype=np.int64).ravel().tolist()
+        bad = [i for i in flat if not 0 <= i < n]
+        if bad:
+            raise VocabularyError(f"id {bad[0]} is out of range for a vocabulary of {n} tokens")
+        return [self._tokens[i] for i in flat]
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -497,3 +484,15 @@ class GeneVocab:
 
     def __repr__(self) -> str:
         return f"GeneVocab(name={self.name!r}, n_tokens={len(self)})"
+
+
+def resolve_vocab(spec: GeneVocab | str, gene_lists: Sequence[Sequence[str]] = ()) -> GeneVocab:
+    """The vocabulary ``spec`` names, as ``--vocab`` is resolved everywhere: a :class:`GeneVocab`
+    as is, a shipped one by name (:data:`BUILTIN_VOCABS`: ``"human_protein_coding"``,
+    ``"human+mouse"`` ...), ``"union"`` (of ``gene_lists``, Ensembl versions stripped) or a
+    vocabulary file (``.json``/``.tsv``, see :meth:`GeneVocab.from_file`)."""
+    if isinstance(spec, GeneVocab):
+        return spec
+    if spec == "union":
+        return GeneVocab.union([[normalize_gene_id(str(g)) for g in genes] for genes in gene_lists])
+    return GeneVocab.from_name(spec) if spec in BUILTIN_VOCABS else GeneVocab.from_file(spec)

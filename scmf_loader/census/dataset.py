@@ -41,7 +41,7 @@ from scmf_loader.census.filters import DEFAULT_OBS_COLUMNS, build_value_filter
 from scmf_loader.census.query import CensusQuery, CensusSpec
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSampler
-from scmf_loader.vocab import BUILTIN_VOCABS, GeneVocab, normalize_gene_id
+from scmf_loader.vocab import GeneVocab, resolve_vocab
 
 __all__ = ["CensusDataset", "default_block_size"]
 
@@ -55,19 +55,6 @@ def default_block_size(batch_size: int) -> int:
         if batch_size % d == 0:
             return d
     return 1  # pragma: no cover - d == 1 always divides
-
-
-def _resolve_vocab(spec: GeneVocab | str, genes: Sequence[str]) -> GeneVocab:
-    """The vocabulary named by ``spec``, as the converter resolves ``--vocab``: a
-    :class:`GeneVocab` as is, a shipped one by name, ``"union"`` (the query's genes) or a
-    vocabulary file."""
-    if isinstance(spec, GeneVocab):
-        return spec
-    if spec == "union":
-        return GeneVocab.union([[normalize_gene_id(g) for g in genes]])
-    if spec in BUILTIN_VOCABS:
-        return GeneVocab.from_name(spec)
-    return GeneVocab.from_file(spec)
 
 
 def _check_arguments(
@@ -197,8 +184,9 @@ class CensusDataset(torch.utils.data.IterableDataset):
         alignment, :func:`~scmf_loader.align.build_alignment`) and read the categories."""
         self.query.check_obs_columns(self.obs_columns)
         genes = self.query.genes
-        self.vocab = _resolve_vocab(gene_vocab, genes)
-        alignment = build_alignment(genes, self.vocab, self.query.describe())
+        self.vocab = resolve_vocab(gene_vocab, [genes])
+        organism = self.query.spec.organism if self.vocab.is_multi_species else None
+        alignment = build_alignment(genes, self.vocab, self.query.describe(), organism=organism)
         #: query gene position -> vocabulary id, -1 outside the vocabulary
         self._col_map = column_map(alignment).astype(np.int64)
         self._monotone = alignment.is_identity_order
