@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from scmf_loader.format import ShardEntry
-from scmf_loader.format.shard import csr_arrays, shard_entry, write_shard_files
+from scmf_loader.format.shard import ShardContent, csr_arrays, shard_entry, write_shard_files
 
-__all__ = ["attempt_name", "write_shard"]
+__all__ = ["ShardContent", "attempt_name", "write_shard"]
 
 
 def attempt_name(path: Path) -> Path:
@@ -29,31 +27,18 @@ def attempt_name(path: Path) -> Path:
 def write_shard(
     final_path: str | os.PathLike[str],
     relpath: str,
-    *,
-    data: np.ndarray,
-    indices: np.ndarray,
-    indptr: np.ndarray,
-    n_genes: int,
-    cell_ids: np.ndarray,
-    obs_codes: Mapping[str, np.ndarray],
-    obs_categories: Mapping[str, Sequence[str]],
-    var_names: Sequence[str],
-    numeric_obs: Mapping[str, np.ndarray] | None = None,
+    content: ShardContent,
     after_step: Callable[[str], None] | None = None,
 ) -> ShardEntry:
     """Write one shard to ``final_path`` (via a temporary sibling unique to this attempt,
     ``<name>.tmp-<pid>-<random>``, and a rename) and return its manifest entry with byte
-    counts and sha256 of its three CSR arrays. ``after_step(label)`` is called after each
+    counts and checksums of its three CSR arrays. ``after_step(label)`` is called after each
     part is written (the converter's crash-test hook: ``shard:X``, ``shard:complete``)."""
     final = Path(final_path)
     tmp = attempt_name(final)
     step = after_step or (lambda label: None)
-    arrays = csr_arrays(indptr, indices, data)
-    write_shard_files(
-        tmp, arrays, n_genes=n_genes, cell_ids=cell_ids, obs_codes=obs_codes,
-        obs_categories=obs_categories, var_names=var_names, numeric_obs=numeric_obs,
-        after_x=lambda: step("shard:X"),
-    )
+    arrays = csr_arrays(content.indptr, content.indices, content.data)
+    write_shard_files(tmp, arrays, content, after_x=lambda: step("shard:X"))
     entry = shard_entry(tmp, relpath, arrays)
     step("shard:complete")
     if final.exists():
