@@ -7,13 +7,14 @@ that row ranges are then read from:
 
 1. one pass over the stored row indices, in blocks of at most ``block_nnz`` entries, counts
    the entries of every row (the CSR ``indptr``);
-2. one pass over the columns, in blocks of at most ``block_nnz`` entries read through
-   ``anndata.io.sparse_dataset`` (``matrix[:, a:b]``, the CSC major axis), writes every
-   entry at its row's next free position of memory-mapped output arrays. Columns are
-   visited in increasing order, so each row's columns come out sorted.
+2. one pass over the columns, in blocks of about ``max(block_nnz, n_cells)`` entries read
+   through ``anndata.io.sparse_dataset`` (``matrix[:, a:b]``, the CSC major axis): each
+   block is sorted by row (scipy's CSC to CSR) and its entries written at their rows' next
+   free positions of memory-mapped output arrays, in increasing position order. Blocks are
+   visited in column order, so each row's columns come out sorted.
 
-Time O(nnz + n_genes), memory O(n_cells + block_nnz) besides the page cache; the copy
-takes the matrix's size on disk. The driver runs this step once per CSC input
+Time O(nnz + n_cells + n_genes), memory O(n_cells + block_nnz) besides the page cache (a
+few tens of bytes per cell); the copy takes the matrix's size on disk. The driver runs this step once per CSC input
 (:func:`scmf_shards.sources.prepare_sources`), in the conversion's workspace; a source not
 prepared makes its own copy in a temporary directory of the process on its first read.
 """
@@ -72,18 +73,16 @@ def transpose_csc(node: Any, shape: tuple[int, int], dtype: np.dtype, out_dir: s
     indices = np.lib.format.open_memmap(tmp / "indices.npy", mode="w+", dtype=np.int32, shape=(nnz,))
     fill = row_ptr[:-1].copy()
     matrix = sparse_dataset(node)
-    for c0, c1 in _column_blocks(col_ptr, block_nnz):  # pass 2: scatter entries to rows
-        block = matrix[:, c0:c1]
-        b_ptr, b_rows, b_vals = block.indptr, block.indices, block.data
-        for j in range(c1 - c0):
-            a, b = int(b_ptr[j]), int(b_ptr[j + 1])
-            if a == b:
-                continue
-            r = b_rows[a:b]  # distinct rows within a column: no position is written twice
-            pos = fill[r]
-            indices[pos] = c0 + j
-            data[pos] = b_vals[a:b]
-            fill[r] += 1
+    # blocks of at least n_cells entries: the O(n_cells) part of each block's conversion
+    # then costs at most O(nnz) over all blocks
+    for c0, c1 in _column_blocks(col_ptr, max(block_nnz, n_cells)):  # pass 2
+        block = sp.csr_matrix(matrix[:, c0:c1])  # this block's entries by row (scipy, C++)
+        counts = np.diff(block.indptr)
+        # entry e of row r goes to fill[r] + (e - block.indptr[r]): increasing positions
+        pos = np.repeat(fill - block.indptr[:-1], counts) + np.arange(block.nnz, dtype=np.int64)
+        indices[pos] = block.indices + c0
+        data[pos] = block.data
+        fill += counts
     data.flush()
     indices.flush()
     del data, indices
