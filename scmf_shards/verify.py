@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,17 +32,19 @@ def verify_dataset(
 
 def _unfinished(d: Path) -> list[str]:
     """What a killed conversion left: finished, partial and missing shards (from its plan)."""
+    from scmf_shards.convert.workspace import Workspace
+
     shards = d / "shards"
-    plan_file = d / ".scmf-tmp" / "plan.json"
-    if not shards.is_dir() and not plan_file.is_file():
+    ws = Workspace.at(d)
+    if not shards.is_dir() and not ws.plan.is_file():
         return []
     names = [p.name for p in shards.iterdir()] if shards.is_dir() else []
     done = sorted(n for n in names if n.endswith(".zarr"))
     partial = sorted(n for n in names if ".zarr.tmp" in n)
     line = (f"{d}: incomplete conversion: {len(done)} finished shard(s), {len(partial)} partial")
     try:
-        n_shards = int(json.loads(plan_file.read_text())["n_shards"])
-    except (OSError, ValueError, KeyError, TypeError):
+        n_shards = int((ws.read_plan() or {})["n_shards"])
+    except (ValueError, KeyError, TypeError):
         n_shards = None
     if n_shards is not None:
         missing = [f"{i:06d}" for i in range(n_shards) if f"{i:06d}.zarr" not in done]
