@@ -18,14 +18,24 @@ checks that both lists hold the same names.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from scmf_loader.errors import ScmfError
+from scmf_loader.errors import ConfigurationError, ScmfError
 from scmf_loader.format import VALUE_DTYPES
 
-__all__ = ["MANIFEST_NAMES", "OPTIONS", "RESERVED_OBS_COLUMNS", "ConvertOptions", "Option", "options_in"]
+__all__ = [
+    "MANIFEST_NAMES",
+    "OPTIONS",
+    "RESERVED_OBS_COLUMNS",
+    "ConvertOptions",
+    "Option",
+    "default_memory_limit",
+    "options_in",
+    "parse_size",
+]
 
 RESERVED_OBS_COLUMNS = ("source",)
 #: option name -> the manifest key that records it (where the two differ)
@@ -76,11 +86,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("scheduler", "common", "Address of a dask.distributed scheduler."),
     Option("scratch_dir", "common", "Where the shuffle's temporary buckets go (fast local disk, /dev/shm) "
            "[inside --output]; every worker must see it.", kind="dir"),
+    Option("memory_limit", "common", "Memory the conversion may hold, e.g. 4GB or 200MB: when the "
+           "shuffled dataset fits, shards are gathered straight from memory (one pass, no scratch "
+           "buckets); otherwise through scratch buckets (two passes) [a quarter of the RAM]."),
     Option("overwrite", "common", "Replace an existing scmf dataset.", kind="flag"),
     Option("quiet", "common", "No progress bars.", kind="flag", short="-q"),
+    Option("organism", "common", "Organism(s) of the inputs: homo_sapiens, mus_musculus (also human, "
+           "mouse), comma-separated for several. Census: one query per organism [homo_sapiens]; "
+           "AnnData: told per source from obs/uns organism or the gene ids when not given."),
+    Option("perturbation", "common", "Parse perturbation metadata into the obs columns perturbation, "
+           "perturbation_type, perturbation_targets, dose_um, time_h, is_control: auto (detect the "
+           "columns) or COLUMN[,COLUMN] (docs/perturbation.md)."),
+    Option("strict_perturbation", "common", "Refuse perturbation labels, doses, times or target genes "
+           "that do not parse (default: kept as unknown and listed).", kind="flag"),
     Option("gene_column", "h5ad", "var column holding gene ids"),
     Option("matrix", "h5ad", "X, raw, or layer:NAME"),
-    Option("organism", "census", "homo_sapiens (default) or mus_musculus."),
     Option("census_version", "census", "Census release: a date (2025-11-08), or stable/latest (resolved "
            "and recorded) [stable; with --uri, the root's own build date]."),
     Option("obs_filter", "census", "SOMA obs value filter, e.g. \"tissue in ['lung','heart'] and "
@@ -105,6 +125,46 @@ OPTIONS: tuple[Option, ...] = (
     Option("assume_normalized", "preprocessing", "The input is already normalised: no counts check, no "
            "normalisation.", kind="flag"),
 )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(value: str | int, what: str = "size") -> int:
+    """Bytes of a size such as ``4GB``, ``200MB``, ``1.5GiB`` or ``1000000`` (decimal units;
+    ``KiB``/``MiB``/``GiB`` binary; case-insensitive). Raises ScmfError on anything else."""
+    if isinstance(value, bool):
+        raise ScmfError(f"{what} must be a size such as 4GB or 200MB, got {value!r}")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    else:
+        text = str(value).strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        number_text, unit = digits, text[len(digits):]
+        try:
+            number = float(number_text)
+        except ValueError:
+            number = -1.0
+        if unit not in _UNITS:
+            number = -1.0
+    if not number >= 0 or number != number:
+        raise ScmfError(f"{what} must be a size such as 4GB or 200MB, got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+def default_memory_limit() -> int:
+    """The default ``memory_limit``: a quarter of this machine's RAM (or of the cgroup's
+    memory limit when that is lower), leaving room for the page cache and other processes."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            text = f.read().strip()
+        if text.isdigit():
+            total = min(total, int(text))
+    except OSError:
+        pass
+    return total // 4
 
 
 def options_in(*groups: str) -> tuple[Option, ...]:
@@ -139,12 +199,22 @@ class ConvertOptions:
     workers: int = 1
     scheduler: str | None = None
     scratch_dir: str | None = None
+    memory_limit: str | int | None = None
     overwrite: bool = False
     quiet: bool = False
+    organism: str | None = None
+    perturbation: str | None = None
+    strict_perturbation: bool = False
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "obs_columns", tuple(self.obs_columns))
+        for name in ("organism", "perturbation"):  # a list (YAML, Python) reads as COL,COL
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, ",".join(str(v) for v in value))
+        if self.strict_perturbation and not self.perturbation:
+            raise ConfigurationError("strict_perturbation needs perturbation (--perturbation auto|COLUMN[,COLUMN])")
         if self.shard_size < 1:
             raise ScmfError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.chunk_size < 1:
@@ -153,6 +223,8 @@ class ConvertOptions:
             raise ScmfError(f"workers must be >= 1, got {self.workers}")
         if self.dtype not in VALUE_DTYPES:
             raise ScmfError(f"dtype {self.dtype!r} not supported; choose one of {VALUE_DTYPES}")
+        if self.memory_limit is not None:
+            parse_size(self.memory_limit, "memory_limit")  # refused before any work
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ScmfError(f"seed must be a non-negative integer, got {self.seed!r}")
         clash = [c for c in self.obs_columns if c in RESERVED_OBS_COLUMNS]
@@ -162,7 +234,7 @@ class ConvertOptions:
             raise ScmfError(f"obs_columns lists a column twice: {list(self.obs_columns)}")
         # preprocessing: validated and canonicalised (defaults filled in) before any work, so
         # equal configurations hash to the same dataset_id
-        from scmf_shards.preprocess.stats import parse_preprocessing
+        from scmf_shards.preprocess.config import parse_preprocessing
 
         object.__setattr__(self, "preprocessing", parse_preprocessing(self.preprocessing, self.dtype))
 
@@ -179,9 +251,16 @@ class ConvertOptions:
             return None
         return f.default
 
+    @property
+    def memory_limit_bytes(self) -> int:
+        """``memory_limit`` in bytes; unset: :func:`default_memory_limit`."""
+        if self.memory_limit is None:
+            return default_memory_limit()
+        return parse_size(self.memory_limit, "memory_limit")
+
     def definition(self) -> dict[str, Any]:
         """The options that define the data (hashed into ``dataset_id``); where and how
-        tasks run (workers, scheduler, scratch_dir, quiet, overwrite) is excluded."""
+        tasks run (workers, scheduler, scratch_dir, memory_limit, quiet, overwrite) is excluded."""
         return {
             "gene_column": self.gene_column,
             "matrix": self.matrix,
@@ -192,4 +271,6 @@ class ConvertOptions:
             "seed": self.seed,
             "dtype": self.dtype,
             "preprocessing": dict(self.preprocessing),
+            # set only: datasets converted without them keep their ids
+            **({"perturbation": self.perturbation} if self.perturbation else {}),
         }

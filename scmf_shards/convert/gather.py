@@ -1,6 +1,8 @@
-"""The gather stage: one task per shard collects its rows from every bucket, applies the
-in-shard permutation, writes the shard (temporary name, then rename) and its completion
-record. Memory: the shard once; no bucket file stays open, however many chunks."""
+"""The gather stage: one task per shard collects its rows from every bucket (bucket files of
+a two-stage conversion, or the :class:`~scmf_shards.convert.scatter.MemoryBucket` of a
+one-pass one), applies the in-shard permutation, writes the shard (temporary name, then
+rename) and its completion record. Memory: the shard once; no bucket file stays open,
+however many chunks."""
 
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ from scmf_shards.kernels import copy_rows
 from scmf_shards.plan import shard_permutation
 from scmf_shards.scratch import release as scratch_release
 from scmf_shards.scratch import scratch
-from scmf_shards.write import attempt_name, write_shard
+from scmf_shards.write import ShardContent, attempt_name, write_shard
 
-__all__ = ["CELL_STATS", "BucketPiece", "GatherTask", "run_gather"]
+__all__ = ["CELL_STATS", "BucketPiece", "GatherTask", "reusable_shard", "run_gather"]
 
 CELL_STATS = ("library_size",)
 
@@ -46,6 +48,8 @@ class GatherTask:
     shuffle: bool
     dtype: str
     cell_stats: tuple[str, ...] = CELL_STATS
+    #: one-pass conversions: every chunk's bucket, held in memory (chunk index -> MemoryBucket)
+    memory: Mapping[int, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -61,6 +65,19 @@ class BucketPiece:
     codes: np.ndarray
     source: int
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    held: Any = None  # the MemoryBucket (one-pass), else None: values are read from files
+
+
+def reusable_shard(out_dir: str | os.PathLike[str], shard: int) -> dict[str, Any] | None:
+    """The manifest entry of shard ``shard`` when a completion record says it is done and
+    the shard on disk verifies (every size and checksum), else None."""
+    out = Path(out_dir)
+    record, final = Workspace.at(out).record(shard), out / shard_relpath(shard)
+    if record.is_file() and final.is_dir():
+        entry = ShardEntry.from_dict(json.loads(record.read_text()), shard)
+        if shard_ok(out, entry):
+            return entry.to_dict()
+    return None
 
 
 def run_gather(task: GatherTask) -> dict[str, Any]:
@@ -71,22 +88,21 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
     ws = Workspace.at(out_dir)
     relpath = shard_relpath(task.shard)
     record, final = ws.record(task.shard), out_dir / relpath
-    if record.is_file() and final.is_dir():
-        entry = ShardEntry.from_dict(json.loads(record.read_text()), task.shard)
-        if shard_ok(out_dir, entry):
-            return entry.to_dict()
+    done = reusable_shard(out_dir, task.shard)
+    if done is not None:
+        return done
     pieces = collect_pieces(task, ws)
     perm = shard_permutation(sum(len(p.starts) for p in pieces), task.seed, task.shard, task.shuffle)
     data, indices, indptr = _gather_csr(task, pieces, perm)
     cells, codes, numeric = _gather_obs(task, pieces, perm)
-    entry = write_shard(
-        final, relpath, data=data, indices=indices, indptr=indptr, n_genes=task.n_genes,
-        cell_ids=cells, obs_codes=codes,
+    content = ShardContent(
+        data=data, indices=indices, indptr=indptr, n_genes=task.n_genes, cell_ids=cells,
+        obs_codes=codes,
         obs_categories={"source": task.categories["source"],
                         **{c: task.categories[c] for c in task.obs_columns}},
-        var_names=_vocab_tokens(str(ws.vocab), task.vocab_sha256),
-        after_step=faults.fault_point, numeric_obs=numeric,
+        var_names=_vocab_tokens(str(ws.vocab), task.vocab_sha256), numeric_obs=numeric,
     )
+    entry = write_shard(final, relpath, content, after_step=faults.fault_point)
     faults.fault_point("gather:shard")
     d = entry.to_dict()
     tmp_record = attempt_name(record)
@@ -104,19 +120,40 @@ def collect_pieces(task: GatherTask, ws: Workspace) -> list[BucketPiece]:
     chunks, chunk_sources = _shard_chunks(ws, task.shard)
     pieces = []
     for c, source_index in zip(chunks.tolist(), chunk_sources.tolist(), strict=True):
-        b = bucket_path(task.bucket_root, c)
-        offsets = np.load(b / "offsets.npy")
-        lo, hi = int(offsets[task.shard]), int(offsets[task.shard + 1])
-        if hi == lo:
-            continue
-        indptr = _rows(b / "indptr.npy", lo, hi + 1)
-        pieces.append(BucketPiece(
-            bucket=b, starts=indptr[:-1], stops=indptr[1:],
-            cells=_rows(b / "cells.npy", lo, hi), library_size=_rows(b / "library_size.npy", lo, hi),
-            codes=_rows(b / "codes.npy", lo, hi), source=source_index,
-            extra={k: _rows(b / f"{k}.npy", lo, hi) for k in extra_names},
-        ))
+        if task.memory is not None:
+            piece = _held_piece(task.memory[c], task.shard, source_index, extra_names)
+        else:
+            piece = _file_piece(bucket_path(task.bucket_root, c), task.shard, source_index, extra_names)
+        if piece is not None:
+            pieces.append(piece)
     return pieces
+
+
+def _file_piece(b: Path, shard: int, source: int, extra_names: list[str]) -> BucketPiece | None:
+    """A shard's rows in bucket directory ``b`` (None when it holds none)."""
+    offsets = np.load(b / "offsets.npy")
+    lo, hi = int(offsets[shard]), int(offsets[shard + 1])
+    if hi == lo:
+        return None
+    indptr = _rows(b / "indptr.npy", lo, hi + 1)
+    return BucketPiece(
+        bucket=b, starts=indptr[:-1], stops=indptr[1:],
+        cells=_rows(b / "cells.npy", lo, hi), library_size=_rows(b / "library_size.npy", lo, hi),
+        codes=_rows(b / "codes.npy", lo, hi), source=source,
+        extra={k: _rows(b / f"{k}.npy", lo, hi) for k in extra_names},
+    )
+
+
+def _held_piece(held: Any, shard: int, source: int, extra_names: list[str]) -> BucketPiece | None:
+    """A shard's rows in a bucket held in memory (views, no copy; None when it holds none)."""
+    lo, hi = int(held.offsets[shard]), int(held.offsets[shard + 1])
+    if hi == lo:
+        return None
+    return BucketPiece(
+        bucket=Path(), starts=held.indptr[lo:hi], stops=held.indptr[lo + 1 : hi + 1],
+        cells=held.cells[lo:hi], library_size=held.library_size[lo:hi], codes=held.codes[lo:hi],
+        source=source, extra={k: held.extra_stats[k][lo:hi] for k in extra_names}, held=held,
+    )
 
 
 def _gather_csr(task: GatherTask, pieces: Sequence[BucketPiece],
@@ -136,8 +173,11 @@ def _gather_csr(task: GatherTask, pieces: Sequence[BucketPiece],
     row = 0
     for p in pieces:  # this shard's rows are one contiguous stretch of each bucket: read it
         lo, hi = int(p.starts[0]), int(p.stops[-1])  # with one pread each (no map, no page faults)
-        data_seg = _npy_segment(p.bucket / "data.npy", lo, hi, "gather.seg_data")
-        indices_seg = _npy_segment(p.bucket / "indices.npy", lo, hi, "gather.seg_indices")
+        if p.held is not None:
+            data_seg, indices_seg = p.held.data[lo:hi], p.held.indices[lo:hi]
+        else:
+            data_seg = _npy_segment(p.bucket / "data.npy", lo, hi, "gather.seg_data")
+            indices_seg = _npy_segment(p.bucket / "indices.npy", lo, hi, "gather.seg_indices")
         copy_rows(data_seg, indices_seg, p.starts - lo, p.stops - lo, dest[row : row + len(p.starts)],
                   data, indices)
         row += len(p.starts)

@@ -1,6 +1,7 @@
 """The scatter stage: one task per read chunk reads rows of one source, validates them,
-aligns them to the vocabulary, and writes them grouped by destination shard into a bucket
-directory (temporary name, renamed into place when complete)."""
+aligns them to the vocabulary, and groups them by destination shard: written into a bucket
+directory (two-stage conversions: temporary name, renamed into place when complete) or held
+in memory as a :class:`MemoryBucket` (one-pass conversions, :func:`scatter_to_memory`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from scmf_shards.plan import ReadChunk, chunk_destinations
 from scmf_shards.values import check_values
 from scmf_shards.write import attempt_name
 
-__all__ = ["ScatterTask", "run_scatter"]
+__all__ = ["MemoryBucket", "ScatterTask", "run_scatter", "scatter_to_memory"]
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,32 @@ def obs_codes(values: np.ndarray, categories: Sequence[str], column: str, where:
     return codes.astype(np.int32)
 
 
-def _read_and_align(task: ScatterTask) -> _Bucket:
-    """Read the chunk, check its values, align and order its rows by destination shard."""
+@dataclass
+class MemoryBucket:
+    """One chunk's rows in bucket order, held in memory (what a bucket directory holds):
+    CSR arrays in the stored dtypes, per-cell arrays, and each shard's row range
+    ``offsets[s]:offsets[s + 1]``."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    cells: np.ndarray
+    library_size: np.ndarray
+    extra_stats: dict[str, np.ndarray]
+    codes: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        arrays = [self.data, self.indices, self.indptr, self.cells, self.library_size, self.codes,
+                  self.offsets, *self.extra_stats.values()]
+        return sum(a.nbytes for a in arrays)
+
+
+def _read_and_align(task: ScatterTask, reuse: bool = True) -> _Bucket:
+    """Read the chunk, check its values, align and order its rows by destination shard
+    (``reuse``: the aligned arrays in this thread's scratch buffers, else owned arrays)."""
     rows = task.source.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns, reuse=True)
     raw = rows.matrix
     check_values(raw.data, task.dtype, task.where, allow_negative=task.allow_negative)
@@ -87,7 +112,7 @@ def _read_and_align(task: ScatterTask) -> _Bucket:
     order = np.argsort(dest, kind="stable")  # rows grouped by destination shard
     aligned, library_size = align_rows_with_totals(
         raw, alignment, dtype=task.dtype if task.transform is None else None, row_order=order,
-        reuse=True)  # scratch buffers: written out before this task returns
+        reuse=reuse)  # scratch buffers: written out before this task returns
     if rows.library_size is not None:  # the source knows totals over genes it did not return
         library_size = np.asarray(rows.library_size, dtype=np.float64)[order]
     extra_stats: dict[str, np.ndarray] = {}
@@ -116,6 +141,21 @@ def _save(tmp: Path, bucket: _Bucket, dtype: str) -> None:
     np.save(tmp / "codes.npy", bucket.codes)
     np.save(tmp / "offsets.npy", bucket.offsets)
     faults.fault_point("scatter:written")
+
+
+def scatter_to_memory(task: ScatterTask) -> MemoryBucket:
+    """Scatter task of a one-pass conversion: read, validate and align one chunk, grouped by
+    shard, into arrays of its own (no file written)."""
+    bucket = _read_and_align(task, reuse=False)
+    held = MemoryBucket(
+        data=np.asarray(bucket.aligned.data).astype(task.dtype, copy=False),
+        indices=np.asarray(bucket.aligned.indices).astype(np.int32, copy=False),
+        indptr=np.asarray(bucket.aligned.indptr).astype(np.int64, copy=False),
+        cells=bucket.cells, library_size=bucket.library_size, extra_stats=bucket.extra_stats,
+        codes=bucket.codes, offsets=bucket.offsets,
+    )
+    faults.fault_point("scatter:held")
+    return held
 
 
 def run_scatter(task: ScatterTask) -> int:
