@@ -6,7 +6,9 @@ decides what to do with what is there (:mod:`.output`); then a run goes through 
 each a function of one :class:`_Run` context: :func:`_plan` writes the scratch layout
 (:mod:`.workspace`), the preprocessing stats passes fit, :mod:`.scatter` and :mod:`.gather`
 tasks run where the :class:`~scmf_shards.executor.TaskRunner` says, and :func:`_publish`
-writes ``vocab.json`` and finally ``manifest.json``.
+writes ``vocab.json`` and finally ``manifest.json``. When the shuffled data fits
+``--memory-limit`` (:func:`one_pass`) the scatter tasks hold their chunks in memory and the
+gather tasks read them there: one write of the data instead of two, the same bytes.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from scmf_loader.vocab import BUILTIN_VOCABS, GeneVocab, normalize_gene_id
 from scmf_shards import faults
 from scmf_shards.align import GeneAlignment, StoredAlignment, build_alignment, store_alignment
 from scmf_shards.convert.diskspace import OutputGuard, estimate_bytes
-from scmf_shards.convert.gather import CELL_STATS, GatherTask, run_gather
+from scmf_shards.convert.gather import CELL_STATS, GatherTask, reusable_shard, run_gather
 from scmf_shards.convert.output import locked, prepare_output, remove_partial_shards
-from scmf_shards.convert.scatter import ScatterTask, run_scatter
+from scmf_shards.convert.scatter import ScatterTask, run_scatter, scatter_to_memory
 from scmf_shards.convert.workspace import Workspace, bucket_path
 from scmf_shards.executor import TaskRunner
 from scmf_shards.options import ConvertOptions
@@ -135,6 +137,7 @@ class _Run:
     dataset_id: str
     options: ConvertOptions
     runner: TaskRunner
+    estimate: int = 0  # about how many bytes the shards take (diskspace.estimate_bytes)
 
 
 @dataclass
@@ -187,7 +190,8 @@ def convert_sources(
         }
         dataset_id = compute_dataset_id(definition)
         # a full disk, a read-only or uncreatable output: one OutputNotWritableError line
-        with OutputGuard(out, options.scratch_dir, estimate_bytes(sources, options.dtype)) as guard:
+        estimate = estimate_bytes(sources, options.dtype)
+        with OutputGuard(out, options.scratch_dir, estimate) as guard:
             out.mkdir(parents=True, exist_ok=True)
             with locked(out):
                 existing = prepare_output(out, dataset_id, options.overwrite)
@@ -195,7 +199,7 @@ def convert_sources(
                     return existing
                 guard.warn()  # before anything is written
                 run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
-                           fingerprints, dataset_id, options, runner)
+                           fingerprints, dataset_id, options, runner, estimate)
                 return _execute(run)
 
 
@@ -209,8 +213,13 @@ def _execute(run: _Run) -> Manifest:
         seed=run.options.seed, dtype=run.options.dtype, matrix=run.options.matrix,
         work_dir=run.ws.preprocess, runner=run.runner,
     )
-    _scatter(run, plan, stored, prep)
-    shards = _gather(run, plan, prep)
+    memory = None
+    if one_pass(run.estimate, plan, run.options, run.runner):  # the shuffled data fits in memory
+        memory = {} if _all_shards_done(run, plan) else _scatter_to_memory(run, plan, stored, prep)
+    else:
+        _scatter(run, plan, stored, prep)
+    shards = _gather(run, plan, prep, memory)
+    memory = None  # every shard is written: the held buckets go
     manifest = _publish(run, shards, prep)
     if run.options.scratch_dir is not None:
         shutil.rmtree(plan.buckets, ignore_errors=True)
@@ -241,11 +250,30 @@ def _plan(run: _Run) -> _Plan:
     return _Plan(chunks, sizes, table, buckets)
 
 
-def _scatter(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -> None:
-    """Run one scatter task per read chunk."""
+def one_pass(estimate: int, plan: _Plan, options: ConvertOptions, runner: TaskRunner) -> bool:
+    """Whether a conversion goes in one pass (every chunk's aligned rows held in memory,
+    shards gathered from there) rather than through scratch buckets: when its tasks run in
+    this process and what it holds at its peak fits ``options.memory_limit``: the shuffled
+    data (``estimate`` bytes, sampled from the inputs) plus, per thread, one read chunk
+    (read and aligned: twice its share of the data) and one shard being gathered."""
+    if not runner.in_process:
+        return False
+    n_cells = int(plan.sizes.sum())
+    per_cell = estimate / max(n_cells, 1)
+    per_thread = per_cell * (2 * options.chunk_size + int(plan.sizes.max(initial=0)))
+    return estimate + runner.threads * per_thread <= options.memory_limit_bytes
+
+
+def _all_shards_done(run: _Run, plan: _Plan) -> bool:
+    """Every shard is on disk, recorded and verified (a re-run after the last gather)."""
+    return all(reusable_shard(run.out, s) is not None for s in range(len(plan.sizes)))
+
+
+def _scatter_tasks(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -> list[ScatterTask]:
+    """One scatter task per read chunk."""
     opts = run.options
     categories = {k: run.categories[k] for k in opts.obs_columns}
-    tasks = [
+    return [
         ScatterTask(
             chunk=c, source=run.sources[c.source], matrix=opts.matrix, alignment=stored[c.source],
             obs_columns=opts.obs_columns, categories=categories, counts=plan.table[c.index],
@@ -256,18 +284,29 @@ def _scatter(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -
         )
         for c in plan.chunks
     ]
-    run.runner.map(run_scatter, tasks, desc="read and align")
 
 
-def _gather(run: _Run, plan: _Plan, prep: Any) -> list[ShardEntry]:
-    """Run one gather task per shard; their manifest entries, in shard order."""
+def _scatter(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -> None:
+    """Two-stage conversions: every read chunk into its bucket directory."""
+    run.runner.map(run_scatter, _scatter_tasks(run, plan, stored, prep), desc="read and align")
+
+
+def _scatter_to_memory(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -> dict[int, Any]:
+    """One-pass conversions: every read chunk aligned and held in memory, by chunk index."""
+    held = run.runner.map(scatter_to_memory, _scatter_tasks(run, plan, stored, prep), desc="read and align")
+    return {c.index: h for c, h in zip(plan.chunks, held, strict=True)}
+
+
+def _gather(run: _Run, plan: _Plan, prep: Any, memory: dict[int, Any] | None = None) -> list[ShardEntry]:
+    """Run one gather task per shard (from bucket files, or from the buckets in ``memory``);
+    their manifest entries, in shard order."""
     opts = run.options
     tasks = [
         GatherTask(
             shard=s, out_dir=str(run.out), bucket_root=str(plan.buckets),
             vocab_sha256=run.vocab.sha256(), n_genes=len(run.vocab), obs_columns=opts.obs_columns,
             categories=run.categories, seed=opts.seed, shuffle=opts.shuffle, dtype=opts.dtype,
-            cell_stats=prep.cell_stats if prep is not None else CELL_STATS,
+            cell_stats=prep.cell_stats if prep is not None else CELL_STATS, memory=memory,
         )
         for s in range(len(plan.sizes))
     ]
