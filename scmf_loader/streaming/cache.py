@@ -48,6 +48,7 @@ from scmf_loader.errors import (
     ScmfError,
     ShardNotFoundError,
     ShardSizeError,
+    VocabularyError,
 )
 from scmf_loader.format import MANIFEST_NAME, Manifest, ShardEntry
 from scmf_loader.format.integrity import check_shard
@@ -176,8 +177,14 @@ class ShardCache:
         rel = self.manifest.vocab["path"]
         path = self.local / rel
         if again or not path.is_file():
-            data = with_retries(lambda: self.fs.cat_file(f"{self.root}/{rel}"), f"{self.url}/{rel}",
-                                "reading the vocabulary", self.retries)
+            try:
+                data = with_retries(lambda: self.fs.cat_file(f"{self.root}/{rel}"), f"{self.url}/{rel}",
+                                    "reading the vocabulary", self.retries)
+            except FileNotFoundError:
+                raise VocabularyError(
+                    f"{self.url}/{rel}: missing: the manifest lists this vocabulary but the store "
+                    "has no such file; the dataset is incomplete (re-upload or re-convert it)"
+                ) from None
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomic(path, data)
