@@ -173,6 +173,12 @@ class CellDataset(torch.utils.data.Dataset):
         return len(self.vocab)
 
     @property
+    def organisms(self) -> list[str]:
+        """The organisms the vocabulary maps (``["homo_sapiens", "mus_musculus"]`` for
+        ``human+mouse``; ``[]`` when it names none); each cell's is its ``organism`` obs column."""
+        return self.vocab.organisms
+
+    @property
     def gene_nonzero_median(self) -> np.ndarray:
         """Per token, the median of its non-zero values over the whole dataset (float32),
         read once from the shards' ``var["nonzero_median"]`` (the ``rank`` output divides

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from scmf_loader.errors import ScmfError
+from scmf_loader.preprocess.schema import CONFIG_KEYS, PREPROCESSING_ALIASES
 from scmf_shards.options import OPTIONS, ConvertOptions, Option, options_in
 
 __all__ = ["main"]
@@ -175,7 +176,8 @@ def _config_option(help: str) -> Callable[[Any], Any]:
 CONFIG_HELP = ("YAML file whose data: section sets any of these options (same names, underscores); "
                "loader keys there (num_workers, batch_size ...) are ignored with a warning.")
 CONVERT_NAMES = [o.name for o in options_in("common")]
-PREPROCESSING_NAMES = [o.name for o in options_in("preprocessing")]
+#: the preprocessing options: the loader's config keys (a test checks OPTIONS holds the same)
+PREPROCESSING_NAMES = list(CONFIG_KEYS)
 
 
 def preprocessing_from(ctx: click.Context, config: dict[str, Any]) -> dict[str, Any]:
@@ -184,8 +186,6 @@ def preprocessing_from(ctx: click.Context, config: dict[str, Any]) -> dict[str, 
     section = config.get("preprocessing") or {}
     if not isinstance(section, dict):
         raise ScmfError("the config's 'preprocessing' must be a mapping")
-    from scmf_loader.preprocess.schema import PREPROCESSING_ALIASES
-
     merged = {PREPROCESSING_ALIASES.get(k, k): v for k, v in section.items()}
     for name in PREPROCESSING_NAMES:
         if _explicit(ctx, name):

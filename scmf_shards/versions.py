@@ -25,6 +25,7 @@ hold BASE's cells and the new ones:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -46,9 +47,9 @@ from scmf_loader.format import (
     ShardEntry,
     SourceEntry,
     compute_dataset_id,
-    manifest_bytes,
     read_manifest,
     shard_relpath,
+    write_manifest,
 )
 from scmf_loader.format.integrity import check_dataset
 from scmf_loader.format.shard import map_csr, read_obs_codes, read_obs_index, read_obs_values
@@ -214,7 +215,7 @@ def _rewrite_shard(tmp_dir: Path, entry: ShardEntry, new: Manifest, out: Path, r
     (and, when BASE selected HVGs, only their non-zeros: ``keep``)."""
     import numpy as np
 
-    from scmf_shards.write import write_shard
+    from scmf_shards.write import ShardContent, write_shard
 
     shard_dir = tmp_dir / entry.path
     indptr, indices, data = _restrict(map_csr(shard_dir, entry, new.dtype), keep)
@@ -225,10 +226,12 @@ def _rewrite_shard(tmp_dir: Path, entry: ShardEntry, new: Manifest, out: Path, r
         remap = np.array([target[v] for v in names] + [-1], dtype=np.int32)
         codes[col.name] = remap[np.asarray(read_obs_codes(shard_dir, col.name), dtype=np.int64)]
     numeric = {k: read_obs_values(shard_dir, k) for k in new.cell_stats}
-    return write_shard(
-        out / relpath, relpath, data=data, indices=indices, indptr=indptr, n_genes=new.n_genes, cell_ids=read_obs_index(shard_dir),
-        obs_codes=codes, obs_categories=cats, var_names=tokens, numeric_obs=numeric,
+    content = ShardContent(
+        data=data, indices=indices, indptr=indptr, n_genes=new.n_genes,
+        cell_ids=read_obs_index(shard_dir), obs_codes=codes, obs_categories=cats,
+        var_names=tokens, numeric_obs=numeric,
     )
+    return write_shard(out / relpath, relpath, content)
 
 
 def _hvg_mask(base: Manifest, vocab: GeneVocab) -> Any:
@@ -326,7 +329,7 @@ def append_dataset(
 
 def _child_manifest(bm: Manifest, nm: Manifest, cats: Mapping[str, list[str]], renamed: Mapping[str, str],
                     new_shards: list[ShardEntry]) -> Manifest:
-    from scmf_shards.convert.driver import _created_by
+    from scmf_shards.convert.driver import created_by
 
     sources = list(bm.sources)
     for s in nm.sources:
@@ -336,7 +339,7 @@ def _child_manifest(bm: Manifest, nm: Manifest, cats: Mapping[str, list[str]], r
     shards = [*bm.shards, *new_shards]
     return Manifest(
         dataset_id=compute_dataset_id({"parent": bm.dataset_id, "appended": nm.dataset_id, "obs_categories": cats}),
-        created_by=_created_by(), n_cells=bm.n_cells + nm.n_cells, n_genes=bm.n_genes,
+        created_by=created_by(), n_cells=bm.n_cells + nm.n_cells, n_genes=bm.n_genes,
         nnz=sum(s.nnz for s in shards), dtype=bm.dtype, vocab=dict(bm.vocab),
         preprocessing=dict(bm.preprocessing), sources=sources,
         obs_columns=[ObsColumn(name=k, categories=tuple(v)) for k, v in cats.items()],
@@ -351,26 +354,14 @@ def _version_entry(raw: Mapping[str, Any], sources: Sequence[str]) -> dict[str, 
 
 def _write_with_lineage(out: Path, manifest: Manifest, base_raw: Mapping[str, Any], base_dir: Path,
                         nm: Manifest, link: str) -> None:
-    """Write the manifest with ``parent`` and ``lineage`` after ``created_by`` (atomically)."""
+    """Write the manifest with ``parent`` and ``lineage`` (after ``created_by``; atomically)."""
     chain = list(base_raw.get("lineage") or [
         _version_entry(base_raw, [s.get("name", s["path"]) for s in base_raw["sources"]])])
-    d = json.loads(manifest_bytes(manifest))
+    d = manifest.to_dict()
     added = [s.to_dict().get("name", s.path) for s in manifest.sources[len(base_raw["sources"]):]]
-    extra = {
-        "parent": {"dataset_id": base_raw["dataset_id"],
-                   "location": os.path.relpath(base_dir.resolve(), out.resolve()),
-                   "n_shards": len(base_raw["shards"]), "link": link},
-        "lineage": [*chain, _version_entry(d, added)],
-    }
-    keys = list(d)
-    at = keys.index("created_by") + 1
-    ordered = {k: d[k] for k in keys[:at]} | extra | {k: d[k] for k in keys[at:]}
-    tmp = out / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write((json.dumps(ordered, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST_NAME)
+    parent = {"dataset_id": base_raw["dataset_id"], "location": os.path.relpath(base_dir.resolve(), out.resolve()),
+              "n_shards": len(base_raw["shards"]), "link": link}
+    write_manifest(out, dataclasses.replace(manifest, parent=parent, lineage=[*chain, _version_entry(d, added)]))
 
 
 def reference_problems(directory: str | os.PathLike[str]) -> list[str]:

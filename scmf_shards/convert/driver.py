@@ -35,9 +35,10 @@ from scmf_loader.format import (
     sha256_file,
     write_manifest,
 )
-from scmf_loader.vocab import BUILTIN_VOCABS, GeneVocab, normalize_gene_id
+from scmf_loader.vocab import GeneVocab, resolve_vocab
 from scmf_shards import faults
 from scmf_shards.align import GeneAlignment, StoredAlignment, build_alignment, store_alignment
+from scmf_shards.convert.derived import derive_obs_columns, perturbation_manifest
 from scmf_shards.convert.diskspace import OutputGuard, estimate_bytes
 from scmf_shards.convert.gather import CELL_STATS, GatherTask, reusable_shard, run_gather
 from scmf_shards.convert.output import locked, prepare_output, remove_partial_shards
@@ -46,32 +47,20 @@ from scmf_shards.convert.workspace import Workspace, bucket_path
 from scmf_shards.executor import TaskRunner
 from scmf_shards.options import ConvertOptions
 from scmf_shards.plan import ReadChunk, assignment_table, plan_chunks, shard_sizes
-from scmf_shards.preprocess.stats import allows_negative, check_preprocessing, fit_preprocessing
+from scmf_shards.preprocess.config import allows_negative, check_preprocessing
+from scmf_shards.preprocess.stats import fit_preprocessing
 from scmf_shards.scratch import release_all as scratch_release_all
 from scmf_shards.sources import open_sources, prepare_sources
 from scmf_shards.sources.base import is_url
 
-__all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "resolve_vocab"]
+__all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "created_by", "resolve_vocab"]
 
 #: the manifest's ``preprocessing`` of a dataset that stores raw values (docs/format.md)
 RAW_PREPROCESSING = {"normalize": None, "log1p": False, "hvg": None}
 
 
-def resolve_vocab(spec: str | GeneVocab, sources: Sequence[Any]) -> GeneVocab:
-    """The vocabulary named by ``spec``: a :class:`GeneVocab` as is, a shipped vocabulary
-    (:data:`~scmf_loader.vocab.BUILTIN_VOCABS`: ``"human_protein_coding"``, ``"human+mouse"``
-    ...), ``"union"`` (of the genes of ``sources``, objects with a ``genes`` list) or a
-    vocabulary file (``.json``/``.tsv``)."""
-    if isinstance(spec, GeneVocab):
-        return spec
-    if spec == "union":
-        return GeneVocab.union([[normalize_gene_id(g) for g in s.genes] for s in sources])
-    if spec in BUILTIN_VOCABS:
-        return GeneVocab.from_name(spec)
-    return GeneVocab.from_file(spec)
-
-
-def _created_by() -> str:
+def created_by() -> str:
+    """The manifest's ``created_by``: this distribution and its version."""
     try:
         return f"scmodelforge-data {version('scmodelforge-data')}"
     except PackageNotFoundError:  # running from a source tree
@@ -174,10 +163,14 @@ def convert_sources(
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise DatasetExistsError(f"{out}: exists and is not a directory")
+    vocab = resolve_vocab(options.vocab, [s.genes for s in sources])
+    # organism and perturbation columns: sources wrapped, their names added to obs_columns
+    sources, options = derive_obs_columns(sources, vocab, options)
     for s in sources:
         s.check_obs_columns(options.obs_columns)
-    vocab = resolve_vocab(options.vocab, sources)
-    alignments = [build_alignment(s.genes, vocab, s.path) for s in sources]
+    alignments = [build_alignment(s.genes, vocab, s.path,
+                                  organism=getattr(s, "organism", None) if vocab.is_multi_species else None)
+                  for s in sources]
     check_preprocessing(options.preprocessing, sources, alignments)
     names = _source_names([s.path for s in sources])
     categories = _categories(sources, names, options.obs_columns)
@@ -345,7 +338,7 @@ def _manifest(run: _Run, shards: list[ShardEntry], prep: Any, vocab_file_sha256:
     opts, vocab = run.options, run.vocab
     return Manifest(
         dataset_id=run.dataset_id,
-        created_by=_created_by(),
+        created_by=created_by(),
         n_cells=sum(s.n_cells for s in run.sources),
         n_genes=len(vocab),
         nnz=sum(s.nnz for s in shards),
@@ -359,4 +352,5 @@ def _manifest(run: _Run, shards: list[ShardEntry], prep: Any, vocab_file_sha256:
         shuffle={"enabled": opts.shuffle, "seed": opts.seed, "chunk_size": opts.chunk_size,
                  "shard_size": opts.shard_size},
         shards=shards,
+        perturbation=perturbation_manifest(run.names, run.sources),
     )

@@ -89,6 +89,11 @@ class CensusSource:
         return self.query.genes
 
     @property
+    def organism(self) -> str:
+        """The organism queried (canonical: ``homo_sapiens``, ``mus_musculus``)."""
+        return self.query.spec.organism
+
+    @property
     def census_version(self) -> str:
         """The concrete Census release (build date) read."""
         return self.query.census_version
@@ -166,7 +171,7 @@ def convert_census(
     output: str | os.PathLike[str],
     options: ConvertOptions | None = None,
     *,
-    organism: str = "homo_sapiens",
+    organism: str | Sequence[str] | None = None,
     filters: Mapping[str, Any] | None = None,
     obs_filter: str | None = None,
     var_filter: str | None = None,
@@ -178,6 +183,9 @@ def convert_census(
     """Convert the cells of one Census query into the dataset directory ``output``: the same
     shards and manifest as :func:`~scmf_shards.convert.convert_h5ad`.
 
+    ``organism``: one organism, or several (``"homo_sapiens,mus_musculus"`` or a list: one
+    query per organism, converted into one dataset; use a vocabulary that covers them all,
+    ``vocab="human+mouse"``); default ``options.organism``, else ``homo_sapiens``.
     Conversion options come from ``options`` or keyword arguments (see
     :class:`~scmf_shards.options.ConvertOptions`); when no ``obs_columns`` are given the
     Census defaults (:data:`DEFAULT_OBS_COLUMNS`) are kept. The query is resolved and checked
@@ -190,16 +198,16 @@ def convert_census(
         options = ConvertOptions(**kwargs)
     elif kwargs:
         raise TypeError("pass either options or keyword arguments, not both")
-    source = CensusSource(
-        organism,
-        filters=filters,
-        obs_filter=obs_filter,
-        var_filter=var_filter,
-        census_version=census_version,
-        uri=uri,
-        tiledb_config=tiledb_config,
-    )
+    wanted = organism or options.organism or "homo_sapiens"
+    names = wanted.split(",") if isinstance(wanted, str) else list(wanted)
+    sources: list[CensusSource] = []
     try:
-        return convert_sources([source], output, options)
+        for name in dict.fromkeys(n.strip() for n in names if n.strip()):
+            sources.append(CensusSource(
+                name, filters=filters, obs_filter=obs_filter, var_filter=var_filter,
+                census_version=census_version, uri=uri, tiledb_config=tiledb_config,
+            ))
+        return convert_sources(sources, output, options)
     finally:
-        source.query.close()
+        for source in sources:
+            source.query.close()
