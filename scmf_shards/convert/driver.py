@@ -55,6 +55,8 @@ from scmf_shards.sources.base import is_url
 
 __all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "created_by", "resolve_vocab"]
 
+#: memory a one-pass conversion may hold beyond its data and per-thread buffers (:func:`one_pass`)
+ONE_PASS_MARGIN = 128 << 20
 #: the manifest's ``preprocessing`` of a dataset that stores raw values (docs/format.md)
 RAW_PREPROCESSING = {"normalize": None, "log1p": False, "hvg": None}
 
@@ -248,13 +250,14 @@ def one_pass(estimate: int, plan: _Plan, options: ConvertOptions, runner: TaskRu
     shards gathered from there) rather than through scratch buckets: when its tasks run in
     this process and what it holds at its peak fits ``options.memory_limit``: the shuffled
     data (``estimate`` bytes, sampled from the inputs) plus, per thread, one read chunk
-    (read and aligned: twice its share of the data) and one shard being gathered."""
+    (read and aligned: twice its share of the data) and one shard being gathered, plus
+    :data:`ONE_PASS_MARGIN` (obs frames, allocator slack: measured ~70 MB, tests/test_convert_memory.py)."""
     if not runner.in_process:
         return False
     n_cells = int(plan.sizes.sum())
     per_cell = estimate / max(n_cells, 1)
     per_thread = per_cell * (2 * options.chunk_size + int(plan.sizes.max(initial=0)))
-    return estimate + runner.threads * per_thread <= options.memory_limit_bytes
+    return estimate + runner.threads * per_thread + ONE_PASS_MARGIN <= options.memory_limit_bytes
 
 
 def _all_shards_done(run: _Run, plan: _Plan) -> bool:
