@@ -1,17 +1,21 @@
-"""Memory of a conversion is bounded by ``--chunk-size`` and ``--shard-size``, never by the
-dataset size (docs/scaling.md §5).
+"""Memory of a conversion is bounded: by ``--chunk-size`` and ``--shard-size`` on the
+two-stage path, never by the dataset size; by ``--memory-limit`` on the one-pass path
+(docs/scaling.md §5).
 
-1. The same conversion (same ``--shard-size`` and ``--chunk-size``, hence the same work per
-   task) on a local dask cluster of 2 worker processes, at N and 4N cells: the peak resident
-   memory (``VmHWM``) of each worker process barely moves, although 4N cells are several
-   times the memory the tasks use.
-2. An input several times the peak resident memory of the whole converting process
-   (``scmf-convert h5ad`` in-process, ``--workers 1``, measured in that process) converts,
-   and the output verifies.
+1. Two-stage (``--memory-limit`` below what the data needs), ``--workers 2`` (two task
+   threads), at N and 4N cells with the same ``--shard-size`` and ``--chunk-size`` (hence the
+   same work per task): the peak resident memory (``VmHWM``) of the converting process
+   barely moves, although 4N cells are several times the memory the tasks use.
+2. One pass (``--memory-limit`` above what the data needs), ``--workers 2``, at the same two
+   sizes: the process holds the whole shuffled dataset (its peak grows with it) and never
+   more than the limit above what it held after its imports.
+3. An input several times the peak resident memory of the whole converting process
+   (two-stage, ``--workers 1``) converts, and the output verifies.
 
-Inputs are synthetic CSR ``.h5ad`` files with the same number of non-zeros in every cell
-(so every read chunk and every shard holds the same number of non-zeros at both sizes),
-written with h5py in bounded blocks. Run with ``-s`` to see the measured numbers.
+Every conversion runs as ``scmf-convert`` in a fresh process that measures itself. Inputs
+are synthetic CSR ``.h5ad`` files with the same number of non-zeros in every cell (so every
+read chunk and every shard holds the same number of non-zeros at both sizes), written with
+h5py in bounded blocks. Run with ``-s`` to see the measured numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -112,95 +115,6 @@ def _input(inputs: dict[str, Path], which: str) -> Path:
     return p
 
 
-def _vm_hwm_mb() -> float:
-    """Peak resident memory of this process (``VmHWM``), MB; runs inside a dask worker too."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _warm_up() -> float:
-    """Import what conversion tasks import; this worker's peak RSS after that, MB."""
-    import anndata  # noqa: F401
-    import h5py  # noqa: F401
-    import zarr  # noqa: F401
-
-    import scmf_shards.convert.driver  # noqa: F401  (the package itself imports lazily)
-    import scmf_shards.sources.h5ad  # noqa: F401
-    import scmf_shards.write  # noqa: F401
-
-    return _vm_hwm_mb()
-
-
-def _convert_on_two_workers(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """``convert_h5ad(..., workers=2)``: the converter starts and stops its own local cluster
-    (scmf_shards.executor.TaskRunner). The runner is wrapped to read each worker's VmHWM once
-    its processes are up (after the imports) and again just before the cluster is closed."""
-    from scmf_shards import executor
-    from scmf_shards.convert import convert_h5ad
-
-    seen: dict[str, dict[str, float]] = {}
-    enter, exit_ = executor.TaskRunner.__enter__, executor.TaskRunner.__exit__
-
-    def measured_enter(self: executor.TaskRunner) -> executor.TaskRunner:
-        runner = enter(self)
-        assert self._cluster is not None, "workers=2 should start a local cluster"
-        self._client.wait_for_workers(2)
-        seen["base"] = self._client.run(_warm_up)
-        return runner
-
-    def measured_exit(self: executor.TaskRunner, *exc: object) -> None:
-        if self._client is not None:
-            seen["peak"] = self._client.run(_vm_hwm_mb)
-        exit_(self, *exc)
-
-    with monkeypatch.context() as m:
-        m.setattr(executor.TaskRunner, "__enter__", measured_enter)
-        m.setattr(executor.TaskRunner, "__exit__", measured_exit)
-        t0 = time.perf_counter()
-        manifest = convert_h5ad([src], out, workers=2, shard_size=SHARD_SIZE, chunk_size=CHUNK_SIZE,
-                                obs_columns=("cell_type",), quiet=True)
-        seconds = time.perf_counter() - t0
-    names = sorted(seen["peak"])
-    assert len(names) == 2, names
-    assert sorted(seen["base"]) == names  # the same two workers throughout
-    return {
-        "n_cells": manifest.n_cells, "nnz": manifest.nnz, "n_shards": len(manifest.shards),
-        "seconds": seconds, "input_mb": src.stat().st_size / MB,
-        "base_mb": [seen["base"][w] for w in names], "peak_mb": [seen["peak"][w] for w in names],
-        "task_mb": [seen["peak"][w] - seen["base"][w] for w in names],
-    }
-
-
-@pytest.mark.slow
-def test_worker_peak_rss_does_not_follow_the_dataset_size(
-    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    small = _convert_on_two_workers(_input(inputs, "small"), tmp_path / "small", monkeypatch)
-    big = _convert_on_two_workers(_input(inputs, "big"), tmp_path / "big", monkeypatch)
-    for name, r in (("small", small), ("big", big)):
-        print(f"\n2 workers, {r['n_cells']:,} cells ({r['input_mb']:.0f} MB input, {r['n_shards']} shards, "
-              f"chunk {CHUNK_SIZE}, shard {SHARD_SIZE}): worker peak RSS "
-              f"{[round(v) for v in r['peak_mb']]} MB (after imports {[round(v) for v in r['base_mb']]} MB, "
-              f"tasks +{[round(v) for v in r['task_mb']]} MB), {r['seconds']:.1f} s [{name}]")
-    assert (small["n_cells"], big["n_cells"]) == (SMALL_CELLS, BIG_CELLS)
-    assert big["nnz"] == BIG_CELLS * NNZ_PER_CELL
-
-    added_data_mb = (csr_bytes(BIG_CELLS) - csr_bytes(SMALL_CELLS)) / MB
-    # The setup means something: the bigger dataset is several times what the tasks use, so
-    # memory that followed the dataset (even a fraction of it per worker) would dominate.
-    assert csr_bytes(BIG_CELLS) / MB > 3 * max(small["task_mb"] + big["task_mb"])
-    # 4x the cells: the peak of every worker stays within 1.3x of the smaller run ...
-    assert max(big["peak_mb"]) < 1.3 * min(small["peak_mb"])
-    # ... and what the tasks added grew by well under a tenth of the added data
-    growth_mb = max(big["task_mb"]) - min(small["task_mb"])
-    assert growth_mb < 0.1 * added_data_mb, (growth_mb, added_data_mb)
-    shutil.rmtree(tmp_path / "small")
-    shutil.rmtree(tmp_path / "big")
-
-
 _CONVERT_MEASURED = r"""
 import atexit, json, sys
 
@@ -220,6 +134,63 @@ main()
 """
 
 
+def _measured_cli(args: list[str], report: Path) -> dict[str, float]:
+    """Run ``scmf-convert ARGS`` in a fresh process; its peak RSS after imports and at exit
+    (MB) and the wall time."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CONVERT_MEASURED, str(report), *args],
+                          capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rss = json.loads(report.read_text())
+    return {**rss, "added_mb": rss["peak_mb"] - rss["base_mb"], "seconds": seconds}
+
+
+def _convert_sizes(inputs: dict[str, Path], tmp_path: Path, limit: str) -> dict[str, dict[str, float]]:
+    """The small and big inputs converted with ``--workers 2 --memory-limit LIMIT``."""
+    out = {}
+    for which in ("small", "big"):
+        ds = tmp_path / which
+        out[which] = _measured_cli(
+            ["h5ad", str(_input(inputs, which)), "--output", str(ds), "--chunk-size", str(CHUNK_SIZE),
+             "--shard-size", str(SHARD_SIZE), "--obs-columns", "cell_type", "--workers", "2",
+             "--memory-limit", limit, "--quiet"], tmp_path / f"{which}.json")
+        n_cells = {"small": SMALL_CELLS, "big": BIG_CELLS}[which]
+        print(f"\n--workers 2 --memory-limit {limit}, {n_cells:,} cells (CSR {csr_bytes(n_cells) / MB:.0f} MB, "
+              f"chunk {CHUNK_SIZE}, shard {SHARD_SIZE}): peak RSS {out[which]['peak_mb']:.0f} MB (after imports "
+              f"{out[which]['base_mb']:.0f} MB, conversion +{out[which]['added_mb']:.0f} MB), "
+              f"{out[which]['seconds']:.1f} s")
+        shutil.rmtree(ds)
+    return out
+
+
+@pytest.mark.slow
+def test_two_stage_peak_rss_does_not_follow_the_dataset_size(inputs: dict[str, Path], tmp_path: Path) -> None:
+    r = _convert_sizes(inputs, tmp_path, "1MB")  # below any dataset: the two-stage path
+    small, big = r["small"], r["big"]
+    added_data_mb = (csr_bytes(BIG_CELLS) - csr_bytes(SMALL_CELLS)) / MB
+    # The setup means something: the bigger dataset is several times what the tasks use, so
+    # memory that followed the dataset (even a fraction of it) would dominate.
+    assert csr_bytes(BIG_CELLS) / MB > 3 * max(small["added_mb"], big["added_mb"])
+    # 4x the cells: the peak stays within 1.3x of the smaller run ...
+    assert big["peak_mb"] < 1.3 * small["peak_mb"]
+    # ... and what the conversion added grew by well under a tenth of the added data
+    growth_mb = big["added_mb"] - small["added_mb"]
+    assert growth_mb < 0.1 * added_data_mb, (growth_mb, added_data_mb)
+
+
+@pytest.mark.slow
+def test_one_pass_holds_the_data_and_never_exceeds_its_limit(inputs: dict[str, Path], tmp_path: Path) -> None:
+    limit_mb = 1_200  # the big input's CSR is ~610 MB: both sizes take the one-pass path
+    r = _convert_sizes(inputs, tmp_path, f"{limit_mb}MiB")
+    for which, n_cells in (("small", SMALL_CELLS), ("big", BIG_CELLS)):
+        added = r[which]["added_mb"]
+        assert added <= limit_mb, (which, added)  # never above the budget
+        assert added >= 0.8 * csr_bytes(n_cells) / MB, (which, added)  # the data was held: one pass
+    # and the budget is what bounds it: the peak follows the data, unlike the two-stage path
+    assert r["big"]["added_mb"] - r["small"]["added_mb"] > 0.5 * (csr_bytes(BIG_CELLS) - csr_bytes(SMALL_CELLS)) / MB
+
+
 @pytest.mark.slow
 def test_input_several_times_the_process_memory_converts_and_verifies(
     inputs: dict[str, Path], tmp_path: Path
@@ -232,7 +203,7 @@ def test_input_several_times_the_process_memory_converts_and_verifies(
     report = tmp_path / "rss.json"
     cmd = [sys.executable, "-c", _CONVERT_MEASURED, str(report), "h5ad", str(src), "--output", str(out),
            "--chunk-size", str(LARGE_CHUNK_SIZE), "--shard-size", str(LARGE_SHARD_SIZE), "--obs-columns", "cell_type",
-           "--workers", "1", "--quiet"]
+           "--workers", "1", "--memory-limit", "100MB", "--quiet"]  # the two-stage path
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - t0
