@@ -37,6 +37,7 @@ def old_reader(ref: str) -> Any:
     mod = importlib.util.module_from_spec(spec)
     sys.modules["old_h5ad"] = mod  # picklable for worker processes
     spec.loader.exec_module(mod)
+    mod.H5adSource.zarr = False  # what the converter now asks of an .h5ad source
     return mod.H5adSource
 
 

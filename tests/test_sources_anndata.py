@@ -232,3 +232,33 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     zarr.open_group(tmp_path / "x.zarr", mode="w")
     with pytest.raises(InvalidInputError, match=r"x\.zarr: not an AnnData store"):
         AnnDataSource(tmp_path / "x.zarr")
+
+
+def test_anndata_07_frames_with_categories_by_reference(tmp_path: Path) -> None:
+    """Dataframes of encoding-version 0.1.0 (anndata 0.7): categories under ``__categories``,
+    referenced by an attribute of the codes."""
+    path = tmp_path / "v07.h5ad"
+    with h5py.File(path, "w") as f:
+        for name, cols in (("obs", ["ct", "n"]), ("var", [])):
+            g = f.create_group(name)
+            g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.1.0", "_index": "_index",
+                            "column-order": np.array(cols, dtype=h5py.string_dtype())})
+        f["obs"].create_dataset("_index", data=np.array([f"c{i}" for i in range(6)], dtype="S"))
+        cats = f["obs"].create_group("__categories").create_dataset("ct", data=np.array(["B", "T"], dtype="S"))
+        f["obs"].create_dataset("ct", data=np.array([0, 1, 1, -1, 0, 1], dtype="i1")).attrs["categories"] = cats.ref
+        f["obs"].create_dataset("n", data=np.arange(6))
+        f["var"].create_dataset("_index", data=np.array(["G1", "G2", "G3"], dtype="S"))
+        x = f.create_group("X")
+        x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (6, 3)})
+        x.create_dataset("data", data=np.arange(1, 7, dtype=np.float32))
+        x.create_dataset("indices", data=np.array([0, 1, 2, 0, 1, 2], dtype=np.int32))
+        x.create_dataset("indptr", data=np.arange(7))
+    ref = _reference(path, "h5ad")
+    assert isinstance(ref.obs["ct"].dtype, pd.CategoricalDtype)
+    src = AnnDataSource(path)
+    assert src.genes == list(ref.var_names)
+    chunk = src.read_rows(1, 5, ["ct", "n"])
+    assert chunk.cell_ids.tolist() == list(ref.obs_names[1:5])
+    assert chunk.obs["ct"].tolist() == _as_strings(ref.obs["ct"][1:5]) == ["T", "T", None, "B"]
+    assert chunk.obs["n"].tolist() == _as_strings(ref.obs["n"][1:5])
+    assert (chunk.matrix != ref.X[1:5]).nnz == 0
