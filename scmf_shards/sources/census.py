@@ -3,7 +3,8 @@ row ranges of the query's sorted obs ``soma_joinid`` s.
 
 Row ``i`` of a :class:`CensusSource` is the cell with the ``i``-th smallest ``soma_joinid``
 selected by the query; its cell id is that joinid as a string (unique within a Census
-release). Genes are the Census ``feature_id`` s (Ensembl ids), which the vocabulary maps
+release and organism; prefixed ``organism:`` when several organisms are converted
+together). Genes are the Census ``feature_id`` s (Ensembl ids), which the vocabulary maps
 directly. Counts come from ``X["raw"]``.
 
 Needs the ``census`` extra (``cellxgene-census``, ``tiledbsoma``), imported when a source is
@@ -54,6 +55,9 @@ class CensusSource:
 
     kind = "cellxgene_census"
     layout = "soma"
+    #: put before each joinid in the cell ids (``"mus_musculus:"`` when several organisms are
+    #: converted together: joinids are unique within one organism's experiment only)
+    cell_id_prefix = ""
 
     def __init__(
         self,
@@ -116,7 +120,7 @@ class CensusSource:
         joinids = self.query.obs_joinids[start:stop]
         indptr, indices, data = self.query.read(joinids)
         matrix = sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
-        cell_ids = np.array([str(j) for j in joinids.tolist()], dtype=object)
+        cell_ids = np.array([f"{self.cell_id_prefix}{j}" for j in joinids.tolist()], dtype=object)
         obs = self.query.read_obs(joinids, list(obs_columns))
         # with a var filter the matrix holds some genes only: the library size is still the
         # cell's total over all genes of the experiment (raw_sum, else whole rows)
@@ -142,6 +146,7 @@ class CensusSource:
             "obs_joinids_sha256": q.obs_digest,
             "n_genes": q.n_genes,
             "feature_ids_sha256": q.genes_digest,
+            **({"cell_id_prefix": self.cell_id_prefix} if self.cell_id_prefix else {}),
         }
 
     def manifest_fields(self, fingerprint: Mapping[str, object]) -> dict[str, object]:
@@ -207,6 +212,9 @@ def convert_census(
                 name, filters=filters, obs_filter=obs_filter, var_filter=var_filter,
                 census_version=census_version, uri=uri, tiledb_config=tiledb_config,
             ))
+        if len(sources) > 1:
+            for source in sources:
+                source.cell_id_prefix = f"{source.organism}:"
         return convert_sources(sources, output, options)
     finally:
         for source in sources:
