@@ -250,8 +250,13 @@ def open_dataset(
     *,
     verify: bool = False,
     max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
+    **remote: Any,
 ) -> DatasetStore:
     """Open the dataset directory ``path`` for reading.
+
+    A ``path`` that is an fsspec URL (``s3://...``) is opened through a node-local cache by
+    :func:`scmf_loader.streaming.remote.open_remote_dataset`, which takes ``remote``
+    (``cache_dir``, ``cache_limit``, ``storage_options``, ``retries``).
 
     Reads and validates the manifest (format and version) and the vocabulary, and checks
     each shard array file's size with one ``stat``; ``verify=True`` also checks every
@@ -265,6 +270,12 @@ def open_dataset(
     :class:`~scmf_loader.errors.ShardCorruptError`, each naming the file; a shard whose
     ``indptr`` is malformed raises ShardCorruptError when it is first read.
     """
+    if isinstance(path, str) and "://" in path:
+        from scmf_loader.streaming.remote import open_remote_dataset
+
+        return open_remote_dataset(path, verify=verify, max_open_shards=max_open_shards, **remote)
+    if remote:
+        raise ConfigurationError(f"{path}: {sorted(remote)} apply to datasets at URLs only")
     root = Path(path)
     manifest = read_manifest(root)
     check_manifest_arrays(manifest, root)

@@ -127,7 +127,7 @@ def test_retries_back_off_then_succeed_or_name_the_url(monkeypatch: pytest.Monke
     assert len(calls) == 4
     assert len(sleeps) == 3
     assert sleeps[2] > sleeps[0]  # exponential (with jitter in [0.5, 1.5))
-    with pytest.raises(RemoteError, match=r"^s3://b/k: reading failed 3 times; last error: TimeoutError: slow"):
+    with pytest.raises(RemoteError, match=r"^s3://b/k: reading failed after 3 attempt\(s\); last error: TimeoutError: slow"):
         with_retries(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "s3://b/k", "reading", retries=2)
     calls.clear()
 
@@ -159,6 +159,13 @@ def test_memory_url_streams_like_the_local_dataset(memory_url: str, loader_datas
     remote = [b.cell_ids.tolist() for b in StreamingCellDataset(memory_url, cache_dir=tmp_path, **kw)]
     here = [b.cell_ids.tolist() for b in StreamingCellDataset(loader_dataset, **kw)]
     assert remote == here
+    from scmf_loader.store import open_dataset
+
+    store = open_dataset(memory_url, cache_dir=tmp_path)  # the hook in open_dataset
+    assert type(store).__name__ == "RemoteDatasetStore"
+    assert store.n_cells == CellDataset(loader_dataset).store.n_cells
+    with pytest.raises(ConfigurationError, match="apply to datasets at URLs only"):
+        open_dataset(loader_dataset, cache_dir=tmp_path)
 
 
 def test_pins_eviction_and_waiting(memory_url: str, tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def with_retries(call: Callable[[], T], url: str, what: str, retries: int = DEFA
             if _permanent(exc):
                 raise
             if attempt >= retries:
-                raise RemoteError(f"{url}: {what} failed {attempt + 1} times; last error: {_describe(exc)}") from exc
+                raise RemoteError(f"{url}: {what} failed after {attempt + 1} attempt(s); last error: {_describe(exc)}") from exc
         time.sleep(min(2.0, backoff * 2**attempt) * (0.5 + random.random()))
         attempt += 1
 
