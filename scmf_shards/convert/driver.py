@@ -200,6 +200,7 @@ def convert_sources(
 
 def _execute(run: _Run) -> Manifest:
     """The stages of one conversion, in order."""
+    resumed = _resumed(run)
     plan = _plan(run)
     run.sources = prepare_sources(run.sources, plan.buckets / "sources")  # CSC copied as CSR
     stored = [store_alignment(a, run.ws.alignment(i)) for i, a in enumerate(run.alignments)]
@@ -209,9 +210,11 @@ def _execute(run: _Run) -> Manifest:
         work_dir=run.ws.preprocess, runner=run.runner,
     )
     memory = None
-    if one_pass(run.estimate, plan, run.options, run.runner):  # the shuffled data fits in memory
-        memory = {} if _all_shards_done(run, plan) else _scatter_to_memory(run, plan, stored, prep)
-    else:
+    if _all_shards_done(run, plan):  # a re-run after the last gather: nothing to read
+        memory = {}
+    elif not resumed and one_pass(run.estimate, plan, run.options, run.runner):  # fits in memory
+        memory = _scatter_to_memory(run, plan, stored, prep)
+    else:  # through buckets; a re-run of a killed conversion too, so every attempt keeps its work
         _scatter(run, plan, stored, prep)
     shards = _gather(run, plan, prep, memory)
     memory = None  # every shard is written: the held buckets go
@@ -258,6 +261,14 @@ def one_pass(estimate: int, plan: _Plan, options: ConvertOptions, runner: TaskRu
     per_cell = estimate / max(n_cells, 1)
     per_thread = per_cell * (2 * options.chunk_size + int(plan.sizes.max(initial=0)))
     return estimate + runner.threads * per_thread + ONE_PASS_MARGIN <= options.memory_limit_bytes
+
+
+def _resumed(run: _Run) -> bool:
+    """Whether an earlier attempt at this dataset left its plan (it was killed): the re-run
+    goes through buckets, so that a run killed again keeps what it read (a one-pass attempt
+    keeps nothing before its first shard)."""
+    plan = run.ws.read_plan()
+    return plan is not None and plan.get("dataset_id") == run.dataset_id
 
 
 def _all_shards_done(run: _Run, plan: _Plan) -> bool:
