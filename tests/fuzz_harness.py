@@ -38,8 +38,8 @@ N_GENES_SOURCE = 120
 
 # ---- the base dataset ---------------------------------------------------------------------
 def make_base(root: Path) -> Path:
-    """Convert a small raw-count ``.h5ad`` into ``root/base`` (3 shards) and add
-    ``var/nonzero_median`` to every shard (digests recomputed). Returns the dataset dir."""
+    """Convert a small raw-count ``.h5ad`` into ``root/base`` (3 shards) and give every shard
+    a ``var/nonzero_median`` if the converter did not (digests recomputed). Returns the dir."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -70,6 +70,8 @@ def _add_medians(ds: Path) -> None:
     medians = np.linspace(1.0, 5.0, manifest["n_genes"]).astype(np.float32)
     for shard in manifest["shards"]:
         var = zarr.open_group(str(ds / shard["path"] / "var"), mode="r+")
+        if "nonzero_median" in var:  # written by the converter
+            continue
         var.create_array("nonzero_median", shape=medians.shape, dtype=medians.dtype)[...] = medians
         var["nonzero_median"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         var.attrs["column-order"] = [*var.attrs.get("column-order", []), "nonzero_median"]
