@@ -261,7 +261,7 @@ class AnnDataSource:
             else:
                 from anndata.io import sparse_dataset
 
-                m = sparse_dataset(root[self._x_key])[start:stop]
+                m = sparse_dataset(root[self._x_key], should_cache_indptr=False)[start:stop]
         except ScmfError:
             raise
         except Exception as exc:
