@@ -84,7 +84,7 @@ def test_a_1mb_file_system_gives_one_line_naming_the_output_and_the_space(big_in
         m = re.fullmatch(rf"error: {re.escape(str(out))}: no space left on device \(about ([\d.]+) MB "
                          r"needed, ([\d.]+) MB free\); free space and re-run the same command to resume", lines[0])
         assert m, lines[0]
-        assert 2.0 <= float(m.group(1)) <= 8.0  # shards ~1.3 MB + buckets ~2 MB on this file system
+        assert 1.0 <= float(m.group(1)) <= 4.0  # shards ~1.3 MB (one pass: no buckets on disk)
         assert float(m.group(2)) < 1.0
         # the check before writing warned that the estimate does not fit
         assert re.search(r"^warning: .*out: about [\d.]+ MB needed but only 1\.0 MB free", done.stderr, re.M)
@@ -100,9 +100,13 @@ def test_rerun_after_space_is_freed_resumes_and_equals_an_uninterrupted_run(big_
     assert convert(big_input, reference).returncode == 0
     with tmpfs(tmp_path / "mnt", "3m") as mnt:
         out = mnt / "out"
-        failed = convert(big_input, out)
+        failed = convert(big_input, out, "--memory-limit", "1MB")  # through buckets: ~2 MB of them
         assert failed.returncode == 1
-        assert "no space left on device" in failed.stderr
+        [line] = error_lines(failed.stderr)
+        m = re.fullmatch(rf"error: {re.escape(str(out))}: no space left on device \(about ([\d.]+) MB "
+                         r"needed, ([\d.]+) MB free\).*", line)
+        assert m, line
+        assert 2.0 <= float(m.group(1)) <= 8.0  # shards ~1.3 MB and buckets ~2 MB
         assert not (out / "manifest.json").exists()
         finished = _shard_identity(out)
         remount(mnt, "size=32m")  # space freed
@@ -182,19 +186,21 @@ def test_estimate_is_close_to_what_the_shards_take(big_input: Path, tmp_path: Pa
 def test_free_space_check_warns_only_when_the_estimate_does_not_fit(tmp_path: Path) -> None:
     free = os.statvfs(tmp_path)
     available = free.f_bavail * free.f_frsize
+    out = tmp_path / "new" / "out"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warn_if_short(tmp_path / "new" / "out", None, 1000)
+        warn_if_short(out, None, 1000)
         assert not caught
-        warn_if_short(tmp_path / "new" / "out", None, available)  # x2 with the buckets
-    [w] = caught
-    assert issubclass(w.category, LowSpaceWarning)
-    assert f"{tmp_path / 'new' / 'out'}: about " in str(w.message)
+        warn_if_short(out, None, 2 * available)  # the shards alone do not fit
+        warn_if_short(out, None, available * 3 // 4)  # they fit, but not with the buckets
+    assert [w.category for w in caught] == [LowSpaceWarning, LowSpaceWarning]
+    assert re.match(rf"{re.escape(str(out))}: about [\d,.]+ MB needed but only [\d,.]+ MB free", str(caught[0].message))
+    assert "if the data does not fit --memory-limit" in str(caught[1].message)
 
 
 @pytest.mark.parametrize(("code", "text"), [
-    (errno.ENOSPC, "no space left on device (about 2.0 MB needed, "),
-    (errno.EDQUOT, "no space left on device (disk quota exceeded) (about 2.0 MB needed, "),
+    (errno.ENOSPC, "no space left on device (about 1.0 MB needed, "),
+    (errno.EDQUOT, "no space left on device (disk quota exceeded) (about 1.0 MB needed, "),
     (errno.EROFS, "read-only file system (cannot write "),
     (errno.EACCES, "permission denied (cannot write "),
 ])

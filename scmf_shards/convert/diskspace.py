@@ -1,7 +1,8 @@
 """Disk space and unwritable outputs: an estimate before writing, one clear line on failure.
 
-A conversion writes its shards into ``--output`` and, while it runs, buckets of the same
-data into its scratch directory (inside ``--output`` unless ``--scratch-dir``).
+A conversion writes its shards into ``--output`` and, unless its data fits ``--memory-limit``
+(one pass), buckets of about the same size into its scratch directory (inside ``--output``
+unless ``--scratch-dir``).
 :func:`estimate_bytes` samples the inputs' first rows for the number of stored values per
 cell; :func:`warn_if_short` warns before anything is written when the estimate does not fit
 the free space. When a write fails, :func:`output_error` turns the ``OSError`` (``ENOSPC``,
@@ -100,23 +101,48 @@ def _same_device(a: Path, b: Path) -> bool:
         return True
 
 
-def needed_bytes(out: Path, scratch: Path | None, shards: int) -> dict[Path, int]:
-    """Bytes needed per location: the shards in ``out``, and the scratch buckets (about as
-    large) in ``scratch`` (``out`` itself when None or on the same file system)."""
+def _buckets_on_disk(out: Path) -> bool:
+    """Whether this conversion writes scratch buckets (a run through buckets has at least
+    one bucket directory under the root its plan names; a one-pass run has none)."""
+    from scmf_shards.convert.workspace import Workspace
+
+    try:
+        root = (Workspace.at(out).read_plan() or {}).get("bucket_root")
+        return bool(root) and any(Path(root).glob("c*"))
+    except (OSError, ValueError):
+        return False
+
+
+def needed_bytes(out: Path, scratch: Path | None, shards: int, buckets: bool = False) -> dict[Path, int]:
+    """Bytes needed per location: the shards in ``out`` and, with ``buckets``, the scratch
+    buckets (about as large) in ``scratch`` (``out`` itself when None or on the same file
+    system). A run that holds its data in memory (``--memory-limit``) writes no buckets."""
+    if not buckets:
+        return {out: shards}
     if scratch is None or _same_device(out, scratch):
         return {out: 2 * shards}
     return {out: shards, scratch: shards}
 
 
 def warn_if_short(out: Path, scratch: Path | None, shards: int) -> None:
-    """Warn (:class:`LowSpaceWarning`) for each location whose free space is below the estimate."""
-    for where, need in needed_bytes(out, scratch, shards).items():
-        free = free_bytes(where)
-        if need > free:
-            warnings.warn(
-                f"{where}: about {_mb(need)} MB needed but only {_mb(free)} MB free; the conversion "
-                "will likely stop with 'no space left on device' (free space, or use --scratch-dir "
-                "for the temporary buckets)", LowSpaceWarning, stacklevel=3)
+    """Warn (:class:`LowSpaceWarning`) when the shards' estimated size does not fit the free
+    space of ``out``, or shards and buckets together do not fit (bucket runs need both)."""
+    free = free_bytes(out)
+    both = needed_bytes(out, scratch, shards, buckets=True)
+    if shards > free:
+        message = f"about {_mb(shards)} MB needed but only {_mb(free)} MB free"
+    elif both[out] > free:
+        message = (f"about {_mb(shards)} MB needed, {_mb(both[out])} MB if the data does not fit "
+                   f"--memory-limit and goes through scratch buckets, but only {_mb(free)} MB free")
+    else:
+        for where, need in both.items():  # a --scratch-dir on another file system
+            if where != out and need > free_bytes(where):
+                warnings.warn(f"{where}: about {_mb(need)} MB of scratch buckets may be needed but only "
+                              f"{_mb(free_bytes(where))} MB free", LowSpaceWarning, stacklevel=3)
+        return
+    warnings.warn(
+        f"{out}: {message}; the conversion will likely stop with 'no space left on device' "
+        "(free space, or use --scratch-dir for the temporary buckets)", LowSpaceWarning, stacklevel=3)
 
 
 def _full(path: Path, need: int) -> bool:
@@ -133,7 +159,7 @@ def output_error(exc: OSError, out: Path, scratch: Path | None, shards: int | No
     a conversion into ``out`` (``None`` when it is not a problem of the output's file system)."""
     if isinstance(exc, ScmfError):
         return None
-    needs = needed_bytes(out, scratch, shards or 0)
+    needs = needed_bytes(out, scratch, shards or 0, buckets=_buckets_on_disk(out))
     where = [p for p in needs if exc.filename and str(exc.filename).startswith(str(p))] or list(needs)
     code = exc.errno
     if code in _NO_SPACE or (code is None and any(_full(p, needs[p]) for p in where)):
