@@ -50,7 +50,10 @@ __all__ = [
     "VAR_COLUMN",
     "NonzeroHistogram",
     "chunk_histogram",
+    "load_medians",
     "merge_histograms",
+    "read_dataset_medians",
+    "save_medians",
 ]
 
 #: the shard's var column holding the medians
@@ -416,3 +419,43 @@ def merge_histograms(histograms: Iterable[NonzeroHistogram], n_genes: int,
     for h in histograms:
         total = total.merge(h, exact_limit)
     return total
+
+
+def save_medians(path: str | os.PathLike[str], medians: np.ndarray) -> None:
+    """Write the medians (float32 ``.npy``) under a temporary name, then rename."""
+    final = Path(path)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}.npy")
+    np.save(tmp, np.asarray(medians, dtype=np.float32))
+    os.replace(tmp, final)
+
+
+def load_medians(path: str | os.PathLike[str], n_genes: int) -> np.ndarray:
+    """The medians :func:`save_medians` wrote, checked to hold one float32 per token."""
+    try:
+        med = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ShardCorruptError(f"{path}: the non-zero medians cannot be read ({e}); re-run the "
+                                "conversion") from None
+    if med.dtype != np.float32 or med.shape != (n_genes,):
+        raise ShardCorruptError(f"{path}: {med.dtype} {med.shape} non-zero medians, expected "
+                                f"float32 ({n_genes},); re-run the conversion")
+    return med
+
+
+def read_dataset_medians(dataset_dir: str | os.PathLike[str], shard_path: str | None,
+                         n_genes: int) -> np.ndarray | None:
+    """A dataset's stored ``var/nonzero_median`` (from the shard at ``shard_path``, relative
+    to ``dataset_dir``; every shard holds the same array), or None when it has none (a
+    dataset written before the column existed, or without shards)."""
+    if shard_path is None:
+        return None
+    import zarr
+
+    try:
+        med = np.asarray(zarr.open_group(str(Path(dataset_dir) / shard_path), mode="r")["var"][VAR_COLUMN][...])
+    except (KeyError, FileNotFoundError):
+        return None
+    if med.shape != (n_genes,):
+        raise ShardCorruptError(f"{Path(dataset_dir) / shard_path}: var/{VAR_COLUMN} holds {med.shape} "
+                                f"values, expected ({n_genes},)")
+    return med.astype(np.float32, copy=False)

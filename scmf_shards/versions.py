@@ -210,9 +210,10 @@ def _restrict(arrays: Any, keep: Any) -> tuple[Any, Any, Any]:
 
 def _rewrite_shard(tmp_dir: Path, entry: ShardEntry, new: Manifest, out: Path, relpath: str,
                    cats: Mapping[str, Sequence[str]], renamed: Mapping[str, str], tokens: list[str],
-                   keep: Any) -> ShardEntry:
+                   keep: Any, var_columns: Mapping[str, Any]) -> ShardEntry:
     """One shard of the new cells written into ``out`` with codes of the child categories
-    (and, when BASE selected HVGs, only their non-zeros: ``keep``)."""
+    (and, when BASE selected HVGs, only their non-zeros: ``keep``) and BASE's per-gene
+    ``var_columns`` (its non-zero medians)."""
     import numpy as np
 
     from scmf_shards.write import ShardContent, write_shard
@@ -229,7 +230,7 @@ def _rewrite_shard(tmp_dir: Path, entry: ShardEntry, new: Manifest, out: Path, r
     content = ShardContent(
         data=data, indices=indices, indptr=indptr, n_genes=new.n_genes,
         cell_ids=read_obs_index(shard_dir), obs_codes=codes, obs_categories=cats,
-        var_names=tokens, numeric_obs=numeric,
+        var_names=tokens, numeric_obs=numeric, var_columns=var_columns,
     )
     return write_shard(out / relpath, relpath, content)
 
@@ -291,6 +292,7 @@ def append_dataset(
     cannot be appended (another organism, genes outside the vocabulary, a preprocessing
     fitted on BASE's cells, an output that exists)."""
     from scmf_shards.convert import convert_h5ad
+    from scmf_shards.medians import VAR_COLUMN, read_dataset_medians
 
     if link not in LINKS:
         raise ConfigurationError(f"link must be one of {LINKS}, got {link!r}")
@@ -315,7 +317,10 @@ def append_dataset(
         i += 1
     (out / "shards").mkdir(exist_ok=True)
     keep = _hvg_mask(bm, vocab)
-    new_shards = [_rewrite_shard(tmp_dir, e, nm, out, rel, cats, renamed, vocab.tokens, keep)
+    # every shard holds the same medians: BASE's, kept (docs/versions.md); none if BASE has none
+    medians = read_dataset_medians(base_dir, bm.shards[0].path if bm.shards else None, bm.n_genes)
+    var_columns = {} if medians is None else {VAR_COLUMN: medians}
+    new_shards = [_rewrite_shard(tmp_dir, e, nm, out, rel, cats, renamed, vocab.tokens, keep, var_columns)
                   for e, rel in zip(nm.shards, new_paths, strict=True)]
     for e in bm.shards:
         (out / e.path).parent.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,9 @@ from scmf_shards.convert.diskspace import OutputGuard, estimate_bytes
 from scmf_shards.convert.gather import CELL_STATS, GatherTask, reusable_shard, run_gather
 from scmf_shards.convert.output import locked, prepare_output, remove_partial_shards
 from scmf_shards.convert.scatter import ScatterTask, run_scatter, scatter_to_memory
-from scmf_shards.convert.workspace import Workspace, bucket_path
+from scmf_shards.convert.workspace import Workspace, bucket_histogram, bucket_path
 from scmf_shards.executor import TaskRunner
+from scmf_shards.medians import NonzeroHistogram, merge_histograms, save_medians
 from scmf_shards.options import ConvertOptions
 from scmf_shards.plan import ReadChunk, assignment_table, plan_chunks, shard_sizes
 from scmf_shards.preprocess.config import allows_negative, check_preprocessing
@@ -216,6 +217,7 @@ def _execute(run: _Run) -> Manifest:
         memory = _scatter_to_memory(run, plan, stored, prep)
     else:  # through buckets; a re-run of a killed conversion too, so every attempt keeps its work
         _scatter(run, plan, stored, prep)
+    _save_medians(run, plan, memory)
     shards = _gather(run, plan, prep, memory)
     memory = None  # every shard is written: the held buckets go
     manifest = _publish(run, shards, prep)
@@ -287,7 +289,7 @@ def _scatter_tasks(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: 
             seed=opts.seed, shuffle=opts.shuffle, dtype=opts.dtype,
             bucket_dir=str(bucket_path(plan.buckets, c.index)),
             transform=prep.transform_for(c.index) if prep is not None else None,
-            allow_negative=allows_negative(opts.preprocessing),
+            allow_negative=allows_negative(opts.preprocessing), n_genes=len(run.vocab),
         )
         for c in plan.chunks
     ]
@@ -302,6 +304,20 @@ def _scatter_to_memory(run: _Run, plan: _Plan, stored: list[StoredAlignment], pr
     """One-pass conversions: every read chunk aligned and held in memory, by chunk index."""
     held = run.runner.map(scatter_to_memory, _scatter_tasks(run, plan, stored, prep), desc="read and align")
     return {c.index: h for c, h in zip(plan.chunks, held, strict=True)}
+
+
+def _save_medians(run: _Run, plan: _Plan, memory: dict[int, Any] | None) -> None:
+    """The per-gene non-zero medians (:mod:`scmf_shards.medians`): every chunk's histogram
+    merged (held in memory, or saved with its bucket) and saved in the workspace, where each
+    gather task reads them into its shard's var. A function of the data alone: kept from an
+    earlier run; not needed when a one-pass re-run holds no chunk (every shard is written)."""
+    if run.ws.medians.is_file() or (memory is not None and len(memory) < len(plan.chunks)):
+        return
+    histograms = (memory[c.index].histogram if memory is not None
+                  else NonzeroHistogram.load(bucket_histogram(bucket_path(plan.buckets, c.index)))
+                  for c in plan.chunks)
+    save_medians(run.ws.medians, merge_histograms(histograms, len(run.vocab)).medians())
+    faults.fault_point("driver:medians")
 
 
 def _gather(run: _Run, plan: _Plan, prep: Any, memory: dict[int, Any] | None = None) -> list[ShardEntry]:

@@ -23,6 +23,7 @@ from scmf_loader.vocab import GeneVocab
 from scmf_shards import faults
 from scmf_shards.convert.workspace import Workspace, bucket_path
 from scmf_shards.kernels import copy_rows
+from scmf_shards.medians import VAR_COLUMN, load_medians
 from scmf_shards.plan import shard_permutation
 from scmf_shards.scratch import release as scratch_release
 from scmf_shards.scratch import scratch
@@ -101,6 +102,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         obs_categories={"source": task.categories["source"],
                         **{c: task.categories[c] for c in task.obs_columns}},
         var_names=_vocab_tokens(str(ws.vocab), task.vocab_sha256), numeric_obs=numeric,
+        var_columns={VAR_COLUMN: load_medians(ws.medians, task.n_genes)},
     )
     entry = write_shard(final, relpath, content, after_step=faults.fault_point)
     faults.fault_point("gather:shard")
