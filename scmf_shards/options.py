@@ -71,7 +71,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("inputs", "run", "Input files (paths or fsspec URLs).", yaml=("paths",)),
     Option("output", "output", "Dataset directory to write.", short="-o"),
     Option("source", "run", "local/h5ad or cellxgene_census/census: which command the file is for."),
-    Option("vocab", "common", "human_protein_coding, union, or a vocabulary file (.json/.tsv)",
+    Option("vocab", "common", "human_protein_coding, human+mouse (mouse genes on their one-to-one human "
+           "orthologs; also mouse_protein_coding, human+mouse:mouse_only=token), union, or a vocabulary "
+           "file (.json/.tsv)",
            yaml=("gene_vocab",)),
     Option("obs_columns", "common", "Comma-separated obs columns to keep."),
     Option("shard_size", "common", "Maximum cells per shard. Shards are balanced: N cells make "
@@ -176,7 +178,12 @@ def options_in(*groups: str) -> tuple[Option, ...]:
 class ConvertOptions:
     """Everything that controls a conversion (see :data:`OPTIONS` for each option's meaning).
 
-    ``vocab`` is ``"human_protein_coding"``, ``"union"`` or a vocabulary file; ``matrix`` is
+    ``vocab`` is a shipped vocabulary (``"human_protein_coding"``, ``"human+mouse"``, see
+    :data:`~scmf_loader.vocab.BUILTIN_VOCABS`), ``"union"`` or a vocabulary file;
+    ``organism`` names the inputs' organism(s) (``"homo_sapiens,mus_musculus"``; default:
+    told per source, see :mod:`scmf_shards.convert.derived`); ``perturbation`` is ``"auto"`` or
+    ``"COLUMN[,COLUMN]"`` (parsed into the obs columns of ``docs/perturbation.md``) and
+    ``strict_perturbation`` refuses what does not parse; ``matrix`` is
     ``"X"``, ``"raw"`` or ``"layer:NAME"``; ``shard_size`` is the maximum number of cells per
     shard (shards are balanced: ``ceil(n / shard_size)`` shards of sizes differing by at
     most one); ``chunk_size`` is cells read per task (bounds memory; part of the dataset

@@ -2,14 +2,15 @@
 
 :func:`derive_obs_columns` runs before any work, in the main process:
 
-- **species** (a multi-species ``--vocab`` such as ``human+mouse``, or ``--organism``): each
-  source's organism is the Census query's, the one ``--organism`` names, or the one
-  :func:`~scmf_shards.species.detect_organism` tells from its metadata and gene ids; the
-  vocabulary must cover it, no two of its genes may land on one token, and every cell gets an
-  ``organism`` obs column. The manifest records per source its ``organism`` and
-  ``gene_mapping`` (:func:`~scmf_shards.species.mapping_counts`). Under a single-organism
-  vocabulary a source whose organism is told to be another one is refused naming
-  ``--vocab human+mouse``;
+- **species**: each source's organism is the Census query's, the one ``--organism`` names,
+  or the one :func:`~scmf_shards.species.detect_organism` tells from its obs/uns metadata and
+  gene ids. The vocabulary must cover it: under a one-organism vocabulary (the human default)
+  a source told to be another organism is refused naming ``--vocab human+mouse`` (one that
+  cannot be told is left to the gene overlap check). Under a multi-species vocabulary
+  (``human+mouse``) every source must be told (else refused naming ``--organism``), no two of
+  its genes may land on one token, its genes are aligned with its organism's names only, every
+  cell gets an ``organism`` obs column, and the manifest records per source its ``organism``
+  and ``gene_mapping`` (:func:`~scmf_shards.species.mapping_counts`);
 - **perturbation** (``--perturbation auto|COLUMN[,COLUMN]``): the source's labels are parsed
   (:func:`~scmf_shards.perturbation.parse_perturbations`) into the six schema columns, stored
   whatever ``--obs-columns`` says.
