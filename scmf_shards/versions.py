@@ -104,6 +104,8 @@ def _options(base: Manifest, base_dir: Path, **run: Any) -> Any:
         chunk_size=shuffle.chunk_size or ConvertOptions.default("chunk_size"),
         shuffle=True if shuffle.enabled is None else shuffle.enabled, seed=shuffle.seed or 0,
         dtype=base.dtype, preprocessing=_append_preprocessing(base, str(base_dir)),
+        # BASE's perturbation columns are parsed from the new inputs too (names may differ)
+        perturbation="auto" if base.perturbation else None,
         **{k: v for k, v in run.items() if v is not None},
     )
 
@@ -349,6 +351,8 @@ def _child_manifest(bm: Manifest, nm: Manifest, cats: Mapping[str, list[str]], r
         preprocessing=dict(bm.preprocessing), sources=sources,
         obs_columns=[ObsColumn(name=k, categories=tuple(v)) for k, v in cats.items()],
         cell_stats=tuple(bm.cell_stats), shuffle=dict(bm.shuffle), shards=shards,
+        perturbation={**(bm.perturbation or {}),
+                      **{renamed.get(k, k): v for k, v in (nm.perturbation or {}).items()}} or None,
     )
 
 

@@ -223,3 +223,21 @@ def test_option_errors(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "--perturbation" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_appended_version_parses_the_new_inputs(tmp_path: Path) -> None:
+    from scmf_shards.convert import convert_h5ad
+    from scmf_shards.versions import append_dataset
+
+    base_obs, new_obs = norman_obs(150, 5), norman_obs(90, 6)
+    new_obs.index = [f"new{i}" for i in range(len(new_obs))]
+    convert_h5ad([_write(tmp_path / "a.h5ad", base_obs, 5)], tmp_path / "v1", perturbation="auto",
+                 obs_columns=("gem_group",), quiet=True)
+    append_dataset(tmp_path / "v1", [_write(tmp_path / "b.h5ad", new_obs, 6)], tmp_path / "v2")
+    stored = stored_obs(tmp_path / "v2")
+    for cell, label in pd.concat([base_obs, new_obs])["guide_identity"].astype(str).items():
+        assert tuple(stored.loc[cell, list(COLUMNS)]) == NORMAN[label], (cell, label)
+    m = read_manifest(tmp_path / "v2")
+    assert sorted(m.perturbation) == ["a.h5ad", "b.h5ad"]
+    assert m.parent["dataset_id"] == read_manifest(tmp_path / "v1").dataset_id
+    assert PerturbationDataset(tmp_path / "v2", seed=0).match_on == ("gem_group",)
