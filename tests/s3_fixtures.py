@@ -111,6 +111,20 @@ class MotoS3:
         return bytes(self.client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
+def _request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The body of the request ``handler`` is serving (plain or chunked)."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0], 16)
+            chunk = handler.rfile.read(size + 2)[:size]
+            if not size:
+                break
+            parts.append(chunk)
+        return b"".join(parts)
+    return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+
 class FaultProxy:
     """An HTTP proxy on loopback in front of ``upstream`` (host, port): every request waits
     ``delay_s`` first; a share ``fail_rate`` of them fails (alternately a 503 SlowDown, a
@@ -163,20 +177,8 @@ class FaultProxy:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
                 pass
 
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    parts = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        chunk = self.rfile.read(size + 2)[:size]
-                        if not size:
-                            break
-                        parts.append(chunk)
-                    return b"".join(parts)
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
             def _relay(self) -> None:
-                body = self._body()
+                body = _request_body(self)
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
                 fault = proxy._fault()
