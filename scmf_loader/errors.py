@@ -19,6 +19,7 @@ __all__ = [
     "ManifestError",
     "ManifestNotFoundError",
     "ObsColumnNotFoundError",
+    "OutputNotWritableError",
     "RegistryError",
     "ScmfError",
     "ShardCorruptError",
@@ -106,3 +107,8 @@ class UnknownDatasetError(RegistryError, KeyError):
 class DatasetChangedError(ScmfError):
     """The dataset at a registered location has another ``dataset_id`` than the registry
     pins: the data changed under the name."""
+
+
+class OutputNotWritableError(ScmfError, OSError):
+    """The output (or scratch) directory cannot take the conversion: no space left, a
+    read-only file system, no permission, or a path that cannot be created."""

@@ -280,8 +280,12 @@ def test_verify_finds_structure_errors_behind_valid_checksums(copy: Path, corrup
     assert len(problems) == 1
     assert re.search(message, problems[0])
     assert f"{shard:06d}.zarr" in problems[0]
-    store = open_dataset(copy)  # cheap checks do not read indices; obs codes are checked on read
-    store.csr(shard)
+    store = open_dataset(copy)  # open is stat-only; a shard's first read checks indptr and the index range
+    if corrupt is _out_of_range:
+        with pytest.raises(ShardCorruptError, match=message):
+            store.csr(shard)
+    else:
+        store.csr(shard)
     if corrupt is _obs_code:
         with pytest.raises(ShardCorruptError, match=message):
             store.obs_codes(shard, "cell_type")

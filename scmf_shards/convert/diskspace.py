@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from scmf_loader.errors import ScmfError
+from scmf_loader.errors import OutputNotWritableError, ScmfError
 
 __all__ = [
     "LowSpaceWarning",
@@ -47,11 +47,6 @@ _NOT_CREATED = (errno.ENOTDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT, e
 
 class LowSpaceWarning(UserWarning):
     """The estimated size of a conversion does not fit the free space of its output."""
-
-
-class OutputNotWritableError(ScmfError, OSError):
-    """The output (or scratch) directory cannot take the conversion: no space left, a
-    read-only file system, no permission, or a path that cannot be created."""
 
 
 def _mb(n: float) -> str:
