@@ -16,7 +16,8 @@ per-batch bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import copy
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,16 @@ import torch
 from scmf_loader.batch import TRUNCATIONS, CSRBatch
 from scmf_loader.dataset import CellDataset, range_of
 from scmf_loader.errors import ConfigurationError
+from scmf_loader.readahead import DEFAULT_DEPTH, ReadAhead
 from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSampler
+from scmf_loader.transport import (
+    LoaderRing,
+    Packed,
+    RingFlags,
+    Slotted,
+    WorkerRing,
+    install_arena,
+)
 
 __all__ = ["OUTPUTS", "CellDataLoader"]
 
@@ -41,6 +51,7 @@ class _Request:
     epoch: int
     position: int
     ids: np.ndarray | tuple[int, int]
+    tag: int = 1  # the loader's iteration (worker slots are claimed under it)
 
 
 @dataclass(frozen=True)
@@ -54,82 +65,56 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _flatten(x: Any, leaves: list[torch.Tensor]) -> Any:
-    """The structure of a loader output with each tensor replaced by its index in ``leaves``."""
-    if isinstance(x, torch.Tensor):
-        leaves.append(x)
-        return len(leaves) - 1
-    if isinstance(x, CSRBatch):
-        arrays = [_flatten(t, leaves) for t in (x.indptr, x.indices, x.values, x.cell_ids)]
-        return (x.n_genes, arrays, _flatten(x.obs, leaves), _flatten(x.stats, leaves))
-    return {k: _flatten(v, leaves) for k, v in x.items()}
-
-
-def _build(structure: Any, leaves: list[torch.Tensor]) -> Any:
-    if isinstance(structure, int):
-        return leaves[structure]
-    if isinstance(structure, tuple):
-        n_genes, arrays, obs, stats = structure
-        return CSRBatch(*(leaves[i] for i in arrays), n_genes, _build(obs, leaves), _build(stats, leaves))
-    return {k: _build(v, leaves) for k, v in structure.items()}
-
-
-class _Packed:
-    """A worker's output copied into one buffer, so that one shared-memory segment (one file
-    descriptor) crosses the process boundary instead of one per tensor; unpacked into views."""
-
-    def __init__(self, item: Any) -> None:
-        leaves: list[torch.Tensor] = []
-        self.structure = _flatten(item, leaves)
-        self.layout = []
-        offset = 0
-        for t in leaves:
-            self.layout.append((offset, t.dtype, tuple(t.shape)))
-            offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned
-        # allocated in shared memory from the start: no copy when it is sent, and no
-        # multi-megabyte heap block per batch left for malloc to hoard in the worker
-        self.buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, 1)))[:offset]
-        for t, (start, _, _) in zip(leaves, self.layout, strict=True):
-            self.buffer[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
-
-    def unpack(self) -> Any:
-        """The output again, as views of the one buffer."""
-        leaves = [
-            self.buffer[start : start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype).view(shape)
-            for start, dtype, shape in self.layout
-        ]
-        return _build(self.structure, leaves)
-
-
 def _pin(item: Any) -> Any:
-    """A loader output (CSRBatch or dict of tensors) in page-locked memory."""
+    """A loader output (CSRBatch, tensors in dicts, lists or tuples) in page-locked memory."""
+    if isinstance(item, (torch.Tensor, CSRBatch)):
+        return item.pin_memory()
     if isinstance(item, dict):
         return {k: _pin(v) for k, v in item.items()}
-    return item.pin_memory()
+    if isinstance(item, (list, tuple)) and type(item) in (list, tuple):
+        return type(item)(_pin(v) for v in item)
+    return item
 
 
 class _Requests(torch.utils.data.Sampler[_Request]):
-    """Tags the wrapped sampler's batches of one epoch, from a start position on."""
+    """Tags the wrapped sampler's batches of one epoch, from a start position on; what the
+    workers see leaves out the batches ``skip`` says the loader's process reads itself."""
 
     def __init__(self, sampler: BatchSampler) -> None:
         self.sampler = sampler
         self.epoch = 0
         self.start = 0
+        self.tag = 1
+        self.skip: Callable[[Any], bool] | None = None
 
     def __len__(self) -> int:
         return len(self.sampler) - self.start
 
+    def all(self, epoch: int | None = None, start: int | None = None, tag: int | None = None) -> Iterator[_Request]:
+        """Every request of the epoch from the start position, skipped ones included (of
+        the given epoch, start and tag, default the current ones)."""
+        epoch = self.epoch if epoch is None else epoch
+        start = self.start if start is None else start
+        tag = self.tag if tag is None else tag
+        for i, ids in enumerate(self.sampler.batches_or_ranges(epoch, start), start=start):
+            yield _Request(epoch, i, ids, tag)
+
     def __iter__(self) -> Iterator[_Request]:
-        for i, ids in enumerate(self.sampler.batches_or_ranges(self.epoch, self.start), start=self.start):
-            yield _Request(self.epoch, i, ids)
+        skip = self.skip
+        return self.all() if skip is None else (r for r in self.all() if not skip(r.ids))
 
 
 class _Fetcher(torch.utils.data.Dataset):
     """What workers run: read one requested batch and convert it to the chosen output."""
 
     def __init__(self, dataset: CellDataset, output: str, max_genes: int | None, add_cls: bool,
-                 truncation: str, seed: int, rank: int, n_bins: int = 51) -> None:
+                 truncation: str, seed: int, rank: int, n_bins: int = 51, *,
+                 transform: Callable[[Any], Any] | None = None, flags: RingFlags | None = None) -> None:
         self.dataset = dataset
+        self.raw, self.pipeline = _fusable(dataset)
+        self.transform = transform
+        self.flags = flags
+        self._ring: WorkerRing | None = None  # made in the worker process
         self.output = output
         self.n_bins = n_bins
         self.max_genes = max_genes
@@ -141,9 +126,15 @@ class _Fetcher(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def zero_copy_possible(self) -> bool:
+        """True when some batches are views of the memory map (CSR output, nothing applied)."""
+        ds = self.dataset
+        return (self.output == "csr" and self.transform is None and getattr(ds, "preprocessing", None) is None
+                and getattr(ds, "store", None) is not None and hasattr(ds, "shard_of_range"))
+
     def _zero_copy(self, ids: np.ndarray | tuple[int, int]) -> bool:
         ds = self.dataset
-        if self.output != "csr" or ds.preprocessing is not None or ds.store is None:
+        if not self.zero_copy_possible():
             return False
         as_range = ids if isinstance(ids, tuple) else range_of(ids)
         return as_range is not None and ds.shard_of_range(*as_range) >= 0
@@ -154,15 +145,29 @@ class _Fetcher(torch.utils.data.Dataset):
         if set_epoch is not None:  # datasets with per-epoch draws (matched controls) follow it
             set_epoch(request.epoch)
         ids = request.ids
-        batch = self.dataset.get_range(*ids) if isinstance(ids, tuple) else self.dataset.__getitems__(ids)
-        return self.convert(batch, request)
+        # a dataset's recorded pipeline is fused into the output kernel: read raw counts
+        source = self.dataset if self.pipeline is None else self.raw
+        batch = source.get_range(*ids) if isinstance(ids, tuple) else source.__getitems__(ids)
+        out = self.convert(batch, request, self.pipeline)
+        return out if self.transform is None else self.transform(out)
 
     def __getitem__(self, request: _Request) -> Any:
-        if torch.utils.data.get_worker_info() is None:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
             return self.read(request)
         if self._zero_copy(request.ids):
             return _Ref(request)
-        return _Packed(self.read(request))
+        if self.flags is None:
+            return Packed(self.read(request))
+        if self._ring is None:
+            install_arena()
+            self._ring = WorkerRing(self.flags, info.id)
+        return self._ring.produce(lambda: self.read(request), request.tag)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_ring"] = None
+        return state
 
     def convert(self, batch: CSRBatch, request: _Request, preprocessing: Any = None) -> Any:
         """The batch in the loader's output form. ``preprocessing`` (a pipeline not yet
@@ -185,6 +190,20 @@ class _Fetcher(torch.utils.data.Dataset):
         out["cell_ids"] = batch.cell_ids
         out["obs"] = batch.obs
         return out
+
+
+def _fusable(dataset: Any) -> tuple[Any, Any]:
+    """``(the dataset without its pipeline, the pipeline)`` when the dataset's per-batch
+    preprocessing is a :class:`~scmf_loader.preprocess.PreprocessingPipeline` the output
+    kernels fuse (normalise, log1p: each value read and written once); else ``(None, None)``."""
+    pipe = getattr(dataset, "preprocessing", None)
+    if type(dataset) is not CellDataset or pipe is None or not hasattr(pipe, "divisors_for"):
+        return None, None
+    if not getattr(pipe, "transforms_values", False):
+        return None, None
+    raw = copy.copy(dataset)  # shares the store and caches; only the pipeline differs
+    raw.preprocessing = None
+    return raw, pipe
 
 
 def _checked_options(dataset: Any, output: str, n_bins: int, truncation: str,
@@ -250,6 +269,17 @@ class CellDataLoader:
     one explicitly. ``state_dict()`` taken after any batch and given to
     ``load_state_dict()`` makes the next iteration yield exactly the rest of that epoch.
     ``pin_memory`` is skipped silently without CUDA.
+
+    ``transform``: a callable applied to every output (in the worker that built it); its
+    result may be tensors in dicts, lists and tuples, CSR batches, numpy arrays or plain
+    values. Workers hand batches over through ``slots_per_worker`` reused shared-memory
+    slots each (default ``prefetch_factor + 3``; 0: a fresh segment per batch), see
+    :mod:`scmf_loader.transport`: the output kernels write straight into a slot, and a slot
+    is reused once nothing views its batch any more. With CUDA and ``pin_memory`` the slots
+    are page-locked, so ``batch.to("cuda", non_blocking=True)`` copies from them directly.
+    ``read_ahead``: batches that background threads keep ahead of the reader, mapping and
+    checking the next shard and asking the kernel for the next batches' pages
+    (:mod:`scmf_loader.readahead`; 0 turns it off).
     """
 
     def __init__(
@@ -275,6 +305,9 @@ class CellDataLoader:
         prefetch_factor: int | None = None,
         multiprocessing_context: Any = None,
         timeout: float = 0,
+        transform: Callable[[Any], Any] | None = None,
+        slots_per_worker: int | None = None,
+        read_ahead: int = DEFAULT_DEPTH,
     ) -> None:
         max_genes = _checked_options(dataset, output, n_bins, truncation, max_genes, num_workers)
         sampler = _sampler_for(dataset, sampler, batch_size, shuffle, block_size, drop_last,
@@ -283,15 +316,26 @@ class CellDataLoader:
         self.sampler = sampler
         self.output = output
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        if isinstance(read_ahead, bool) or read_ahead < 0:
+            raise ConfigurationError(f"read_ahead must be a number of batches >= 0, got {read_ahead!r}")
+        self.read_ahead = int(read_ahead)
         self._epoch = 0
         self._done = 0
         self._resume: int | None = None
         self._requests = _Requests(sampler)
-        self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins)
+        if transform is not None and not callable(transform):
+            raise ConfigurationError(f"transform must be callable, got {type(transform).__name__}")
         extra: dict[str, Any] = {}
+        flags = self._ring = None
         if num_workers > 0:
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
                      "multiprocessing_context": multiprocessing_context}
+            per_worker = (prefetch_factor or 2) + 3 if slots_per_worker is None else int(slots_per_worker)
+            if per_worker > 0:  # 0: a fresh shared-memory segment per batch (the old transport)
+                flags = RingFlags(num_workers, per_worker)
+                self._ring = LoaderRing(flags, self.pin_memory)
+        self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins,
+                                 transform=transform, flags=flags)
         # pinning happens here, after a worker's output is unpacked (pinned memory would not
         # survive the trip anyway), so the DataLoader's pinning thread is not used
         self._loader = torch.utils.data.DataLoader(
@@ -327,21 +371,60 @@ class CellDataLoader:
         start, self._resume = (self._resume or 0), None
         self.sampler.set_epoch(epoch)
         self._requests.epoch, self._requests.start = epoch, start
+        self._requests.tag = tag = self._requests.tag % (1 << 30) + 1
         self._done = start
         if self._loader.num_workers == 0:
             # in-process: the DataLoader would only add its per-batch bookkeeping (~0.1 ms)
             items: Iterator[Any] = (_pin(self._fetcher[r]) if self.pin_memory else self._fetcher[r] for r in self._requests)
         else:
-            items = iter(self._loader)
-        for item in items:
-            if isinstance(item, _Ref):
-                item = self._fetcher.read(item.request)
-                item = _pin(item) if self.pin_memory else item
-            elif isinstance(item, _Packed):
-                item = _pin(item.unpack()) if self.pin_memory else item.unpack()
-            self._done += 1
-            yield item
+            # zero-copy batches cost nothing to build: this process makes them itself, and
+            # workers only see the others (gathers across blocks or shards)
+            direct = self._fetcher.zero_copy_possible()
+            self._requests.skip = self._fetcher._zero_copy if direct else None
+            items = iter(self._loader)  # an earlier, unfinished iteration is drained here
+            if self._ring is not None:
+                self._ring.forget_stale(tag)
+            if direct:
+                items = self._merged(items)
+        ahead = self._read_ahead(epoch, start, tag)
+        try:
+            for item in items:
+                item = self._receive(item)
+                self._done += 1
+                if ahead is not None:
+                    ahead.consumed()
+                yield item
+        finally:
+            if ahead is not None:
+                ahead.stop()
         self._epoch, self._done = epoch + 1, 0
+
+    def _read_ahead(self, epoch: int, start: int, tag: int) -> ReadAhead | None:
+        """Read-ahead threads for this iteration (:mod:`scmf_loader.readahead`), or None."""
+        store = getattr(self.dataset, "store", None)
+        offsets = getattr(self.dataset, "shard_offsets", None)
+        if not self.read_ahead or store is None or offsets is None or not hasattr(store, "advise"):
+            return None
+        return ReadAhead(store, offsets, lambda: self._requests.all(epoch, start, tag), self.read_ahead)
+
+    def _merged(self, from_workers: Iterator[Any]) -> Iterator[Any]:
+        """The epoch in order: zero-copy batches as references read here, the rest from the
+        workers (which were given exactly those, in the same order)."""
+        for request in self._requests.all():
+            yield _Ref(request) if self._fetcher._zero_copy(request.ids) else next(from_workers)
+
+    def _receive(self, item: Any) -> Any:
+        """A worker's answer as the batch: views of its ring slot (page-locked already when
+        pinning), a zero-copy batch read here, or an unpacked fallback buffer."""
+        if isinstance(item, Slotted):
+            self._ring.reclaim()
+            item = self._ring.unpack(item)
+            return _pin(item) if self.pin_memory and not self._ring.pin else item
+        if isinstance(item, _Ref):
+            item = self._fetcher.read(item.request)
+        elif isinstance(item, Packed):
+            item = item.unpack()
+        return _pin(item) if self.pin_memory else item
 
     def state_dict(self) -> dict[str, Any]:
         """The resume point: ``epoch`` and ``batches_done`` (batches this rank has handed

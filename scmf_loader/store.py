@@ -12,13 +12,25 @@ long as it lives; obs columns, read through zarr, are cached for the :data:`OBS_
 most recent shards. Opening is O(number of shards) in time and memory, never O(number of
 cells).
 
+Read-ahead (:mod:`scmf_loader.readahead`) runs in a thread next to the reader:
+:meth:`DatasetStore.prepare` maps and checks a shard before it is asked for, and
+:meth:`DatasetStore.advise` hands the kernel the byte ranges of a batch about to be read
+(``madvise``: ``MADV_WILLNEED`` starts reading them from disk, ``MADV_POPULATE_READ`` maps
+cached pages into this process, so the reader takes no page fault). The caches are
+guarded by a lock (and mapping by one lock per shard), so a store is safe to share between
+threads.
+
 The global row id of a cell is its position in the dataset: the rows of shard 0, then
 shard 1, ... in manifest order (:attr:`DatasetStore.shard_offsets`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +61,74 @@ __all__ = ["DatasetStore", "ShardArrays", "open_dataset"]
 
 DEFAULT_MAX_OPEN_SHARDS = 128
 OBS_CACHE_SHARDS = 8  # obs columns are read whole per shard: keep only the most recent
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; EINVAL before (then WILLNEED only)
+_PAGE = mmap.PAGESIZE
+_stores: weakref.WeakSet[DatasetStore] = weakref.WeakSet()
+
+
+def _libc_madvise() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise  # CDLL: the call releases the GIL
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
+_populate_ok = [True]
+
+
+def _advise_range(array: np.ndarray, lo: int, hi: int, populate: bool) -> None:
+    """``madvise`` entries ``[lo, hi)`` of a memory-mapped array (whole pages around them)."""
+    if _madvise is None or hi <= lo or not array.size:
+        return
+    base = array.ctypes.data
+    start = (base + lo * array.itemsize) // _PAGE * _PAGE
+    stop = base + hi * array.itemsize
+    start = max(start, base // _PAGE * _PAGE)
+    _madvise(start, stop - start, _MADV_WILLNEED)
+    failed = populate and _populate_ok[0] and _madvise(start, stop - start, _MADV_POPULATE_READ) != 0
+    if failed and ctypes.get_errno() == 22:  # EINVAL: this kernel has no MADV_POPULATE_READ
+        _populate_ok[0] = False
+
+
+def _resident_fraction(array: np.ndarray) -> float:
+    """Share of the pages of a memory-mapped array that are in the page cache (``mincore``)."""
+    if _mincore is None or not array.size:
+        return 1.0
+    base = array.ctypes.data
+    start = base // _PAGE * _PAGE
+    length = base + array.nbytes - start
+    vec = np.zeros(-(-length // _PAGE), dtype=np.uint8)
+    if _mincore(start, length, vec.ctypes.data) != 0:
+        return 0.0
+    return float(np.count_nonzero(vec & 1)) / len(vec)
+
+
+def _libc_mincore() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_mincore = _libc_mincore()
+
+
+def _fresh_locks() -> None:
+    """After ``fork``: a lock held by another thread of the parent would stay held forever."""
+    for store in list(_stores):
+        store._reset_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks)
 
 
 class DatasetStore:
@@ -75,6 +155,12 @@ class DatasetStore:
         self._tensors: dict[int, tuple[Any, Any]] = {}  # torch views of the maps (see tensors())
         self._checked: set[int] = set()  # shards whose structure passed the cheap check
         self._obs: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._reset_locks()
+
+    def _reset_locks(self) -> None:
+        self._lock = threading.Lock()  # the caches (dict operations only, never held long)
+        self._mapping: dict[int, threading.Lock] = {}  # one per shard being mapped
+        _stores.add(self)
 
     # ---- shape ------------------------------------------------------------------------
     @property
@@ -120,18 +206,60 @@ class DatasetStore:
         mapped afresh here: the next read sees the file's bytes again, while batches already
         handed out keep the old map and their own edits.
         """
-        maps = self._maps.get(shard)
-        if maps is not None and not self._written(shard):
-            self._maps.move_to_end(shard)
+        with self._lock:
+            maps = self._maps.get(shard)
+            if maps is not None and not self._written(shard):
+                self._maps.move_to_end(shard)
+                return maps
+        with self._shard_lock(shard):  # one thread maps (and checks) a shard at a time
+            with self._lock:
+                maps = self._maps.get(shard)
+                if maps is not None and not self._written(shard):  # mapped meanwhile
+                    self._maps.move_to_end(shard)
+                    return maps
+                self._tensors.pop(shard, None)
+            maps = self._map(shard)  # outside the cache lock: other shards stay readable
+            with self._lock:
+                self._maps[shard] = maps
+                self._maps.move_to_end(shard)
+                if len(self._maps) > self.max_open_shards:
+                    evicted, _ = self._maps.popitem(last=False)  # views handed out keep their map alive
+                    self._tensors.pop(evicted, None)
             return maps
-        self._tensors.pop(shard, None)
-        maps = self._map(shard)
-        self._maps[shard] = maps
-        self._maps.move_to_end(shard)
-        if len(self._maps) > self.max_open_shards:
-            evicted, _ = self._maps.popitem(last=False)  # views handed out keep their map alive
-            self._tensors.pop(evicted, None)
-        return maps
+
+    def _shard_lock(self, shard: int) -> threading.Lock:
+        with self._lock:
+            lock = self._mapping.get(shard)
+            if lock is None:
+                lock = self._mapping[shard] = threading.Lock()
+            return lock
+
+    def prepare(self, shard: int) -> None:
+        """Map and check ``shard`` now if it is not mapped (read-ahead: the first batch cut
+        from it then waits for nothing)."""
+        with self._lock:
+            if shard in self._maps:
+                return
+        self.csr(shard)
+
+    def resident(self, shard: int) -> float:
+        """Share of ``shard``'s ``indices`` and ``data`` pages in the page cache (``mincore``;
+        1.0 where that cannot be asked). Maps the shard if needed."""
+        maps = self.csr(shard)
+        n = maps.indices.nbytes + maps.data.nbytes
+        if not n:
+            return 1.0
+        return (_resident_fraction(maps.indices) * maps.indices.nbytes + _resident_fraction(maps.data) * maps.data.nbytes) / n
+
+    def advise(self, shard: int, start: int, stop: int, populate: bool = False) -> None:
+        """Tell the kernel that cells ``[start, stop)`` of ``shard`` (local rows) are read
+        next: their ``indices`` and ``data`` pages are read from disk in the background
+        (``MADV_WILLNEED``) and, with ``populate``, mapped into this process
+        (``MADV_POPULATE_READ``, which waits for them). Maps the shard if needed."""
+        maps = self.csr(shard)
+        lo, hi = int(maps.indptr[start]), int(maps.indptr[stop])
+        _advise_range(maps.indices, lo, hi, populate)
+        _advise_range(maps.data, lo, hi, populate)
 
     def tensors(self, shard: int) -> tuple[Any, Any]:
         """``(indices, data)`` of ``shard`` as torch tensors over its map, made once per map.
@@ -140,12 +268,13 @@ class DatasetStore:
         any in-place op on any batch of the shard bumps it, and :meth:`csr` then remaps. An
         integer comparison per read is the whole cost of keeping later epochs exact."""
         maps = self.csr(shard)
-        found = self._tensors.get(shard)
-        if found is None:
-            from scmf_loader.batch import as_tensor  # torch only where tensors are asked for
+        with self._lock:
+            found = self._tensors.get(shard)
+            if found is None:
+                from scmf_loader.batch import as_tensor  # torch only where tensors are asked for
 
-            found = self._tensors[shard] = (as_tensor(maps.indices), as_tensor(maps.data))
-        return found
+                found = self._tensors[shard] = (as_tensor(maps.indices), as_tensor(maps.data))
+            return found
 
     def _written(self, shard: int) -> bool:
         found = self._tensors.get(shard)
@@ -227,8 +356,9 @@ class DatasetStore:
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
         """Drop every cached map and obs column (batches already handed out stay valid)."""
-        self._maps.clear()
-        self._tensors.clear()
+        with self._lock:
+            self._maps.clear()
+            self._tensors.clear()
         self._obs.clear()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -236,7 +366,12 @@ class DatasetStore:
         state["_maps"] = OrderedDict()
         state["_tensors"] = {}
         state["_obs"] = OrderedDict()
+        del state["_lock"], state["_mapping"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_locks()
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,142 @@
+"""Read-ahead in the sampler's own order, from background threads of the reading process.
+
+The first epoch in a new process pays for mapping and checking each shard (one pass over
+its ``indices``, see :meth:`~scmf_loader.store.DatasetStore.csr`) and for the page faults
+of every first touch; an epoch whose pages are not in the page cache waits on the disk
+batch by batch, in reads no larger than the kernel's fault read-around. :class:`ReadAhead`
+walks the very requests the reader will ask for, ahead of it:
+
+* a *shard* thread maps and checks the next shard of the sequence
+  (:meth:`~scmf_loader.store.DatasetStore.prepare`) while the reader is still in the current
+  one, so only the first shard's check is on the reader's path, and asks whether the
+  shard's pages are all in the page cache (``mincore``);
+* an *advise* thread keeps up to ``depth`` batches ahead of the reader and, for a shard not
+  wholly cached, hands each batch's byte ranges to
+  :meth:`~scmf_loader.store.DatasetStore.advise` (``MADV_WILLNEED``: the kernel reads them
+  from disk in the background, in large requests, while the reader works on earlier ones;
+  with ``populate``, also ``MADV_POPULATE_READ``: the pages mapped into this process).
+  A cached shard costs it nothing per batch: on this machine's kernel a fault on a cached
+  page costs no more than the read itself (measured, docs/benchmarks.md), so populating
+  cached pages would only add work.
+
+Both threads spend their time in system calls and numpy reductions that release the GIL.
+Read-ahead is best effort: any error there is dropped (the reader meets and reports it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DEFAULT_DEPTH", "ReadAhead", "runs_of"]
+
+#: batches the advise thread keeps ahead of the reader
+DEFAULT_DEPTH = 8
+
+
+def runs_of(ids: np.ndarray | tuple[int, int], offsets: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(shard, first local row, stop local row)`` of each contiguous run of cells of a
+    request (a ``(start, stop)`` range or an array of global row ids), in order."""
+    if isinstance(ids, tuple):
+        ids = np.arange(ids[0], ids[1], dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    if not len(ids):
+        return []
+    shards = np.searchsorted(offsets, ids, side="right") - 1
+    cut = np.flatnonzero((np.diff(ids) != 1) | (np.diff(shards) != 0)) + 1
+    firsts, lasts = np.r_[0, cut], np.r_[cut, len(ids)]
+    out = []
+    for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True):
+        s = int(shards[a])
+        lo = int(ids[a] - offsets[s])
+        out.append((s, lo, lo + (b - a)))
+    return out
+
+
+class ReadAhead:
+    """Background read-ahead over ``requests()`` (a fresh iterator of the epoch's requests,
+    each with an ``ids`` attribute, on every call) of ``store``. Call :meth:`consumed` once
+    per batch the reader takes, :meth:`stop` when it stops."""
+
+    def __init__(self, store: Any, offsets: np.ndarray, requests: Callable[[], Iterable[Any]],
+                 depth: int = DEFAULT_DEPTH, populate: bool = False) -> None:
+        self.store = store
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self._offsets = self.offsets.tolist()
+        self.populate = populate
+        self._room = threading.Semaphore(max(int(depth), 1))
+        self._stopped = threading.Event()
+        self._entered = 0  # distinct shards the advise thread has entered so far
+        self._cached: dict[int, bool] = {}  # shard -> wholly in the page cache (shard thread)
+        self._moved = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._quietly, args=(self._advise, requests), daemon=True, name="scmf-advise"),
+            threading.Thread(target=self._quietly, args=(self._prepare, requests), daemon=True, name="scmf-shards"),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def consumed(self) -> None:
+        """The reader took one batch: the advise thread may go one further."""
+        self._room.release()
+
+    def stop(self) -> None:
+        """End both threads (they exit at their next step)."""
+        self._stopped.set()
+        self._room.release()
+        with self._moved:
+            self._moved.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for both threads to end (tests)."""
+        for t in self._threads:
+            t.join(timeout)
+
+    def _quietly(self, fn: Callable[[Iterator[Any]], None], requests: Callable[[], Iterable[Any]]) -> None:
+        try:
+            fn(iter(requests()))
+        except Exception:  # noqa: BLE001 -- best effort: the reader meets and reports any error
+            self._stopped.set()
+
+    def _first_shard(self, ids: np.ndarray | tuple[int, int]) -> int:
+        first = ids[0] if isinstance(ids, tuple) else (int(ids[0]) if len(ids) else 0)
+        return bisect.bisect_right(self._offsets, first) - 1
+
+    def _shards(self, requests: Iterator[Any]) -> Iterator[int]:
+        """The sequence of shards the requests start in (consecutive repeats dropped)."""
+        last = -1
+        for request in requests:
+            shard = self._first_shard(request.ids)
+            if shard != last:
+                last = shard
+                yield shard
+
+    def _advise(self, requests: Iterator[Any]) -> None:
+        last = -1
+        for request in requests:
+            self._room.acquire()
+            if self._stopped.is_set():
+                return
+            shard = self._first_shard(request.ids)
+            if shard != last:
+                last = shard
+                with self._moved:
+                    self._entered += 1
+                    self._moved.notify_all()
+            if self.populate or not self._cached.get(shard, False):  # a cached shard costs nothing
+                for s, lo, hi in runs_of(request.ids, self.offsets):
+                    self.store.advise(s, lo, hi, self.populate)
+
+    def _prepare(self, requests: Iterator[Any]) -> None:
+        for k, shard in enumerate(self._shards(requests)):
+            with self._moved:  # the k-th shard once the reader's read-ahead is in the one before
+                while self._entered < k and not self._stopped.is_set():
+                    self._moved.wait()
+            if self._stopped.is_set():
+                return
+            self.store.prepare(shard)
+            self._cached[shard] = self.store.resident(shard) >= 1.0
