@@ -41,8 +41,8 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps({"peak_rss_mb": hwm()})))
-kind, args = sys.argv[2], sys.argv[3:]
+report, kind, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+atexit.register(lambda: open(report, "w").write(json.dumps({"peak_rss_mb": hwm()})))
 if kind == "scdl":
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
     SingleCellMemMapDataset(args[1], h5ad_path=args[0], use_X_not_raw=True).save()

@@ -6,7 +6,10 @@ corrupted after its record was written is redone, not reused.
 Kill points come from the converter's crash hook (``SCMF_FAULT_AFTER=N``: SIGKILL at the
 N-th file operation of the process, see ``scmf_shards.faults``): every kind of point is hit
 at least once, plus random ones drawn from a seed that changes per run (``SCMF_FAULT_SEED``
-replays one; a failure names it). One test also kills a multi-process run at a random time.
+replays one; a failure names it), on both paths of a conversion: one pass (the default here:
+the data fits the memory limit; chunks held in memory, ``scatter:held``) and two stages
+(``--memory-limit 1KB``: chunks written to scratch buckets, ``scatter:*``). Both end in the
+same bytes. One test also kills a two-thread run at a random time.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from scmf_shards.convert.workspace import Workspace
 
 OPTS = ["--shard-size", "500", "--chunk-size", "256", "--obs-columns", "cell_type", "--seed", "3", "--quiet"]
 N_SHARDS = 3
+N_CHUNKS = 7
+#: extra arguments of each path: one pass (default: fits the memory limit), two stages
+PATHS = {"one-pass": [], "two-stage": ["--memory-limit", "1KB"]}
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -61,18 +67,45 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     ]
 
 
-@pytest.fixture(scope="module")
-def reference(sources: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes], list[str]]:
-    """An uninterrupted in-process run: its files, and the labels of its fault points in order
-    (the same sequence a single-process CLI run goes through)."""
+def _labelled_run(args: list[str]) -> list[str]:
+    """Run the CLI in this process; the labels of its fault points in order (the same
+    sequence a single-process CLI run goes through)."""
     labels: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(faults.FAULT_ENV, raising=False)
         mp.setattr(faults, "fault_point", labels.append)
-        out = tmp_path_factory.mktemp("fault_ref") / "ds"
-        code, text = _cli(_args(sources, out))
+        code, text = _cli(args)
     assert code == 0, text
-    return tree_bytes(out), labels
+    return labels
+
+
+@pytest.fixture(scope="module")
+def references(sources: list[Path], tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, tuple[dict[str, bytes], list[str]]]:
+    """An uninterrupted run per path: its files and its fault-point labels."""
+    out = {}
+    for path, extra in PATHS.items():
+        ds = tmp_path_factory.mktemp("fault_ref") / "ds"
+        labels = _labelled_run([*_args(sources, ds), *extra])
+        out[path] = (tree_bytes(ds), labels)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(references: dict[str, tuple[dict[str, bytes], list[str]]]) -> tuple[dict[str, bytes], list[str]]:
+    """The default (one-pass) run's files and labels."""
+    return references["one-pass"]
+
+
+def test_one_pass_and_two_stage_write_the_same_bytes(
+    references: dict[str, tuple[dict[str, bytes], list[str]]]
+) -> None:
+    (one, one_labels), (two, two_labels) = references["one-pass"], references["two-stage"]
+    assert one == two  # same shards, same manifest (dataset_id), byte for byte
+    assert one_labels.count("scatter:held") == N_CHUNKS
+    assert "scatter:renamed" not in one_labels
+    assert two_labels.count("scatter:renamed") == N_CHUNKS
+    assert "scatter:held" not in two_labels
 
 
 @pytest.fixture(scope="module")
@@ -131,21 +164,27 @@ def _kill_and_rerun(args: list[str], out: Path, log: Path, point: int, label: st
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(PATHS))
 def test_sigkill_at_every_kind_of_point_and_10_random_ones_then_rerun_is_byte_identical(
-    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
+    path: str, sources: list[Path], tmp_path: Path,
+    references: dict[str, tuple[dict[str, bytes], list[str]]], server: ForkServer
 ) -> None:
-    expected, labels = reference
-    n = len(labels)
-    assert n == 2 + 3 * 7 + 5 * N_SHARDS + 4
+    expected, labels = references[path]
+    per_chunk = {"one-pass": ["scatter:held"], "two-stage": ["scatter:partial", "scatter:written", "scatter:renamed"]}
+    assert all(labels.count(x) == N_CHUNKS for x in per_chunk[path])
+    per_shard = ["shard:X", "shard:complete", "gather:shard", "gather:record-tmp", "gather:record"]
+    assert all(labels.count(x) == N_SHARDS for x in per_shard)
+    assert labels[:2] == ["driver:plan", "driver:vocab"]
     assert labels[-1] == "driver:manifest"
-    assert {"shard:X", "shard:complete", "driver:manifest-tmp", "scatter:renamed"} <= set(labels)
+    scatter_point = "scatter:held" if path == "one-pass" else "scatter:renamed"
+    assert {"shard:X", "shard:complete", "driver:manifest-tmp", scatter_point} <= set(labels)
     points, seed = _kill_points(labels, n_random=10)
     assert len(points) >= 10 + len(set(labels))
     reused = 0
     for p in points:
         out = tmp_path / f"kill{p:03d}"
-        reused += _kill_and_rerun(_args(sources, out), out, tmp_path / f"kill{p:03d}.log", p,
-                                  labels[p - 1], expected, server, seed)
+        reused += _kill_and_rerun([*_args(sources, out), *PATHS[path]], out, tmp_path / f"kill{p:03d}.log",
+                                  p, labels[p - 1], expected, server, seed)
     assert reused >= 3
 
 
@@ -195,8 +234,8 @@ def test_repeated_kills_make_progress_and_finish(
 def test_random_time_kill_of_a_two_worker_cli_run(
     sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]]
 ) -> None:
-    """SIGKILL a ``scmf-convert --workers 2`` process (local dask cluster) after a random
-    delay; its worker processes exit with it, and the same command finishes the job."""
+    """SIGKILL a ``scmf-convert --workers 2`` process (two task threads) after a random
+    delay; nothing outlives it, and the same command finishes the job."""
     expected, _ = reference
     seed = int(os.environ.get("SCMF_FAULT_SEED", np.random.SeedSequence().entropy % 2**32))
     rng = np.random.default_rng(seed)
@@ -342,18 +381,19 @@ def test_scratch_without_a_plan_is_discarded(
 
 
 def test_scratch_dir_buckets_resume_and_are_removed(
-    sources: list[Path], tmp_path: Path, reference: tuple[dict[str, bytes], list[str]], server: ForkServer
+    sources: list[Path], tmp_path: Path, references: dict[str, tuple[dict[str, bytes], list[str]]],
+    server: ForkServer
 ) -> None:
     """``--scratch-dir`` moves the buckets elsewhere: same bytes, a killed run resumes from
     the buckets it finished there, and they are deleted once the manifest is written."""
-    expected, labels = reference
+    expected, labels = references["two-stage"]  # buckets: the two-stage path
     out, scratch = tmp_path / "ds", tmp_path / "scratch"
-    args = [*_args(sources, out), "--scratch-dir", str(scratch)]
+    args = [*_args(sources, out), *PATHS["two-stage"], "--scratch-dir", str(scratch)]
     fault = str(_label_index(labels, "gather:shard"))
     assert server.run(args, tmp_path / "log", fault=fault) == -signal.SIGKILL
     buckets = list(scratch.glob("scmf-buckets-*"))
     assert len(buckets) == 1
-    assert len(list(buckets[0].glob("c*"))) == 7  # every chunk scattered before the first gather
+    assert len(list(buckets[0].glob("c*"))) == N_CHUNKS  # every chunk scattered before the first gather
     assert not (Workspace.at(out).root / "buckets").exists()
     code, text = _cli(args)
     assert code == 0, text

@@ -68,7 +68,7 @@ def test_golden_checksum_catches_a_flipped_byte(version: int, tmp_path: Path) ->
     f.write_bytes(bytes(raw))
     algorithm = {1: "sha256", 2: "xxh3_128"}[version]
     with pytest.raises(ChecksumMismatchError, match=algorithm):
-        check_dataset(root, level="checksum")
+        check_dataset(root, read_manifest(root), level="checksum")
 
 
 def test_v2_checksum_is_xxh3_128_of_the_chunk_file() -> None:
