@@ -118,7 +118,7 @@ def test_two_ranks_two_workers_cover_every_cell_once(remote: Remote, local: Cell
         for b in results[0][:5] + results[1][-5:]:
             assert_same_batch(b, local)
     shard_gets = {k: v for k, v in fault_proxy.gets.items() if "/shards/" in k}
-    assert len(shard_gets) == 8 * 38
+    assert len(shard_gets) == sum(1 for f in (remote.local / "shards").rglob("*") if f.is_file())
     assert set(shard_gets.values()) == {1}, "a shard object was downloaded twice"
 
 
