@@ -59,7 +59,7 @@ __all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "rank", "
 
 _EMPTY_F64 = np.zeros(0, np.float64)
 _EMPTY_MAP = np.zeros(0, np.int32)
-_EMPTY_BITS = np.zeros(0, np.uint32)
+_EMPTY_BITS = np.zeros(0, np.int32)
 
 
 class _Batch:
@@ -136,7 +136,7 @@ def padded(indptr: Any, indices: Any, values: Any, n_genes: int, *, max_genes: i
     k = b.width(max_genes)
     gene, expr, mask = _token_arrays(b.n, k + cls, np.float32)
     plain = b.values.dtype == np.float32 and b.divisors is None and not b.log1p and b.values.flags.c_contiguous
-    vbits = b.values.view(np.uint32) if plain else _EMPTY_BITS
+    vbits = b.values.view(np.int32) if plain else _EMPTY_BITS
     b.run(_compiled().padded, vbits, k, cls, random, np.uint64(seed), gene, expr, mask)
     return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from scmf_loader.outputs._fast import TABLE, copy_genes, cutoff, genes_ok, transform_row, write_kept
 from scmf_loader.outputs._sort import splitmix, stable_sort, threshold, value_keys
 
 BAD_INDPTR, BAD_INDEX = 1, 2
@@ -176,43 +177,6 @@ def _keep_top(sv, sp, m, k, c, random, seed, keys, tmp, counts, keep) -> None:  
 
 
 @njit(nogil=True, cache=True)
-def _fast_top(indices, values, vbits, s, e, n_genes, k, keys, gr, er, w) -> int:  # noqa: ANN001
-    """The common truncation of raw float32 values: when only entries of the cell's lowest
-    value are dropped, keep the first of them in position order. Reads the row twice,
-    writes it once. 1 done, 0 not that case (nothing written), -1 a bad gene id."""
-    m = e - s
-    hi, n_hi, bad = np.uint32(0), 0, False
-    for i in range(m):  # branch-free
-        b = vbits[s + i]
-        b = np.uint32(0) if b == np.uint32(0x80000000) else b  # -0.0 is 0.0
-        key = np.uint32(b if b & np.uint32(0x80000000) else ~(b | np.uint32(0x80000000)))
-        keys[i] = key
-        hi = max(hi, key)
-        g = indices[s + i]
-        bad |= (g < 0) | (g >= n_genes)
-    if bad:
-        return -1
-    for i in range(m):
-        n_hi += keys[i] == hi
-    ties = k - (m - n_hi)
-    if ties <= 0:
-        return 0
-    cut, seen = m, 0
-    for i in range(m):
-        seen += keys[i] == hi
-        if seen == ties:
-            cut = i + 1
-            break
-    last = w + k
-    for i in range(m):  # branch-free: a dropped entry is overwritten by the next kept one
-        if w == last:
-            break
-        gr[w], er[w] = indices[s + i], values[s + i]
-        w += (keys[i] != hi) | (i < cut)
-    return 1
-
-
-@njit(nogil=True, cache=True)
 def _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c, k, random, seed,
                 sv, keys, tmp, counts, gr, er, w) -> bool:  # noqa: ANN001
     """A cell longer than ``k`` (no subset) straight into row views: values and keys in one
@@ -248,6 +212,40 @@ def _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, st
 
 
 @njit(nogil=True, cache=True)
+def _cut_write(indices, s, src, bits, m, k, gr, er, w) -> bool:  # noqa: ANN001
+    """The ``k`` top values of a longer row written from ``w``; False: not a case for :func:`cutoff`."""
+    t, ties, below, ok = cutoff(bits, m, m - k)
+    if ok:
+        write_kept(indices, s, src, bits, m, t, ties, below, gr, er, w)
+    return ok
+
+
+@njit(nogil=True, cache=True)
+def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, stamp, tag, row, gr, er, w) -> int:  # noqa: ANN001
+    """A cell without subset or random truncation, float32 compute dtype: the genes kept
+    (``-1`` a bad gene id, ``-2`` a truncation :func:`_fast.cutoff` leaves to the caller)."""
+    m = e - s
+    if m <= k:
+        if not copy_genes(indices, s, e, n_genes, gr, w):
+            return -1
+        if plain:
+            src, dst = values[s:e], er[w : w + m]
+            for j in range(m):
+                dst[j] = src[j]
+        else:
+            transform_row(values, s, e, d, has_div, log1p, True, table, stamp, tag, er, w)
+        return m
+    if not genes_ok(indices, s, e, n_genes):
+        return -1
+    if plain:
+        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, gr, er, w)
+    else:
+        transform_row(values, s, e, d, has_div, log1p, True, table, stamp, tag, row, 0)
+        ok = _cut_write(indices, s, row[:m], row.view(np.int32)[:m], m, k, gr, er, w)
+    return k if ok else -2
+
+
+@njit(nogil=True, cache=True)
 def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
     """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding.
     ``vbits``: the float32 values' bits when nothing transforms them (else empty)."""
@@ -255,22 +253,25 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, 
     if bad >= 0:
         return BAD_INDPTR, bad
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
-    keep, keys32 = np.empty(longest, np.bool_), np.empty(longest, np.uint32)
-    fast = len(vbits) > 0 and not random
+    keep = np.empty(longest, np.bool_)
+    table, tstamp, row = np.empty(TABLE, np.float64), np.zeros(TABLE, np.int64), np.empty(longest, np.float32)
+    plain = len(vbits) > 0
     has_div, direct = len(div) > 0, len(colmap) == 0
+    fast = direct and f32 and not random
     for c in range(len(indptr) - 1):
         s, e = indptr[c], indptr[c + 1]
         gr, er, mr = gene[c], expr[c], mask[c]
         if cls:
             gr[0], er[0] = _CLS, 0.0
         d = div[c] if has_div else 1.0
-        done = 0
-        if direct and fast and e - s > k:
-            done = _fast_top(indices, values, vbits, s, e, n_genes, k, keys32, gr, er, cls)
-            if done < 0:
+        n = -2
+        if fast:
+            n = _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, tstamp, c + 1,
+                             row, gr, er, cls)
+            if n == -1:
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
-        if done:
-            n = k
+        if n >= 0:
+            pass
         elif direct and e - s <= k:
             if not _direct_row(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c + 1, gr, er, cls):
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)

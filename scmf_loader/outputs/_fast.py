@@ -1,0 +1,281 @@
+"""Numba fast paths of the compiled kernels for the common rows (imported only with numba).
+
+Each helper handles one cell and says when its case does not apply, so the caller falls
+back to the general path of :mod:`scmf_loader.outputs.compiled`; both give the same numbers.
+
+* :func:`cutoff` - top-k truncation without keys or selection: the lowest values are
+  dropped one distinct value at a time (min, count: vectorised passes); count data drops
+  one to three distinct values.
+* :func:`write_kept` - the kept entries of a truncated row in position order, written once.
+* :func:`transform_row` - the fused preprocessing of a row, ``log1p`` computed once per
+  distinct small whole count (a per-cell table) instead of once per entry.
+* :func:`sort_desc` - the stable descending order of ``uint32`` keys for rank outputs: one
+  bucket pass on the top bits, then an insertion fix-up inside the (nearly always pure)
+  buckets, with a least-significant-digit radix sort when that fix-up would be long.
+* :func:`count_hist` - a per-cell histogram of small whole counts, for binning without a sort.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_MAX_ROUNDS = 8
+TABLE = 256  # small whole counts with a per-cell table (log1p, histogram)
+BUCKET_BITS = 11
+RADIX_BITS = 11
+
+
+_HIGHEST = np.int32((1 << 31) - 1)
+_POS_INF_BITS = np.int32(0x7F800000)
+_BLOCK = 128
+
+
+@njit(nogil=True, cache=True)
+def cutoff(bits, m, drop):  # noqa: ANN001, ANN201
+    """``(t, keep_ties, below, ok)`` to drop the ``drop`` (``1 <= drop < m``) lowest of the
+    float32 values whose bits are ``bits[:m]`` (int32; ties: the later positions go first):
+    values whose bits are below ``t`` are dropped, of those equal to ``t`` the first
+    ``keep_ties`` kept; ``below`` values lie below ``t``. Only for values that are all
+    ``+0.0`` or above and not NaN, whose bits order as integers like the values (and are
+    equal exactly when the values are); ``ok`` False otherwise, or when more than a few
+    distinct values would go (the caller then selects by keys). Integer passes only."""
+    lo, hi = bits[0], bits[0]
+    for i in range(m):
+        lo = min(lo, bits[i])
+        hi = max(hi, bits[i])
+    if lo < 0 or hi > _POS_INF_BITS:  # a negative value (or -0.0), or NaN
+        return lo, 0, 0, False
+    t, below = lo, 0
+    for _ in range(_MAX_ROUNDS):
+        n_eq, nxt = 0, _HIGHEST
+        for i in range(m):
+            k = bits[i]
+            n_eq += k == t
+            nxt = min(nxt, k if k > t else _HIGHEST)
+        if below + n_eq >= drop:
+            return t, n_eq - (drop - below), below, True
+        below += n_eq
+        t = nxt
+    return t, 0, 0, False
+
+
+@njit(nogil=True, cache=True)
+def _count_eq(bits, t) -> int:  # noqa: ANN001
+    n = 0
+    for i in range(len(bits)):
+        n += bits[i] == t
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _tie_end(bits, m, t, ties) -> int:  # noqa: ANN001
+    """The position after the ``ties``-th key equal to ``t`` (0 when ``ties`` is 0)."""
+    if ties == 0:
+        return 0
+    seen, start = 0, 0
+    while start < m:  # whole blocks first (vectorised counts), then the block holding it
+        n = _count_eq(bits[start : start + _BLOCK], t)
+        if seen + n >= ties:
+            break
+        seen += n
+        start += _BLOCK
+    rest = bits[start:m]
+    for i in range(len(rest)):
+        seen += rest[i] == t
+        if seen == ties:
+            return start + i + 1
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _compact(genes, src, bits, t, gr, er) -> int:  # noqa: ANN001
+    """Entries with ``bits > t`` (``>= t`` for ``t`` one above the threshold) written in order
+    into ``gr``/``er`` from 0, branch-free (a dropped entry is overwritten by the next kept
+    one): the count written. Indices that start at 0 and only grow: no wraparound checks."""
+    w = 0
+    for i in range(len(genes)):
+        gr[w], er[w] = genes[i], src[i]
+        w += bits[i] > t
+    return w
+
+
+@njit(nogil=True, cache=True)
+def write_kept(indices, s, src, bits, m, t, keep_ties, below, gr, er, w) -> None:  # noqa: ANN001
+    """Entries ``i`` of the row (gene ``indices[s + i]``, value ``src[i]``, float32 bits
+    ``bits[i]``) that :func:`cutoff` keeps, into ``gr``/``er`` from ``w``, in position order.
+    ``below``: how many lie below ``t`` (none: the part before the last kept tie is copied
+    whole)."""
+    genes = indices[s : s + m]
+    cut = _tie_end(bits, m, t, keep_ties)
+    if below:  # before the last kept tie only values below t go
+        w += _compact(genes[:cut], src[:cut], bits[:cut], t - 1, gr[w:], er[w:])
+    else:
+        gw, ew = gr[w : w + cut], er[w : w + cut]
+        for i in range(cut):
+            gw[i], ew[i] = genes[i], src[i]
+        w += cut
+    end = m
+    while end > cut and bits[end - 1] <= t:  # past the last kept entry: nothing to write
+        end -= 1
+    # every value <= t goes; the last write is a kept entry (in bounds)
+    _compact(genes[cut:end], src[cut:end], bits[cut:end], t, gr[w:], er[w:])
+
+
+@njit(nogil=True, cache=True)
+def genes_ok(indices, s, e, n_genes) -> bool:  # noqa: ANN001
+    """Every gene id of entries ``[s, e)`` lies in ``[0, n_genes)``."""
+    genes = indices[s:e]
+    if not len(genes):
+        return True
+    lo, hi = genes[0], genes[0]
+    for i in range(len(genes)):
+        lo = min(lo, genes[i])
+        hi = max(hi, genes[i])
+    return lo >= 0 and hi < n_genes
+
+
+@njit(nogil=True, cache=True)
+def copy_genes(indices, s, e, n_genes, gr, w) -> bool:  # noqa: ANN001
+    """``gr[w:]`` = the row's gene ids (widened); False if one is outside ``[0, n_genes)``."""
+    genes = indices[s:e]
+    out = gr[w : w + e - s]
+    if not len(genes):
+        return True
+    lo, hi = genes[0], genes[0]
+    for i in range(len(genes)):
+        g = genes[i]
+        lo = min(lo, g)
+        hi = max(hi, g)
+        out[i] = g
+    return lo >= 0 and hi < n_genes
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _compute(v, d, has_div, log1p, f32):  # noqa: ANN001, ANN202
+    """One value through the preprocessing in the compute dtype (float32 or float64)."""
+    if f32:
+        x = np.float32(v)
+        if has_div:
+            x = x / np.float32(d)
+        if log1p:
+            x = np.log1p(x)
+        return np.float64(x) + 0.0
+    y = np.float64(v)
+    if has_div:
+        y = y / d
+    if log1p:
+        y = np.log1p(y)
+    return y + 0.0
+
+
+@njit(nogil=True, cache=True)
+def transform_row(values, s, e, d, has_div, log1p, f32, table, stamp, tag, out, w) -> None:  # noqa: ANN001
+    """``out[w:]`` = the row's values preprocessed (-0.0 folded into 0.0). A small whole
+    count's result is computed once per cell (``stamp[count] == tag`` marks it done): the
+    very number :func:`_compute` gives, so results do not depend on the table."""
+    n = len(table)
+    src, dst = values[s:e], out[w : w + e - s]
+    for j in range(len(src)):
+        v = src[j]
+        inside = (v >= 0) & (v < n)
+        i = np.int64(v) if inside else 0
+        if inside & (i == v):
+            if stamp[i] != tag:
+                table[i] = _compute(v, d, has_div, log1p, f32)
+                stamp[i] = tag
+            dst[j] = table[i]
+        else:
+            dst[j] = _compute(v, d, has_div, log1p, f32)
+
+
+@njit(nogil=True, cache=True)
+def _bit_length(x) -> int:  # noqa: ANN001
+    n = 0
+    while x:
+        x = x >> np.uint32(1)
+        n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def _radix(keys, pay, m, tk, tp, counts) -> None:  # noqa: ANN001
+    """Stable LSD radix sort of ``keys[:m]`` (uint32) carrying ``pay``; ``tk``/``tp`` scratch."""
+    nb = 1 << RADIX_BITS
+    mask = np.uint32(nb - 1)
+    for p in range(3):
+        shift = np.uint32(RADIX_BITS * p)
+        counts[: nb + 1] = 0
+        for i in range(m):
+            counts[np.int64((keys[i] >> shift) & mask) + 1] += 1
+        if counts[1 + np.int64((keys[0] >> shift) & mask)] == m:
+            continue  # one digit value: this pass would not move anything
+        for b in range(nb):
+            counts[b + 1] += counts[b]
+        for i in range(m):
+            b = np.int64((keys[i] >> shift) & mask)
+            q = counts[b]
+            counts[b] = q + 1
+            tk[q], tp[q] = keys[i], pay[i]
+        keys[:m] = tk[:m]
+        pay[:m] = tp[:m]
+
+
+@njit(nogil=True, cache=True)
+def sort_asc(keys, pay, m, sk, sp, counts) -> None:  # noqa: ANN001
+    """``sk[:m]``/``sp[:m]``: ``keys[:m]`` (uint32) ascending, ties in position order, with
+    their payloads. ``keys``/``pay`` are used as scratch."""
+    if m == 0:
+        return
+    lo, hi = keys[0], keys[0]
+    for i in range(m):
+        lo = min(lo, keys[i])
+        hi = max(hi, keys[i])
+    span = hi - lo
+    nb = 1 << BUCKET_BITS
+    shift = np.uint32(max(_bit_length(span) - BUCKET_BITS, 0))
+    counts[: nb + 1] = 0
+    for i in range(m):
+        counts[np.int64((keys[i] - lo) >> shift) + 1] += 1
+    for b in range(nb):
+        counts[b + 1] += counts[b]
+    for i in range(m):
+        b = np.int64((keys[i] - lo) >> shift)
+        q = counts[b]
+        counts[b] = q + 1
+        sk[q], sp[q] = keys[i], pay[i]
+    if shift == 0:
+        return
+    budget = 4 * m + 64  # insertion moves allowed before a full radix sort
+    for i in range(1, m):
+        if sk[i - 1] <= sk[i]:
+            continue
+        k, p = sk[i], sp[i]
+        j = i - 1
+        while j >= 0 and sk[j] > k:
+            sk[j + 1], sp[j + 1] = sk[j], sp[j]
+            j -= 1
+            budget -= 1
+        sk[j + 1], sp[j + 1] = k, p
+        if budget < 0:
+            _radix(keys, pay, m, sk, sp, counts)
+            sk[:m] = keys[:m]
+            sp[:m] = pay[:m]
+            return
+
+
+@njit(nogil=True, cache=True)
+def count_hist(values, s, e, hist) -> int:  # noqa: ANN001
+    """Add the row's values to ``hist`` (whole counts below ``len(hist) - 1``); the largest
+    count seen, or -1 when a value is not such a count (``hist`` is then left dirty up to
+    ``len(hist) - 1``: clear it all)."""
+    n = len(hist) - 1
+    top, ok = 0, True
+    for j in range(s, e):
+        v = values[j]
+        inside = (v >= 0) & (v < n)
+        i = np.int64(v) if inside else n
+        ok &= inside & (i == v)
+        hist[i] += 1
+        top = max(top, i)
+    return top if ok else -1
