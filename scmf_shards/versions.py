@@ -445,7 +445,8 @@ def _source_key(s: SourceEntry) -> str:
 
 
 def _shard_key(s: ShardEntry) -> tuple[str, ...]:
-    return tuple(a.sha256 for a in s.arrays.values())
+    """A shard's identity: its arrays' checksums, whichever the format version records."""
+    return tuple(f"{k}:{v}" for a in s.arrays.values() for k, v in sorted(a.checksums.items()))
 
 
 def diff_datasets(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> dict[str, Any]:

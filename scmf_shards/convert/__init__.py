@@ -49,7 +49,7 @@ _LAZY = {
     "run_scatter": "scmf_shards.convert.scatter",
     "convert_h5ad": "scmf_shards.convert.driver",
     "convert_sources": "scmf_shards.convert.driver",
-    "resolve_vocab": "scmf_shards.convert.driver",
+    "resolve_vocab": "scmf_loader.vocab",
 }
 
 
