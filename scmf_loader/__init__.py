@@ -43,6 +43,7 @@ if _TYPE_CHECKING:
         SequentialSampler,
     )
     from scmf_loader.store import DatasetStore, open_dataset
+    from scmf_loader.streaming import StreamingCellDataset
     from scmf_loader.world import Partition, partition, resolve_world
 
 _LAZY = {
@@ -62,6 +63,7 @@ _LAZY = {
     "PerturbationSampler": "scmf_loader.perturbation",
     "PreprocessingPipeline": "scmf_loader.preprocess",
     "SequentialSampler": "scmf_loader.samplers",
+    "StreamingCellDataset": "scmf_loader.streaming",
     "open_dataset": "scmf_loader.store",
     "partition": "scmf_loader.world",
     "resolve_world": "scmf_loader.world",
@@ -95,6 +97,7 @@ __all__ = [
     "ShardCorruptError",
     "ShardNotFoundError",
     "ShardSizeError",
+    "StreamingCellDataset",
     "VocabularyError",
     "open_dataset",
     "partition",

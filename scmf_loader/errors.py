@@ -9,6 +9,7 @@ what was found, what was expected and what to do; the offending file is named in
 from __future__ import annotations
 
 __all__ = [
+    "CacheError",
     "ChecksumMismatchError",
     "ConfigurationError",
     "DatasetChangedError",
@@ -21,6 +22,7 @@ __all__ = [
     "ObsColumnNotFoundError",
     "OutputNotWritableError",
     "RegistryError",
+    "RemoteError",
     "ScmfError",
     "ShardCorruptError",
     "ShardNotFoundError",
@@ -112,3 +114,13 @@ class DatasetChangedError(ScmfError):
 class OutputNotWritableError(ScmfError, OSError):
     """The output (or scratch) directory cannot take the conversion: no space left, a
     read-only file system, no permission, or a path that cannot be created."""
+
+
+class RemoteError(ScmfError, OSError):
+    """An object store could not be read: access refused, or a request still failing after
+    every retry. The message names the URL, never the credentials."""
+
+
+class CacheError(ScmfError, OSError):
+    """The local shard cache cannot serve a remote dataset: its directory is not writable,
+    or ``cache_limit`` is too small for the shards that must be held at once."""
