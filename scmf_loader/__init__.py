@@ -10,9 +10,9 @@ converter's worker processes do — does not import torch.
 >>> for batch in loader: ...                           # doctest: +SKIP
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
+from scmf_loader._lazy import lazy_exports as _lazy_exports
 from scmf_loader.errors import (
     ChecksumMismatchError,
     ConfigurationError,
@@ -105,15 +105,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'scmf_loader' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public API only (``__all__``): no helper names, no submodules."""
-    return sorted(__all__)
+# the public names resolve on first access (PEP 562); dir() lists __all__ only
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _LAZY, __all__)

@@ -14,8 +14,9 @@ Public names are resolved lazily (PEP 562): importing this package, or the conve
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scmf_loader._lazy import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from scmf_loader.census.dataset import CensusDataset, default_block_size
@@ -47,14 +48,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'scmf_loader.census' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+# the public names resolve on first access (PEP 562); dir() lists __all__ only
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _LAZY, __all__)

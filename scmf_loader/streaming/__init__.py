@@ -12,8 +12,9 @@ fsspec and the protocol packages (the extra ``scmodelforge-data[remote]``) are i
 when a URL is opened; importing this package imports neither them nor torch.
 """
 
-import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+from scmf_loader._lazy import lazy_exports as _lazy_exports
 
 if _TYPE_CHECKING:
     from scmf_loader.streaming.dataset import StreamingCellDataset
@@ -37,15 +38,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'scmf_loader.streaming' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public API only."""
-    return sorted(__all__)
+# the public names resolve on first access (PEP 562); dir() lists __all__ only
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _LAZY, __all__)

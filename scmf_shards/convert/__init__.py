@@ -21,8 +21,7 @@ Names are imported on first use (PEP 562), so ``import scmf_shards.convert`` is 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from scmf_loader._lazy import lazy_exports as _lazy_exports
 
 __all__ = [
     "FAULT_ENV",
@@ -53,14 +52,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+# the public names resolve on first access (PEP 562); dir() lists __all__ only
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _LAZY, __all__)
