@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from scmf_shards.preprocess.config import allows_negative, check_preprocessing
 from scmf_shards.preprocess.stats import fit_preprocessing
 from scmf_shards.scratch import release_all as scratch_release_all
 from scmf_shards.sources import open_sources, prepare_sources
-from scmf_shards.sources.base import is_url
+from scmf_shards.sources.base import is_url, local_path
 
 __all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "created_by", "resolve_vocab"]
 
@@ -85,11 +85,15 @@ def convert_h5ad(
     inputs: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     options: ConvertOptions | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Manifest:
     """Convert AnnData inputs into a dataset directory ``output``: ``.h5ad`` files, ``.zarr``
     stores, directories of them or globs, and scmf dataset directories (paths or fsspec
-    URLs; see :func:`scmf_shards.sources.open_sources`).
+    URLs; see :func:`scmf_shards.sources.open_sources`). ``output`` may be an fsspec URL
+    (``s3://bucket/prefix``, ``gs://``, ``memory://``): see :mod:`scmf_shards.upload`;
+    ``storage_options`` go to fsspec for it.
 
     Options come from ``options`` or keyword arguments (see :class:`ConvertOptions`).
     Returns the manifest written last. Raises a :class:`~scmf_loader.errors.ScmfError`
@@ -111,7 +115,7 @@ def convert_h5ad(
             raise
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InvalidInputError(f"{', '.join(urls)}: cannot open ({reason})") from exc
-    return convert_sources(sources, output, options)
+    return convert_sources(sources, output, options, storage_options=storage_options)
 
 
 @dataclass
@@ -158,13 +162,19 @@ def _categories(sources: Sequence[Any], names: list[str], columns: Sequence[str]
 
 
 def convert_sources(
-    sources: Sequence[Any], output: str | os.PathLike[str], options: ConvertOptions
+    sources: Sequence[Any], output: str | os.PathLike[str], options: ConvertOptions,
+    storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Convert already-opened sources (objects like :class:`H5adSource`: ``path``, ``kind``,
     ``n_cells``, ``n_genes``, ``genes``, ``check_obs_columns``, ``obs_values``,
-    ``read_rows``, ``fingerprint``, ``manifest_fields``; picklable) into ``output``."""
-    out = Path(output)
-    if out.exists() and not out.is_dir():
+    ``read_rows``, ``fingerprint``, ``manifest_fields``; picklable) into ``output``: a
+    directory (or ``file://`` URL), or any other fsspec URL, converted in a local staging
+    directory and uploaded (:class:`scmf_shards.upload.BucketTarget`)."""
+    from scmf_shards.upload import output_target
+
+    target = output_target(output, options, storage_options)  # refuses URLs it cannot honour
+    out = Path(local_path(os.fspath(output)))
+    if target is None and out.exists() and not out.is_dir():
         raise DatasetExistsError(f"{out}: exists and is not a directory")
     vocab = resolve_vocab(options.vocab, [s.genes for s in sources])
     # organism and perturbation columns: sources wrapped, their names added to obs_columns
@@ -185,18 +195,25 @@ def convert_sources(
             "options": options.definition(),
         }
         dataset_id = compute_dataset_id(definition)
-        # a full disk, a read-only or uncreatable output: one OutputNotWritableError line
         estimate = estimate_bytes(sources, options.dtype)
-        with OutputGuard(out, options.scratch_dir, estimate) as guard:
-            out.mkdir(parents=True, exist_ok=True)
-            with locked(out):
-                existing = prepare_output(out, dataset_id, options.overwrite)
-                if existing is not None:
-                    return existing
-                guard.warn()  # before anything is written
-                run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
-                           fingerprints, dataset_id, options, runner, estimate)
-                return _execute(run)
+        run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
+                   fingerprints, dataset_id, options, runner, estimate)
+        if target is not None:  # into a staging directory, then uploaded
+            return target.run(dataset_id, lambda d: _write(replace(run, out=d, ws=Workspace.at(d))))
+        return _write(run)
+
+
+def _write(run: _Run) -> Manifest:
+    """The conversion into ``run.out`` under its lock (or the dataset already there)."""
+    # a full disk, a read-only or uncreatable output: one OutputNotWritableError line
+    with OutputGuard(run.out, run.options.scratch_dir, run.estimate) as guard:
+        run.out.mkdir(parents=True, exist_ok=True)
+        with locked(run.out):
+            existing = prepare_output(run.out, run.dataset_id, run.options.overwrite)
+            if existing is not None:
+                return existing
+            guard.warn()  # before anything is written
+            return _execute(run)
 
 
 def _execute(run: _Run) -> Manifest:
