@@ -394,6 +394,8 @@ class CellDataLoader:
                 if ahead is not None:
                     ahead.consumed()
                 yield item
+                if self._ring is not None:  # before the DataLoader asks a worker for more
+                    self._ring.reclaim()
         finally:
             if ahead is not None:
                 ahead.stop()

@@ -31,6 +31,7 @@ only (:func:`install_arena`); the loader's own process is never patched.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +43,7 @@ import torch
 
 from scmf_loader import buffers
 from scmf_loader.batch import CSRBatch
+from scmf_loader.errors import ScmfError
 
 __all__ = ["SLOTS_PER_WORKER", "LoaderRing", "Packed", "RingFlags", "Slotted", "WorkerRing", "build", "flatten"]
 
@@ -136,22 +138,28 @@ class Packed:
 
 # ---- shared flags -----------------------------------------------------------------------
 class RingFlags:
-    """One int32 per slot in shared memory: 0 = free (the worker may claim it), otherwise
-    the iteration tag of the batch written into it (the loader's process resets it to 0).
+    """Two int32 per slot in shared memory. ``array``: 0 = free (the worker may claim it),
+    otherwise the iteration tag of the batch written into it (the loader's process resets it
+    to 0). ``seen``: the generation of the slot storage the loader's process holds (a
+    worker sends its storage again until the loader has it: a message can be discarded).
     Made in the loader's process before workers start; workers inherit or unpickle it."""
 
     def __init__(self, n_workers: int, per_worker: int = SLOTS_PER_WORKER) -> None:
         self.n_workers = n_workers
         self.per_worker = per_worker
-        self.flags = torch.zeros(max(n_workers * per_worker, 1), dtype=torch.int32).share_memory_()
-        self.array = self.flags.numpy()
+        self.flags = torch.zeros((2, max(n_workers * per_worker, 1)), dtype=torch.int32).share_memory_()
+        self._views()
+
+    def _views(self) -> None:
+        both = self.flags.numpy()
+        self.array, self.seen = both[0], both[1]
 
     def __getstate__(self) -> dict[str, Any]:
         return {"n_workers": self.n_workers, "per_worker": self.per_worker, "flags": self.flags}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.array = self.flags.numpy()
+        self._views()
 
 
 # ---- worker side ------------------------------------------------------------------------
@@ -184,15 +192,16 @@ class _Slot:
     storage: torch.UntypedStorage
     mem: np.ndarray  # uint8 view of the storage
     tensor: torch.Tensor  # uint8 tensor over the storage
+    generation: int = 0
     cursor: int = 0
-    sent: bool = False
 
     @classmethod
     def create(cls, nbytes: int) -> _Slot:
         size = max(_MIN_SLOT, -(-nbytes // _MIN_SLOT) * _MIN_SLOT)
         storage = torch.UntypedStorage._new_shared(size)
         tensor = torch.empty(0, dtype=torch.uint8).set_(storage)
-        return cls(storage, tensor.numpy(), tensor)
+        generation = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF or 1  # never 0
+        return cls(storage, tensor.numpy(), tensor, generation)
 
     @property
     def base(self) -> int:
@@ -218,6 +227,7 @@ class Slotted:
     and after the slot was replaced by a larger one)."""
 
     slot: int
+    generation: int
     storage: torch.UntypedStorage | None
     layout: list[tuple[int, torch.dtype, tuple[int, ...]]]
     structure: Any
@@ -280,9 +290,8 @@ class WorkerRing:
             slot.tensor[start : start + n].view(t.dtype).view(t.shape).copy_(t)
             layout.append((start, t.dtype, tuple(t.shape)))
             cursor = start + n
-        storage = None if slot.sent else slot.storage
-        slot.sent = True
-        return Slotted(index, storage, layout, structure)
+        storage = None if self.flags.seen[index] == slot.generation else slot.storage
+        return Slotted(index, slot.generation, storage, layout, structure)
 
 
 # ---- loader side ------------------------------------------------------------------------
@@ -293,8 +302,9 @@ def _use_count(storage: torch.UntypedStorage) -> int:
 class _Held:
     """A slot storage known to the loader's process, with its reference-count baseline."""
 
-    def __init__(self, storage: torch.UntypedStorage, pin: bool) -> None:
+    def __init__(self, storage: torch.UntypedStorage, generation: int, pin: bool) -> None:
         self.storage = storage
+        self.generation = generation
         self.base = torch.empty(0, dtype=torch.uint8).set_(storage)
         self.pinned = False
         if pin and storage.nbytes():
@@ -329,8 +339,11 @@ class LoaderRing:
             old = self.known.get(msg.slot)
             if old is not None and old.pinned:
                 self.retired.append(old)
-            self.known[msg.slot] = _Held(msg.storage, self.pin)
-        held = self.known[msg.slot]
+            self.known[msg.slot] = _Held(msg.storage, msg.generation, self.pin)
+            self.flags.seen[msg.slot] = msg.generation
+        held = self.known.get(msg.slot)
+        if held is None or held.generation != msg.generation:  # the protocol rules this out
+            raise ScmfError(f"worker slot {msg.slot}: generation {msg.generation} was never received")
         item = build(msg.structure, _views(held.base, msg.layout))
         self.out.append((msg.slot, held))
         return item

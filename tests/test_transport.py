@@ -1,0 +1,329 @@
+"""Worker transport (a ring of reused shared-memory slots), transform=, the recorded
+pipeline fused into the output kernels, and read-ahead (scmf_loader.transport,
+scmf_loader.readahead, CellDataLoader)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from scmf_loader import CellDataLoader, CellDataset, CSRBatch
+from scmf_loader.errors import ConfigurationError
+from scmf_loader.readahead import ReadAhead, runs_of
+from scmf_loader.transport import LoaderRing, Packed, RingFlags, Slotted, WorkerRing, build, flatten
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+
+@pytest.fixture(scope="module")
+def ds(loader_dataset: Path) -> CellDataset:
+    return CellDataset(loader_dataset)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Deep equality of loader outputs (tensors by value)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    if isinstance(a, CSRBatch):
+        return isinstance(b, CSRBatch) and a.n_genes == b.n_genes and all(
+            _equal(x, y) for x, y in ((a.indptr, b.indptr), (a.indices, b.indices), (a.values, b.values),
+                                      (a.cell_ids, b.cell_ids), (a.obs, b.obs), (a.stats, b.stats)))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, CSRBatch):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+class _Counting(CellDataLoader):
+    """A loader that counts what its workers sent (slot batches, fallbacks, storages)."""
+
+    def _receive(self, item: Any) -> Any:
+        counts = self.__dict__.setdefault("counts", Counter())
+        counts[type(item).__name__] += 1
+        if isinstance(item, Slotted) and item.storage is not None:
+            counts["storages"] += 1
+        return super()._receive(item)
+
+
+# ---- the ring ----------------------------------------------------------------------------
+@pytest.mark.parametrize("output", ["padded", "dense", "rank", "binned", "csr"])
+def test_workers_through_the_ring_equal_one_process(ds: CellDataset, output: str) -> None:
+    kw: dict[str, Any] = {"batch_size": 40, "seed": 3, "output": output, "max_genes": 16, "block_size": 8,
+                          "drop_last": False, "truncation": "random" if output == "padded" else "top"}
+    one = CellDataLoader(ds, num_workers=0, **kw)
+    refs = [[_clone(b) for b in one] for _ in range(2)]
+    loader = _Counting(ds, num_workers=2, **kw)
+    for ref in refs:  # persistent workers: the second epoch reuses the slots
+        got = [_clone(b) for b in loader]
+        assert len(got) == len(ref)
+        assert all(_equal(a, b) for a, b in zip(got, ref, strict=True))
+    counts = loader.counts
+    n = 2 * len(refs[0])
+    assert counts["Slotted"] >= n - 4, counts  # a fresh segment only when every slot is held
+    assert counts["storages"] <= 2 * loader._ring.flags.per_worker + 4, counts  # each slot sent once (or regrown)
+
+
+def test_batches_kept_by_the_caller_are_never_overwritten(ds: CellDataset) -> None:
+    kw: dict[str, Any] = {"batch_size": 30, "seed": 5, "output": "padded", "max_genes": 12, "block_size": 10}
+    ref = [_clone(b) for b in CellDataLoader(ds, num_workers=0, **kw)]
+    loader = _Counting(ds, num_workers=2, slots_per_worker=2, **kw)
+    kept = list(loader)  # every batch held: the ring runs dry and falls back, never reuses a held slot
+    assert all(_equal(a, b) for a, b in zip(kept, ref, strict=True))
+    assert loader.counts["Packed"] > 0
+    loader.set_epoch(0)
+    some = [b for i, b in enumerate(loader) if i % 3 == 0]  # some held, the rest reused
+    assert all(_equal(a, b) for a, b in zip(some, ref[::3], strict=True))
+
+
+def test_slots_come_back_after_an_iteration_stopped_early(ds: CellDataset) -> None:
+    kw: dict[str, Any] = {"batch_size": 20, "seed": 1, "output": "padded", "max_genes": 8, "block_size": 5}
+    loader = _Counting(ds, num_workers=1, **kw)
+    for _ in range(4):
+        for i, _b in enumerate(loader):
+            if i == 2:
+                break  # batches in flight are discarded by the DataLoader, their slots freed
+    loader.counts.clear()
+    full = list(b["cell_ids"].clone() for b in loader)
+    assert len(full) == len(loader)
+    assert loader.counts["Packed"] <= 2, loader.counts  # the slots did come back
+    flags = loader._ring.flags.array
+    del full
+    assert int(np.count_nonzero(flags)) <= loader._ring.flags.per_worker
+
+
+def test_ring_parts_in_one_process() -> None:
+    """WorkerRing/LoaderRing without processes: the output kernels' buffers are carved
+    from the slot (no copy), other leaves copied once, a slot is reused only once free."""
+    from scmf_loader import buffers, transport
+
+    flags = RingFlags(1, 2)
+    worker, loader = WorkerRing(flags, 0), LoaderRing(flags)
+    original = buffers.empty
+    transport.install_arena()
+    try:
+        def make(k: int) -> dict[str, Any]:
+            big = buffers.empty((300, 100), np.float32)  # as the output kernels allocate
+            big[:] = k
+            return {"x": torch.from_numpy(big), "small": torch.arange(k, k + 3), "pair": (k, "s"), "a": np.ones(2)}
+
+        first = worker.produce(lambda: make(1), tag=1)
+        assert isinstance(first, Slotted)
+        assert first.storage is not None
+        out1 = loader.unpack(first)
+        second = worker.produce(lambda: make(2), tag=1)
+        assert isinstance(second, Slotted)
+        assert second.slot != first.slot
+        out2 = loader.unpack(second)
+        assert worker.produce(lambda: make(3), tag=1).__class__ is Packed  # both slots held
+        del out1
+        loader.reclaim()
+        third = worker.produce(lambda: make(4), tag=1)
+        assert isinstance(third, Slotted)
+        assert third.slot == first.slot
+        assert third.storage is None
+        slot = worker.slots[third.slot]
+        assert third.layout[0][0] == 0  # carved from the slot's start: no copy
+        assert slot.holds(torch.from_numpy(slot.mem[:4]))
+        out4 = loader.unpack(third)
+        assert float(out4["x"].mean()) == 4
+        assert float(out2["x"].mean()) == 2  # the kept batch intact
+        assert out4["pair"] == (4, "s")
+        assert isinstance(out4["a"], np.ndarray)
+        assert torch.equal(out4["small"], torch.arange(4, 7))
+    finally:
+        buffers.empty = original
+        transport._original_empty = None
+
+
+def test_flatten_build_round_trip(ds: CellDataset) -> None:
+    b = ds[np.array([3, 1, 7])]
+    item = {"csr": b, "t": (torch.ones(2), [torch.zeros(1), 5]), "s": "x", "n": None}
+    leaves: list[torch.Tensor] = []
+    assert _equal(build(flatten(item, leaves), leaves), item)
+
+
+# ---- transform ---------------------------------------------------------------------------
+class _Busy:
+    """A picklable transform: reshapes the output (a tuple with a numpy array and a tag)."""
+
+    def __call__(self, out: dict[str, Any]) -> tuple[Any, ...]:
+        return out["expression"] * 2, out["cell_ids"].numpy() + 1, "tag"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_transform_runs_on_every_output(ds: CellDataset, workers: int) -> None:
+    kw: dict[str, Any] = {"batch_size": 25, "seed": 2, "output": "padded", "max_genes": 10}
+    ref = list(CellDataLoader(ds, num_workers=0, **kw))
+    got = list(CellDataLoader(ds, num_workers=workers, transform=_Busy(), **kw))
+    for (expr, ids, tag), r in zip(got, ref, strict=True):
+        assert torch.equal(expr, r["expression"] * 2)
+        np.testing.assert_array_equal(ids, r["cell_ids"].numpy() + 1)
+        assert tag == "tag"
+
+
+def test_transform_on_zero_copy_batches_in_workers(ds: CellDataset) -> None:
+    """A transform turns off the zero-copy shortcut: it runs in the workers, on views."""
+    ref = list(CellDataLoader(ds, batch_size=40, num_workers=0, seed=4))
+    got = list(CellDataLoader(ds, batch_size=40, num_workers=1, seed=4, transform=lambda b: b.values.sum()))
+    assert [float(g) for g in got] == pytest.approx([float(r.values.sum()) for r in ref])
+
+
+def test_bad_options(ds: CellDataset) -> None:
+    with pytest.raises(ConfigurationError, match="transform"):
+        CellDataLoader(ds, num_workers=0, transform=3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="read_ahead"):
+        CellDataLoader(ds, num_workers=0, read_ahead=-1)
+
+
+# ---- the recorded pipeline, fused ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def unbaked(loader_sources: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scmf_shards.convert import convert_h5ad
+
+    out = tmp_path_factory.mktemp("unbaked") / "ds"
+    convert_h5ad(loader_sources, out, shard_size=200, chunk_size=256, vocab="union", quiet=True,
+                 preprocessing={"normalize": "library_size", "log1p": True, "bake": False})
+    return out
+
+
+@pytest.mark.parametrize("output", ["padded", "dense", "rank", "binned", "csr"])
+def test_recorded_pipeline_is_fused_and_equals_apply_batch(unbaked: Path, output: str) -> None:
+    ds = CellDataset(unbaked)
+    assert ds.preprocessing is not None
+    loader = CellDataLoader(ds, batch_size=33, num_workers=0, output=output, max_genes=20, seed=6, drop_last=False)
+    assert loader._fetcher.pipeline is ds.preprocessing
+    raw = CellDataset(unbaked, preprocessing="raw")
+    med = ds.gene_nonzero_median if output == "rank" else None
+    for out in loader:
+        ids = (out.cell_ids if output == "csr" else out["cell_ids"]).numpy()
+        pre = ds[ids]  # the dataset's own per-batch path: apply_batch, then the plain converter
+        if output == "csr":
+            assert torch.equal(out.values, pre.values)
+            assert torch.equal(out.indices, raw[ids].indices)
+            continue
+        if output == "padded":
+            ref = pre.to_padded(20)
+        elif output == "dense":
+            ref = {"expression": pre.to_dense()}
+        elif output == "rank":
+            ref = pre.to_rank(med, 20)
+        else:
+            ref = pre.to_binned(51, 20)
+        for k, v in ref.items():
+            assert torch.equal(out[k], v), (output, k)
+
+
+# ---- read-ahead ----------------------------------------------------------------------------
+def test_runs_of_matches_a_brute_force_split() -> None:
+    offsets = np.array([0, 10, 25, 40])
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = np.sort(rng.choice(40, rng.integers(1, 20), replace=False)) if rng.random() < 0.5 else \
+            rng.permutation(40)[: rng.integers(1, 20)]
+        runs = runs_of(ids, offsets)
+        rebuilt = np.concatenate([np.arange(lo, hi) + offsets[s] for s, lo, hi in runs])
+        np.testing.assert_array_equal(rebuilt, ids)
+        assert all(0 <= lo < hi <= offsets[s + 1] - offsets[s] for s, lo, hi in runs)
+    assert runs_of((8, 12), offsets) == [(0, 8, 10), (1, 0, 2)]
+
+
+class _Recorder:
+    """A store stand-in that records what read-ahead asks of it."""
+
+    def __init__(self, cached: bool) -> None:
+        self.cached = cached
+        self.advised: list[tuple[int, int, int]] = []
+        self.prepared: list[int] = []
+        self.lock = threading.Lock()
+
+    def prepare(self, shard: int) -> None:
+        with self.lock:
+            self.prepared.append(shard)
+
+    def resident(self, shard: int) -> float:
+        return 1.0 if self.cached else 0.0
+
+    def advise(self, shard: int, start: int, stop: int, populate: bool = False) -> None:
+        with self.lock:
+            self.advised.append((shard, start, stop))
+
+
+class _Req:
+    def __init__(self, ids: Any) -> None:
+        self.ids = ids
+
+
+def test_read_ahead_follows_the_requests_and_stays_within_depth() -> None:
+    offsets = np.array([0, 100, 200, 300])
+    reqs = [_Req((a, a + 20)) for a in (40, 0, 60, 120, 100, 280, 200)] + [_Req(np.array([5, 150, 151]))]
+    store = _Recorder(cached=False)
+    ahead = ReadAhead(store, offsets, lambda: iter(reqs), depth=3)
+    for _ in range(20):  # within depth: at most 3 requests advised before any is consumed
+        with store.lock:
+            assert len(store.advised) <= 3
+        threading.Event().wait(0.005)
+    for _ in reqs:
+        ahead.consumed()
+    ahead.join(5)
+    ahead.stop()
+    want = [r for q in reqs for r in runs_of(q.ids, offsets)]
+    assert store.advised == want
+    assert store.prepared == [0, 1, 2, 0]  # the shard sequence, each prepared once entered before
+
+
+def test_read_ahead_skips_cached_shards_and_stops() -> None:
+    offsets = np.array([0, 100])
+    store = _Recorder(cached=True)
+    ahead = ReadAhead(store, offsets, lambda: iter([_Req((i, i + 10)) for i in range(0, 100, 10)]), depth=2)
+    for _ in range(3):
+        ahead.consumed()
+    ahead.stop()
+    ahead.join(5)
+    assert store.advised == [] or store.advised[0][0] == 0  # at most the first, before residency was known
+    assert not any(t.is_alive() for t in ahead._threads)
+
+
+def test_loader_with_read_ahead_on_a_real_store(ds: CellDataset) -> None:
+    ref = [b.cell_ids.clone() for b in CellDataLoader(ds, batch_size=16, num_workers=0, seed=8, read_ahead=0)]
+    got = [b.cell_ids.clone() for b in CellDataLoader(ds, batch_size=16, num_workers=0, seed=8, read_ahead=4)]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    store = CellDataset(ds.store.path).store
+    store.advise(0, 0, 5, populate=True)  # madvise on real maps: no error
+    assert 0.0 <= store.resident(0) <= 1.0
+
+
+def test_store_maps_each_shard_once_under_threads(loader_dataset: Path) -> None:
+    store = CellDataset(loader_dataset).store
+    seen: list[Any] = []
+
+    def grab() -> None:
+        for s in range(store.n_shards):
+            seen.append((s, id(store.csr(s).data)))
+
+    threads = [threading.Thread(target=grab) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_shard = {s: {i for k, i in seen if k == s} for s in range(store.n_shards)}
+    assert all(len(v) == 1 for v in per_shard.values())
+    assert store._checked == set(range(store.n_shards))
