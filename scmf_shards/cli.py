@@ -292,9 +292,11 @@ def census_cmd(ctx: click.Context, config_path: str | None, **_: Any) -> None:
 def preprocess_cmd(ctx: click.Context, input: str, config_path: str | None, **_: Any) -> None:
     """Write a preprocessed copy of INPUT.h5ad (config and selected genes in .uns)."""
     from scmf_shards.preprocess.h5ad import preprocess_h5ad
+    from scmf_shards.upload import refuse_url
 
     config = _load_config(config_path)
     output = _output(ctx, config, "file")
+    refuse_url("--output", output, "preprocess writes a local .h5ad file (upload it afterwards)")
     prep = preprocessing_from(ctx, config)
     prep.pop("bake", None)  # the output always holds processed values
     opts = _merge(ctx, config, ["matrix", "chunk_size", "seed", "overwrite", "quiet"])
@@ -307,12 +309,18 @@ def preprocess_cmd(ctx: click.Context, input: str, config_path: str | None, **_:
 @main.command("verify")
 @click.argument("directory", type=str)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_handle_errors
 def verify_cmd(directory: str, quiet: bool) -> None:
-    """Recompute every checksum; exit 1 with one line per problem (on stderr)."""
+    """Recompute every checksum; exit 1 with one line per problem (on stderr). DIRECTORY
+    may be a URL (s3://bucket/prefix ...): every shard is downloaded and checked."""
     from tqdm.auto import tqdm
 
+    from scmf_shards.upload import is_output_url
     from scmf_shards.verify import verify_dataset
 
+    if is_output_url(directory):
+        _verify_url(directory, quiet)
+        return
     try:
         from scmf_loader.format import read_manifest
 
@@ -329,6 +337,22 @@ def verify_cmd(directory: str, quiet: bool) -> None:
             click.echo(f"error: {p}", err=True)
         sys.exit(1)
     click.echo(f"OK: {directory}: {total} shard(s) verified")
+
+
+def _verify_url(url: str, quiet: bool) -> None:
+    """``verify`` of a dataset at a URL (credentials from the environment)."""
+    from tqdm.auto import tqdm
+
+    from scmf_shards.upload import redact, url_info, verify_url
+
+    total = int(url_info(url)["n_shards"])  # a missing dataset: one error line
+    with tqdm(total=total, desc="verify", unit="shard", disable=quiet or not total, leave=False) as bar:
+        problems, total = verify_url(url, progress=bar.update)
+    if problems:
+        for p in problems:
+            click.echo(f"error: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {redact(url.rstrip('/'))}: {total} shard(s) verified")
 
 
 #: lists longer than this are summarised by ``info`` (``--json`` prints them whole)
@@ -359,9 +383,10 @@ def info_cmd(directory: str, as_json: bool) -> None:
 
     Lists longer than 10 items (e.g. the HVG genes) are shown as their length and first
     items; --json prints everything."""
+    from scmf_shards.upload import is_output_url, url_info
     from scmf_shards.verify import dataset_info, format_info
 
-    info = dataset_info(directory)
+    info = url_info(directory) if is_output_url(directory) else dataset_info(directory)
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
@@ -384,10 +409,13 @@ def info_cmd(directory: str, as_json: bool) -> None:
 @_handle_errors
 def append_cmd(base: str, inputs: tuple[str, ...], output: str | None, link: str, **opts: Any) -> None:
     """A new version: BASE's cells (shards reused, never rewritten) plus those of INPUTS."""
+    from scmf_shards.upload import refuse_url
     from scmf_shards.versions import append_dataset
 
     if not output:
         raise ScmfError("give the new version's directory with --output")
+    refuse_url("--output", output, "append links BASE's shards into a local directory (convert, then upload)")
+    refuse_url("--scratch-dir", opts.get("scratch_dir"), "scratch space must be a local (or shared) file system")
     manifest = append_dataset(base, list(inputs), output, link=link, **opts)
     if not opts.get("quiet"):
         click.echo(f"wrote {output}: {manifest.n_cells:,} cells, {len(manifest.shards)} shards, id {manifest.dataset_id}")
