@@ -72,16 +72,6 @@ _SMALL = 64  # integer values below this are counted in a dense (gene, value) ta
 
 
 @njit(cache=True, nogil=True)
-def _integral(data):  # noqa: ANN001, ANN202  # pragma: no cover - compiled
-    """Whether every value is an integer of magnitude below 2**53."""
-    for i in range(data.size):
-        v = np.float64(data[i])
-        if v != np.floor(v) or abs(v) >= _EXACT_INT_MAX:
-            return False
-    return True
-
-
-@njit(cache=True, nogil=True)
 def _bin_key(v):  # noqa: ANN001, ANN202  # pragma: no cover - compiled
     """The ``bin`` key of non-zero ``v``: the top 16 bits of float32 |v| as a number
     (``biased exponent * 2**BIN_BITS + top mantissa bits``), ``-key - 1`` below 0."""
@@ -187,16 +177,22 @@ def _histogram(indices, data, n_genes, kind):  # noqa: ANN001, ANN202  # pragma:
 
 
 @njit(cache=True, nogil=True)
-def _small_counts(indices, data, n_genes, table):  # noqa: ANN001, ANN202  # pragma: no cover - compiled
+def _small_counts(indices, data, table):  # noqa: ANN001, ANN202  # pragma: no cover - compiled
     """Integer values ``1 <= v < width`` counted in ``table[gene, v]`` (one pass, no grouping);
-    returns how many other non-zeros there are."""
+    returns how many other non-zeros there are, or -1 at the first value that is not an
+    integer below 2**53 (the table is then incomplete)."""
     width = table.shape[1]
     rest = 0
     for i in range(data.size):
         v = data[i]
         if v > 0 and v < width:
-            table[indices[i], np.int64(v)] += 1
+            k = np.int64(v)
+            if k != v:
+                return -1
+            table[indices[i], k] += 1
         elif v != 0:
+            if v != np.floor(v) or abs(np.float64(v)) >= _EXACT_INT_MAX:
+                return -1
             rest += 1
     return rest
 
@@ -215,14 +211,17 @@ def _large_values(indices, data, width, n_rest):  # noqa: ANN001, ANN202  # prag
     return out_i, out_d
 
 
-def _int_histogram(indices: np.ndarray, data: np.ndarray, n_genes: int) -> tuple[np.ndarray, ...]:
-    """:func:`_histogram` of integer values, small counts through a dense table."""
-    table = np.zeros((n_genes, _SMALL), dtype=np.int64)
-    n_rest = _small_counts(indices, data, n_genes, table)
+def _int_histogram(indices: np.ndarray, data: np.ndarray, n_genes: int) -> tuple[np.ndarray, ...] | None:
+    """:func:`_histogram` of integer values, small counts through a dense table; None when
+    some value is not an integer."""
+    table = np.zeros((n_genes, _SMALL), dtype=np.int32 if data.size < 2**31 else np.int64)
+    n_rest = _small_counts(indices, data, table)
+    if n_rest < 0:
+        return None
     genes, values = np.nonzero(table)  # row-major: by gene, then value
     ptr = np.zeros(n_genes + 1, dtype=np.int64)
     np.cumsum(np.bincount(genes, minlength=n_genes), out=ptr[1:])
-    small = (ptr, values.astype(np.float64), table[genes, values])
+    small = (ptr, values.astype(np.float64), table[genes, values].astype(np.int64))
     if n_rest == 0:
         return small
     rest = _histogram(*_large_values(indices, data, _SMALL, n_rest), n_genes, _INT)
@@ -400,14 +399,11 @@ def chunk_histogram(indices: np.ndarray, data: np.ndarray, n_genes: int,
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_genes):
         raise InvalidInputError(f"gene ids outside [0, {n_genes})")
     nnz = int(np.count_nonzero(data))
-    if data.dtype.kind in "iu" or (data.dtype.kind == "f" and _integral(data)):
-        kind = "int"
-    else:
-        kind = "float" if nnz <= exact_limit else "bin"
-    if kind == "int":
-        ptr, keys, counts = _int_histogram(indices, data, int(n_genes))
-    else:
-        ptr, keys, counts = _histogram(indices, data, int(n_genes), KINDS.index(kind))
+    exact = _int_histogram(indices, data, int(n_genes))  # counts: one pass, no grouping
+    if exact is not None:
+        return NonzeroHistogram("int", nnz, *exact)
+    kind = "float" if nnz <= exact_limit else "bin"
+    ptr, keys, counts = _histogram(indices, data, int(n_genes), KINDS.index(kind))
     return NonzeroHistogram(kind, nnz, ptr, keys, counts)
 
 
