@@ -363,11 +363,17 @@ class NonzeroHistogram:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to ``path`` (``.npz``) under a temporary name, then rename."""
         final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}.npz")
-        small = np.int32 if self.counts.size == 0 or int(self.counts.max()) < 2**31 else np.int64
         np.savez(tmp, kind=np.array(self.kind), nnz=np.array(self.nnz, dtype=np.int64),
-                 indptr=self.indptr, keys=self.keys, counts=self.counts.astype(small))
+                 indptr=self.indptr, keys=self._stored_keys(), counts=_narrow(self.counts))
         os.replace(tmp, final)
+
+    def _stored_keys(self) -> np.ndarray:
+        """The keys in the narrowest exact dtype (bin keys fit int16; small integers int32)."""
+        if self.kind == "bin":
+            return self.keys.astype(np.int16)
+        return _narrow(self.keys) if self.kind == "int" else self.keys
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> NonzeroHistogram:
@@ -382,6 +388,12 @@ class NonzeroHistogram:
         if kind not in KINDS or indptr.size < 1 or int(indptr[-1]) != keys.size or keys.size != counts.size:
             raise ShardCorruptError(f"{path}: inconsistent non-zero histogram (kind {kind!r})")
         return cls(kind, nnz, indptr, keys, counts)
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """Integer-valued ``a`` as int32 when every value fits, else int64."""
+    fits = a.size == 0 or (int(a.min()) >= -(2**31) and int(a.max()) < 2**31)
+    return a.astype(np.int32 if fits else np.int64)
 
 
 def chunk_histogram(indices: np.ndarray, data: np.ndarray, n_genes: int,
@@ -420,6 +432,7 @@ def merge_histograms(histograms: Iterable[NonzeroHistogram], n_genes: int,
 def save_medians(path: str | os.PathLike[str], medians: np.ndarray) -> None:
     """Write the medians (float32 ``.npy``) under a temporary name, then rename."""
     final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}.npy")
     np.save(tmp, np.asarray(medians, dtype=np.float32))
     os.replace(tmp, final)

@@ -140,12 +140,18 @@ def test_the_kind_follows_the_data_not_the_chunking() -> None:
 
 def test_histogram_and_medians_files(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
-    h = chunk_histogram(rng.integers(0, 30, 500).astype(np.int32), rng.random(500).astype(np.float32), 30)
-    h.save(tmp_path / "h.npz")
-    back = NonzeroHistogram.load(tmp_path / "h.npz")
-    assert back.kind == h.kind
-    assert back.nnz == h.nnz
-    assert np.array_equal(back.medians(), h.medians(), equal_nan=True)
+    genes = rng.integers(0, 30, 500).astype(np.int32)
+    values = {"int": rng.integers(1, 2**40, 500).astype(np.float64),  # beyond int32 keys
+              "float": rng.random(500).astype(np.float32),
+              "bin": -rng.lognormal(0, 20, 500).astype(np.float32)}
+    for kind, v in values.items():
+        h = chunk_histogram(genes, v, 30, exact_limit=0 if kind == "bin" else 1000)
+        h.save(tmp_path / "sub" / f"{kind}.npz")
+        back = NonzeroHistogram.load(tmp_path / "sub" / f"{kind}.npz")
+        assert back.kind == h.kind == kind
+        assert back.nnz == h.nnz
+        assert np.array_equal(back.keys, h.keys)
+        assert np.array_equal(back.medians(), h.medians(), equal_nan=True)
     (tmp_path / "bad.npz").write_bytes(b"not a histogram")
     with pytest.raises(ShardCorruptError, match="bad.npz"):
         NonzeroHistogram.load(tmp_path / "bad.npz")

@@ -43,7 +43,7 @@ from scmf_shards.convert.diskspace import OutputGuard, estimate_bytes
 from scmf_shards.convert.gather import CELL_STATS, GatherTask, reusable_shard, run_gather
 from scmf_shards.convert.output import locked, prepare_output, remove_partial_shards
 from scmf_shards.convert.scatter import ScatterTask, run_scatter, scatter_to_memory
-from scmf_shards.convert.workspace import Workspace, bucket_histogram, bucket_path
+from scmf_shards.convert.workspace import Workspace, bucket_path
 from scmf_shards.executor import TaskRunner
 from scmf_shards.medians import NonzeroHistogram, merge_histograms, save_medians
 from scmf_shards.options import ConvertOptions
@@ -307,6 +307,7 @@ def _scatter_tasks(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: 
             bucket_dir=str(bucket_path(plan.buckets, c.index)),
             transform=prep.transform_for(c.index) if prep is not None else None,
             allow_negative=allows_negative(opts.preprocessing), n_genes=len(run.vocab),
+            histogram_path=str(run.ws.histogram(c.index)),
         )
         for c in plan.chunks
     ]
@@ -325,14 +326,12 @@ def _scatter_to_memory(run: _Run, plan: _Plan, stored: list[StoredAlignment], pr
 
 def _save_medians(run: _Run, plan: _Plan, memory: dict[int, Any] | None) -> None:
     """The per-gene non-zero medians (:mod:`scmf_shards.medians`): every chunk's histogram
-    merged (held in memory, or saved with its bucket) and saved in the workspace, where each
+    (its scatter task saved it) merged in chunk order, saved in the workspace, where each
     gather task reads them into its shard's var. A function of the data alone: kept from an
-    earlier run; not needed when a one-pass re-run holds no chunk (every shard is written)."""
+    earlier run; not needed when a one-pass re-run read no chunk (every shard is written)."""
     if run.ws.medians.is_file() or (memory is not None and len(memory) < len(plan.chunks)):
         return
-    histograms = (memory[c.index].histogram if memory is not None
-                  else NonzeroHistogram.load(bucket_histogram(bucket_path(plan.buckets, c.index)))
-                  for c in plan.chunks)
+    histograms = (NonzeroHistogram.load(run.ws.histogram(c.index)) for c in plan.chunks)
     save_medians(run.ws.medians, merge_histograms(histograms, len(run.vocab)).medians())
     faults.fault_point("driver:medians")
 

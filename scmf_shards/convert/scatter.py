@@ -17,8 +17,7 @@ import numpy as np
 from scmf_loader.errors import InvalidInputError
 from scmf_shards import faults
 from scmf_shards.align import StoredAlignment, align_rows_with_totals
-from scmf_shards.convert.workspace import bucket_histogram
-from scmf_shards.medians import NonzeroHistogram, chunk_histogram
+from scmf_shards.medians import chunk_histogram
 from scmf_shards.plan import ReadChunk, chunk_destinations
 from scmf_shards.values import check_values
 from scmf_shards.write import attempt_name
@@ -44,6 +43,7 @@ class ScatterTask:
     transform: Any = None  # preprocessing of the chunk (scmf_shards.preprocess.stats.ChunkTransform)
     allow_negative: bool = False  # data stated as normalised, no log1p (see scmf_shards.values)
     n_genes: int = 0  # vocabulary size: the length of the chunk's non-zero histogram
+    histogram_path: str = ""  # where the chunk's non-zero histogram goes (Workspace.histogram)
 
     @property
     def where(self) -> str:
@@ -61,7 +61,6 @@ class _Bucket:
     cells: np.ndarray
     codes: np.ndarray
     offsets: np.ndarray
-    histogram: NonzeroHistogram  # of the stored values (scmf_shards.medians)
 
 
 def obs_codes(values: np.ndarray, categories: Sequence[str], column: str, where: str) -> np.ndarray:
@@ -96,15 +95,12 @@ class MemoryBucket:
     extra_stats: dict[str, np.ndarray]
     codes: np.ndarray
     offsets: np.ndarray
-    histogram: NonzeroHistogram | None = None  # the chunk's non-zero histogram (medians)
 
     @property
     def nbytes(self) -> int:
         """Bytes held."""
         arrays = [self.data, self.indices, self.indptr, self.cells, self.library_size, self.codes,
                   self.offsets, *self.extra_stats.values()]
-        if self.histogram is not None:
-            arrays += [self.histogram.indptr, self.histogram.keys, self.histogram.counts]
         return sum(a.nbytes for a in arrays)
 
 
@@ -132,9 +128,10 @@ def _read_and_align(task: ScatterTask, reuse: bool = True) -> _Bucket:
         codes = np.zeros((len(order), 0), dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(task.counts)]).astype(np.int64)
     stored = np.asarray(aligned.data).astype(task.dtype, copy=False)  # the values shards hold
-    histogram = chunk_histogram(aligned.indices, stored, task.n_genes)
+    if task.histogram_path:  # before the bucket is complete: a reused bucket has its histogram
+        chunk_histogram(aligned.indices, stored, task.n_genes).save(task.histogram_path)
     return _Bucket(aligned, library_size, extra_stats, np.asarray(rows.cell_ids[order], dtype=str),
-                   codes, offsets, histogram)
+                   codes, offsets)
 
 
 def _save(tmp: Path, bucket: _Bucket, dtype: str) -> None:
@@ -149,7 +146,6 @@ def _save(tmp: Path, bucket: _Bucket, dtype: str) -> None:
         np.save(tmp / f"{stat_name}.npy", stat)
     np.save(tmp / "codes.npy", bucket.codes)
     np.save(tmp / "offsets.npy", bucket.offsets)
-    bucket.histogram.save(bucket_histogram(tmp))
     faults.fault_point("scatter:written")
 
 
@@ -162,7 +158,7 @@ def scatter_to_memory(task: ScatterTask) -> MemoryBucket:
         indices=np.asarray(bucket.aligned.indices).astype(np.int32, copy=False),
         indptr=np.asarray(bucket.aligned.indptr).astype(np.int64, copy=False),
         cells=bucket.cells, library_size=bucket.library_size, extra_stats=bucket.extra_stats,
-        codes=bucket.codes, offsets=bucket.offsets, histogram=bucket.histogram,
+        codes=bucket.codes, offsets=bucket.offsets,
     )
     faults.fault_point("scatter:held")
     return held
@@ -172,7 +168,7 @@ def run_scatter(task: ScatterTask) -> int:
     """Scatter task: read, validate and align one chunk; write it grouped by shard.
     Returns the number of shard offsets (shards + 1); a complete bucket is reused."""
     out = Path(task.bucket_dir)
-    if out.is_dir():
+    if out.is_dir() and (not task.histogram_path or Path(task.histogram_path).is_file()):
         return int(np.load(out / "offsets.npy").shape[0])  # complete from an earlier run
     bucket = _read_and_align(task)
     tmp = attempt_name(out)

@@ -10,10 +10,11 @@
       vocab.json             the vocabulary, copied to DIR/vocab.json at the end
       alignments/sNNNNN.npz  each source's gene alignment (scatter tasks load it by reference)
       preprocess/            the preprocessing stats passes' files
-      buckets/cNNNNNN/       one scatter task's output, grouped by shard (or in --scratch-dir),
-                             with its chunk's non-zero histogram (nonzero_hist.npz)
-      nonzero_median.npy     the per-gene non-zero medians, merged from every chunk's
-                             histogram before the gather stage (scmf_shards.medians)
+      buckets/cNNNNNN/       one scatter task's output, grouped by shard (or in --scratch-dir)
+      medians/cNNNNNN.npz    one scatter task's non-zero histogram (scmf_shards.medians),
+                             written before its bucket is complete (either path)
+      medians/nonzero_median.npy   the per-gene non-zero medians, merged from every chunk's
+                             histogram before the gather stage
       shards/NNNNNN.json     a gather task's completion record (the shard's manifest entry)
 """
 
@@ -25,25 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUCKET_PREFIX", "TMP_DIR", "Workspace", "bucket_histogram", "bucket_path"]
+__all__ = ["BUCKET_PREFIX", "TMP_DIR", "Workspace", "bucket_path"]
 
 TMP_DIR = ".scmf-tmp"
 PLAN_NAME = "plan.json"
 TABLE_NAME = "table_by_shard.npy"
 BUCKET_PREFIX = "scmf-buckets-"
-HISTOGRAM_NAME = "nonzero_hist.npz"
+MEDIANS_DIR = "medians"
 MEDIANS_NAME = "nonzero_median.npy"
 
 
 def bucket_path(bucket_root: str | os.PathLike[str], chunk: int) -> Path:
     """The bucket directory of read chunk ``chunk``."""
     return Path(bucket_root) / f"c{chunk:06d}"
-
-
-def bucket_histogram(bucket_dir: str | os.PathLike[str]) -> Path:
-    """The non-zero histogram of the chunk whose bucket is ``bucket_dir`` (written with the
-    bucket, inside it: complete when the bucket is)."""
-    return Path(bucket_dir) / HISTOGRAM_NAME
 
 
 @dataclass(frozen=True)
@@ -97,10 +92,14 @@ class Workspace:
         """Stored gene alignment of source ``source``."""
         return self.root / "alignments" / f"s{source:05d}.npz"
 
+    def histogram(self, chunk: int) -> Path:
+        """The non-zero histogram of read chunk ``chunk`` (its scatter task writes it)."""
+        return self.root / MEDIANS_DIR / f"c{chunk:06d}.npz"
+
     @property
     def medians(self) -> Path:
         """The per-gene non-zero medians every gather task writes into its shard's var."""
-        return self.root / MEDIANS_NAME
+        return self.root / MEDIANS_DIR / MEDIANS_NAME
 
     @property
     def preprocess(self) -> Path:
