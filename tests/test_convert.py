@@ -20,7 +20,7 @@ from scmf_loader.errors import (
     ScmfError,
     VocabularyError,
 )
-from scmf_loader.format import read_manifest
+from scmf_loader.format import FORMAT_VERSION, read_manifest
 from scmf_loader.vocab import GeneVocab
 from scmf_shards.convert import convert_h5ad
 
@@ -333,7 +333,7 @@ def test_manifest_is_pure_json(three_sources: list[Path], tmp_path: Path) -> Non
         assert not s["path"].startswith("/")
         assert ".." not in s["path"]
     assert doc["format"] == "scmf-shards"
-    assert doc["format_version"] == 1
+    assert doc["format_version"] == FORMAT_VERSION
 
 
 def test_converter_is_importable_without_side_effects() -> None:
@@ -364,7 +364,7 @@ def test_task_descriptions_do_not_grow_with_the_number_of_chunks(
     for chunk_size in (400, 100):
         sizes.clear()
         convert_h5ad(three_sources, tmp_path / f"c{chunk_size}", chunk_size=chunk_size,
-                             shard_size=500, quiet=True)
+                     shard_size=500, quiet=True, memory_limit="1KB")  # the two-stage path
         largest[chunk_size] = {k: max(v) for k, v in sizes.items()}
         assert len(sizes["run_scatter"]) >= 1450 // chunk_size
     assert largest[100]["run_gather"] == largest[400]["run_gather"]

@@ -85,7 +85,7 @@ def test_unknown_version_is_rejected_with_expected_and_found(tmp_path: Path) -> 
     d = _manifest([(1, 1)]).to_dict()
     d["format_version"] = FORMAT_VERSION + 1
     (tmp_path / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(FormatVersionError, match=r"format_version is 2.*reads format_version 1"):
+    with pytest.raises(FormatVersionError, match=rf"format_version is {FORMAT_VERSION + 1}.*reads format_version 1, 2"):
         read_manifest(tmp_path)
 
 
@@ -192,7 +192,7 @@ def test_sections_reject_wrong_types(section: str, value: dict, message: str) ->
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("format_version", 2, "format_version is 2; this scmf_loader reads format_version 1"),
+    ("format_version", 3, "format_version is 3; this scmf_loader reads format_version 1, 2"),
     ("format_version", True, "format_version is True"),
     ("format", "anndata", "format is 'anndata'; expected 'scmf-shards'"),
     ("layout", "zstd", "layout is 'zstd'; supported layouts"),

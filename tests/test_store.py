@@ -34,6 +34,7 @@ from scmf_loader.format import (
     sha256_file,
     write_manifest,
 )
+from scmf_loader.format._common import file_checksum
 from scmf_loader.format.integrity import shard_ok
 from scmf_loader.store import open_dataset
 from scmf_loader.vocab import GeneVocab
@@ -209,7 +210,7 @@ def test_in_place_write_on_a_mapped_array_leaves_the_file_unchanged(copy: Path) 
     t.fill_(12345)
     assert float(arrays.data[0]) == 12345  # the write went to this process's private pages
     assert f.read_bytes() == before
-    assert sha256_file(f) == store.manifest.shards[0].arrays["data"].sha256
+    assert file_checksum(f, "xxh3_128") == store.manifest.shards[0].arrays["data"].xxh3_128
     fresh = open_dataset(copy).csr(0)
     np.testing.assert_array_equal(fresh.data, np.frombuffer(before, dtype=fresh.data.dtype))
 
@@ -220,7 +221,8 @@ def _reseal(root: Path, shard: int) -> None:
     m = read_manifest(root)
     entry = m.shards[shard]
     base = root / entry.path
-    arrays = {n: dataclasses.replace(a, sha256=sha256_file(base / a.path)) for n, a in entry.arrays.items()}
+    arrays = {n: dataclasses.replace(a, sha256=None, xxh3_128=file_checksum(base / a.path, "xxh3_128"))
+              for n, a in entry.arrays.items()}
     shards = list(m.shards)
     shards[shard] = dataclasses.replace(entry, arrays=arrays, other_files=other_files_digest(base))
     write_manifest(root, dataclasses.replace(m, shards=shards))

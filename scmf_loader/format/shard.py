@@ -436,7 +436,8 @@ def write_shard_files(
             if after_x is not None:
                 after_x()
             return
-        func(store, elem_name, elem, dataset_kwargs=dataset_kwargs)
+        # no sharding codec for obs/var (what anndata would otherwise warn about, per thread)
+        func(store, elem_name, elem, dataset_kwargs={**dataset_kwargs, "shards": None})
 
     with zarr.config.set({"array.write_empty_chunks": True}):
         group = zarr.open_group(str(root), mode="w", zarr_format=3)
