@@ -22,8 +22,9 @@ from numba import njit
 
 _MAX_ROUNDS = 8
 TABLE = 256  # small whole counts with a per-cell table (log1p, histogram)
-BUCKET_BITS = 11
+BUCKET_BITS = 9
 RADIX_BITS = 11
+COUNTS = max(4 << BUCKET_BITS, (1 << RADIX_BITS) + 1)  # counters sort_asc needs
 
 
 _HIGHEST = np.int32((1 << 31) - 1)
@@ -199,6 +200,66 @@ def _bit_length(x) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
+def _plain_ratios(genes, src, medians, rat) -> int:  # noqa: ANN001
+    """``rat[j] = float32(value) / median`` for every entry (the gather of the medians and
+    the divisions vectorised); the count of values that are not 0. For medians that are
+    all positive and finite."""
+    n_ok = 0
+    for j in range(len(genes)):
+        rat[j] = np.float32(src[j]) / medians[genes[j]]
+    for j in range(len(src)):
+        n_ok += src[j] != 0
+    return n_ok
+
+
+@njit(nogil=True, cache=True)
+def rank_ratios(indices, values, s, e, medians, med_ok, d, has_div, log1p, plain, table, stamp, tag, rat, pay) -> int:  # noqa: ANN001
+    """The row's expressed genes (value not 0, median positive and finite) into ``pay`` and
+    their ``value / median`` (float32) into ``rat``: the count. Gene ids must be checked;
+    ``med_ok``: every median is positive and finite."""
+    genes, src = indices[s:e], values[s:e]
+    if plain and med_ok:
+        n_ok = _plain_ratios(genes, src, medians, rat)
+        if n_ok == len(genes):  # the common case: every entry is expressed
+            pay[: len(genes)] = genes
+            return n_ok
+    n = len(table)
+    m = 0
+    for j in range(len(genes)):
+        v = src[j]
+        md = medians[genes[j]]
+        if v == 0 or not (md > 0 and md < np.inf):
+            continue
+        if plain:
+            x = np.float32(v)
+        else:
+            inside = (v >= 0) & (v < n)
+            i = np.int64(v) if inside else 0
+            if inside & (i == v):
+                if stamp[i] != tag:
+                    table[i] = _compute(v, d, has_div, log1p, True)
+                    stamp[i] = tag
+                x = np.float32(table[i])
+            else:
+                x = np.float32(_compute(v, d, has_div, log1p, True))
+        rat[m] = x / md
+        pay[m] = genes[j]
+        m += 1
+    return m
+
+
+@njit(nogil=True, cache=True)
+def descending_keys(rat, keys) -> None:  # noqa: ANN001
+    """``keys[i]`` (uint32): ascending in the order of ``rat[i]`` (float32) descending."""
+    bits = rat.view(np.uint32)
+    for i in range(len(rat)):
+        u = bits[i]
+        u = u if u != np.uint32(0x80000000) else np.uint32(0)  # -0.0 is 0.0
+        asc = u ^ (np.uint32(0xFFFFFFFF) if u >> np.uint32(31) else np.uint32(0x80000000))
+        keys[i] = ~asc
+
+
+@njit(nogil=True, cache=True)
 def _radix(keys, pay, m, tk, tp, counts) -> None:  # noqa: ANN001
     """Stable LSD radix sort of ``keys[:m]`` (uint32) carrying ``pay``; ``tk``/``tp`` scratch."""
     nb = 1 << RADIX_BITS
@@ -207,13 +268,13 @@ def _radix(keys, pay, m, tk, tp, counts) -> None:  # noqa: ANN001
         shift = np.uint32(RADIX_BITS * p)
         counts[: nb + 1] = 0
         for i in range(m):
-            counts[np.int64((keys[i] >> shift) & mask) + 1] += 1
-        if counts[1 + np.int64((keys[0] >> shift) & mask)] == m:
+            counts[np.uint64((keys[i] >> shift) & mask) + np.uint64(1)] += 1
+        if counts[np.uint64((keys[0] >> shift) & mask) + np.uint64(1)] == m:
             continue  # one digit value: this pass would not move anything
         for b in range(nb):
             counts[b + 1] += counts[b]
         for i in range(m):
-            b = np.int64((keys[i] >> shift) & mask)
+            b = np.uint64((keys[i] >> shift) & mask)
             q = counts[b]
             counts[b] = q + 1
             tk[q], tp[q] = keys[i], pay[i]
@@ -221,29 +282,61 @@ def _radix(keys, pay, m, tk, tp, counts) -> None:  # noqa: ANN001
         pay[:m] = tp[:m]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _bucket(key, lo, shift):  # noqa: ANN001, ANN202
+    return np.uint64((key - lo) >> shift)
+
+
+@njit(nogil=True, cache=True)
+def _scatter4(keys, pay, m, lo, shift, sk, sp, counts) -> None:  # noqa: ANN001
+    """Stable counting scatter by bucket, the row cut into 4 chunks walked together so that
+    4 chains of counter updates run at once (count data repeats a few keys: one chain would
+    wait on the same counter); each chunk has its own counters (``counts``: 4 x NB)."""
+    nb = np.uint64(1 << BUCKET_BITS)
+    c = m // 4
+    counts[: 4 * (1 << BUCKET_BITS)] = 0
+    for i in range(c):
+        counts[_bucket(keys[i], lo, shift)] += 1
+        counts[nb + _bucket(keys[c + i], lo, shift)] += 1
+        counts[2 * nb + _bucket(keys[2 * c + i], lo, shift)] += 1
+        counts[3 * nb + _bucket(keys[3 * c + i], lo, shift)] += 1
+    for i in range(4 * c, m):
+        counts[3 * nb + _bucket(keys[i], lo, shift)] += 1
+    run = np.uint64(0)
+    for b in range(1 << BUCKET_BITS):
+        for j in range(4):
+            t = counts[j * nb + b]
+            counts[j * nb + b] = run
+            run += t
+    for i in range(c):
+        for j in range(4):  # unrolled by numba/LLVM: four independent chains
+            p = j * c + i
+            bb = np.uint64(j) * nb + _bucket(keys[p], lo, shift)
+            q = counts[bb]
+            counts[bb] = q + 1
+            sk[q], sp[q] = keys[p], pay[p]
+    for p in range(4 * c, m):
+        bb = 3 * nb + _bucket(keys[p], lo, shift)
+        q = counts[bb]
+        counts[bb] = q + 1
+        sk[q], sp[q] = keys[p], pay[p]
+
+
 @njit(nogil=True, cache=True)
 def sort_asc(keys, pay, m, sk, sp, counts) -> None:  # noqa: ANN001
     """``sk[:m]``/``sp[:m]``: ``keys[:m]`` (uint32) ascending, ties in position order, with
-    their payloads. ``keys``/``pay`` are used as scratch."""
+    their payloads (``counts``: uint64, :data:`COUNTS` of them). One bucket pass on the top
+    bits of ``key - min``, then insertion inside the buckets (keys of count data are few
+    distinct values: buckets are nearly always pure); a long fix-up turns into a radix
+    sort. ``keys``/``pay`` are kept."""
     if m == 0:
         return
     lo, hi = keys[0], keys[0]
     for i in range(m):
         lo = min(lo, keys[i])
         hi = max(hi, keys[i])
-    span = hi - lo
-    nb = 1 << BUCKET_BITS
-    shift = np.uint32(max(_bit_length(span) - BUCKET_BITS, 0))
-    counts[: nb + 1] = 0
-    for i in range(m):
-        counts[np.int64((keys[i] - lo) >> shift) + 1] += 1
-    for b in range(nb):
-        counts[b + 1] += counts[b]
-    for i in range(m):
-        b = np.int64((keys[i] - lo) >> shift)
-        q = counts[b]
-        counts[b] = q + 1
-        sk[q], sp[q] = keys[i], pay[i]
+    shift = np.uint32(max(_bit_length(hi - lo) - BUCKET_BITS, 0))
+    _scatter4(keys, pay, m, lo, shift, sk, sp, counts)
     if shift == 0:
         return
     budget = 4 * m + 64  # insertion moves allowed before a full radix sort
@@ -258,9 +351,9 @@ def sort_asc(keys, pay, m, sk, sp, counts) -> None:  # noqa: ANN001
             budget -= 1
         sk[j + 1], sp[j + 1] = k, p
         if budget < 0:
-            _radix(keys, pay, m, sk, sp, counts)
             sk[:m] = keys[:m]
             sp[:m] = pay[:m]
+            _radix(sk, sp, m, keys, pay, counts)  # keys/pay as scratch: sorted result in sk/sp
             return
 
 

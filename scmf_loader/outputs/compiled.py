@@ -14,7 +14,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from scmf_loader.outputs._fast import TABLE, copy_genes, cutoff, genes_ok, transform_row, write_kept
+from scmf_loader.outputs._fast import (
+    COUNTS,
+    TABLE,
+    copy_genes,
+    cutoff,
+    descending_keys,
+    genes_ok,
+    rank_ratios,
+    sort_asc,
+    transform_row,
+    write_kept,
+)
 from scmf_loader.outputs._sort import splitmix, stable_sort, threshold, value_keys
 
 BAD_INDPTR, BAD_INDEX = 1, 2
@@ -350,19 +361,46 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, k, 
     if bad >= 0:
         return BAD_INDPTR, bad
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
+    fast = f32 and len(colmap) == 0
+    has_div = len(div) > 0
+    plain = not (has_div or log1p)
+    rat, k32, sk32 = np.empty(longest, np.float32), np.empty(longest, np.uint32), np.empty(longest, np.uint32)
+    pay, spay = np.empty(longest, np.int32), np.empty(longest, np.int32)
+    ucounts = np.empty(COUNTS, np.uint64)
+    table, tstamp = np.empty(TABLE, np.float64), np.zeros(TABLE, np.int64)
+    med_ok = True
+    for g in range(len(medians)):
+        med_ok &= (medians[g] > 0) & (medians[g] < np.inf)
     for c in range(len(indptr) - 1):
-        m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, True, sg, sv, sp, memo, stamp)
-        if m < 0:
-            return BAD_INDEX, -1 - m
-        m = _ratios(sg, sv, m, medians, f32)
-        value_keys(sv, m, keys, True)
-        stable_sort(keys, m, order, skeys, counts)
+        gr, mr = gene[c], mask[c]
+        if fast:
+            s, e = indptr[c], indptr[c + 1]
+            if not genes_ok(indices, s, e, n_genes):
+                return BAD_INDEX, _first_bad(indices, s, e, n_genes)
+            d = div[c] if has_div else 1.0
+            m = rank_ratios(indices, values, s, e, medians, med_ok, d, has_div, log1p, plain, table, tstamp, c + 1, rat,
+                            pay)
+            descending_keys(rat[:m], k32)
+            sort_asc(k32, pay, m, sk32, spay, ucounts)
+            n = min(m, k)
+            out = gr[cls : cls + n]
+            for i in range(n):
+                out[i] = spay[i]
+        else:
+            m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, True, sg, sv, sp, memo, stamp)
+            if m < 0:
+                return BAD_INDEX, -1 - m
+            m = _ratios(sg, sv, m, medians, f32)
+            value_keys(sv, m, keys, True)
+            stable_sort(keys, m, order, skeys, counts)
+            n = min(m, k)
+            for i in range(n):
+                gr[cls + i] = sg[order[i]]
         if cls:
-            gene[c, 0], mask[c, 0] = _CLS, True
-        n = min(m, k)
-        for i in range(n):
-            gene[c, cls + i], mask[c, cls + i] = sg[order[i]], True
-        _pad_row(gene, mask, c, cls + n)
+            gr[0] = _CLS
+        mr[: cls + n] = True
+        gr[cls + n :] = _PAD
+        mr[cls + n :] = False
     return 0, 0
 
 
