@@ -17,6 +17,9 @@ repetitions with a warm page cache:
 Prints a table and writes everything as JSON to ``--out``::
 
     python scripts/bench_loader.py --out bench-out/loader.json
+
+Workers, transforms, the first and the cold epoch, on-the-fly preprocessing and every
+output against ``num_workers`` are measured by ``scripts/bench_workers.py`` (issue 11).
 """
 
 from __future__ import annotations
@@ -145,26 +148,29 @@ def kb(path, key):
         pass
     return 0
 
-peak_rss = peak_pss = 0.0
+peak_rss = peak_pss = peak_shm = 0.0
 import select
 while True:
     pids = tree()
     peak_rss = max(peak_rss, sum(kb(f"/proc/{p}/status", "RssAnon:") for p in pids) / 1024)
     peak_pss = max(peak_pss, sum(kb(f"/proc/{p}/smaps_rollup", "Pss_Anon:") for p in pids) / 1024)
+    peak_shm = max(peak_shm, sum(kb(f"/proc/{p}/smaps_rollup", "Pss_Shmem:") for p in pids) / 1024)
     if select.select([sys.stdin], [], [], interval)[0]:
         break
-print(peak_rss, peak_pss, flush=True)
+print(peak_rss, peak_pss, peak_shm, flush=True)
 """
 
 
 class MemoryProbe:
-    """Peak RssAnon and Pss_Anon (MB) summed over this process and its children, sampled by
-    a separate process (so sampling never competes with the timed code for the GIL)."""
+    """Peak RssAnon, Pss_Anon and Pss_Shmem (MB: the workers' shared-memory slots) summed
+    over this process and its children, sampled by a separate process (so sampling never
+    competes with the timed code for the GIL)."""
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
         self.peak_rss_anon = 0.0
         self.peak_pss_anon = 0.0
+        self.peak_pss_shmem = 0.0
 
     def __enter__(self) -> MemoryProbe:
         import subprocess
@@ -177,7 +183,7 @@ class MemoryProbe:
 
     def __exit__(self, *exc: object) -> None:
         out, _ = self._proc.communicate("stop\n")
-        self.peak_rss_anon, self.peak_pss_anon = (float(v) for v in out.split())
+        self.peak_rss_anon, self.peak_pss_anon, self.peak_pss_shmem = (float(v) for v in out.split())
 
 
 def rss_anon_mb() -> float:
