@@ -36,11 +36,13 @@ from scmf_loader.transport import (
     Slotted,
     WorkerRing,
     install_arena,
+    threaded,
 )
 
-__all__ = ["OUTPUTS", "CellDataLoader"]
+__all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 
 OUTPUTS = ("csr", "padded", "dense", "rank", "binned")
+WORKER_TYPES = ("process", "thread")
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,15 @@ def _checked_options(dataset: Any, output: str, n_bins: int, truncation: str,
     return max_genes
 
 
+def _check_worker_options(transform: Any, read_ahead: int, worker_type: str) -> None:
+    if transform is not None and not callable(transform):
+        raise ConfigurationError(f"transform must be callable, got {type(transform).__name__}")
+    if isinstance(read_ahead, bool) or read_ahead < 0:
+        raise ConfigurationError(f"read_ahead must be a number of batches >= 0, got {read_ahead!r}")
+    if worker_type not in WORKER_TYPES:
+        raise ConfigurationError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
+
+
 def _sampler_for(dataset: Any, sampler: BatchSampler | None, batch_size: int, shuffle: bool,
                  block_size: int | None, drop_last: bool, common: dict[str, Any]) -> BatchSampler:
     """The sampler a loader uses: the given one (through a copy when its ``drop_last``
@@ -277,6 +288,9 @@ class CellDataLoader:
     :mod:`scmf_loader.transport`: the output kernels write straight into a slot, and a slot
     is reused once nothing views its batch any more. With CUDA and ``pin_memory`` the slots
     are page-locked, so ``batch.to("cuda", non_blocking=True)`` copies from them directly.
+    ``worker_type="thread"`` runs the ``num_workers`` workers as threads of this process
+    (no hand-over at all; the output kernels and torch ops release the GIL, pure-Python
+    transforms do not); ``"process"`` (the default) as DataLoader worker processes.
     ``read_ahead``: batches that background threads keep ahead of the reader, mapping and
     checking the next shard and asking the kernel for the next batches' pages
     (:mod:`scmf_loader.readahead`; 0 turns it off).
@@ -308,6 +322,7 @@ class CellDataLoader:
         transform: Callable[[Any], Any] | None = None,
         slots_per_worker: int | None = None,
         read_ahead: int = DEFAULT_DEPTH,
+        worker_type: str = "process",
     ) -> None:
         max_genes = _checked_options(dataset, output, n_bins, truncation, max_genes, num_workers)
         sampler = _sampler_for(dataset, sampler, batch_size, shuffle, block_size, drop_last,
@@ -316,24 +331,23 @@ class CellDataLoader:
         self.sampler = sampler
         self.output = output
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
-        if isinstance(read_ahead, bool) or read_ahead < 0:
-            raise ConfigurationError(f"read_ahead must be a number of batches >= 0, got {read_ahead!r}")
+        _check_worker_options(transform, read_ahead, worker_type)
         self.read_ahead = int(read_ahead)
+        self.worker_type = worker_type
+        self._threads = num_workers if worker_type == "thread" else 0
+        num_workers = 0 if self._threads else num_workers
         self._epoch = 0
         self._done = 0
         self._resume: int | None = None
         self._requests = _Requests(sampler)
-        if transform is not None and not callable(transform):
-            raise ConfigurationError(f"transform must be callable, got {type(transform).__name__}")
         extra: dict[str, Any] = {}
         flags = self._ring = None
         if num_workers > 0:
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
                      "multiprocessing_context": multiprocessing_context}
             per_worker = (prefetch_factor or 2) + 3 if slots_per_worker is None else int(slots_per_worker)
-            if per_worker > 0:  # 0: a fresh shared-memory segment per batch (the old transport)
-                flags = RingFlags(num_workers, per_worker)
-                self._ring = LoaderRing(flags, self.pin_memory)
+            flags = RingFlags(num_workers, per_worker) if per_worker > 0 else None  # 0: a segment per batch
+            self._ring = LoaderRing(flags, self.pin_memory) if flags is not None else None
         self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins,
                                  transform=transform, flags=flags)
         # pinning happens here, after a worker's output is unpacked (pinned memory would not
@@ -373,9 +387,11 @@ class CellDataLoader:
         self._requests.epoch, self._requests.start = epoch, start
         self._requests.tag = tag = self._requests.tag % (1 << 30) + 1
         self._done = start
-        if self._loader.num_workers == 0:
+        if self._threads:  # worker threads: the output kernels release the GIL
+            items: Iterator[Any] = threaded(self._fetcher.read, self._requests.all(), self._threads)
+        elif self._loader.num_workers == 0:
             # in-process: the DataLoader would only add its per-batch bookkeeping (~0.1 ms)
-            items: Iterator[Any] = (_pin(self._fetcher[r]) if self.pin_memory else self._fetcher[r] for r in self._requests)
+            items = (self._fetcher[r] for r in self._requests)
         else:
             # zero-copy batches cost nothing to build: this process makes them itself, and
             # workers only see the others (gathers across blocks or shards)
@@ -444,5 +460,5 @@ class CellDataLoader:
         return (
             f"CellDataLoader(batches={len(self)}, batch_size={self.batch_size}, "
             f"sampler={type(self.sampler).__name__}, output={self.output!r}, "
-            f"workers={self._loader.num_workers})"
+            f"workers={self._threads or self._loader.num_workers})"
         )

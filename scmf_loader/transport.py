@@ -34,7 +34,7 @@ import math
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,8 @@ from scmf_loader import buffers
 from scmf_loader.batch import CSRBatch
 from scmf_loader.errors import ScmfError
 
-__all__ = ["SLOTS_PER_WORKER", "LoaderRing", "Packed", "RingFlags", "Slotted", "WorkerRing", "build", "flatten"]
+__all__ = ["SLOTS_PER_WORKER", "LoaderRing", "Packed", "RingFlags", "Slotted", "WorkerRing", "build", "flatten",
+           "threaded"]
 
 #: default slots per worker: the DataLoader's prefetch depth (2) plus the batch the caller
 #: holds and the one being fetched next
@@ -292,6 +293,29 @@ class WorkerRing:
             cursor = start + n
         storage = None if self.flags.seen[index] == slot.generation else slot.storage
         return Slotted(index, slot.generation, storage, layout, structure)
+
+
+# ---- threads ----------------------------------------------------------------------------
+def threaded(fetch: Callable[[Any], Any], requests: Iterable[Any], threads: int, depth: int | None = None) -> Iterator[Any]:
+    """``fetch(request)`` for every request, on ``threads`` threads, at most ``depth``
+    (default ``2 * threads``) ahead of the caller; results in request order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    depth = max(1, depth or 2 * threads)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="scmf-worker")
+    pending: deque[Any] = deque()
+    todo = iter(requests)
+    try:
+        for request in todo:
+            pending.append(pool.submit(fetch, request))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=False)
 
 
 # ---- loader side ------------------------------------------------------------------------

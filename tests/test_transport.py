@@ -187,11 +187,34 @@ def test_transform_on_zero_copy_batches_in_workers(ds: CellDataset) -> None:
     assert [float(g) for g in got] == pytest.approx([float(r.values.sum()) for r in ref])
 
 
+@pytest.mark.parametrize("output", ["csr", "padded", "binned"])
+def test_thread_workers_equal_one_process_and_resume(ds: CellDataset, output: str) -> None:
+    kw: dict[str, Any] = {"batch_size": 30, "seed": 7, "output": output, "max_genes": 12, "block_size": 10,
+                          "drop_last": False}
+    ref = [_clone(b) for b in CellDataLoader(ds, num_workers=0, **kw)]
+    loader = CellDataLoader(ds, num_workers=2, worker_type="thread", **kw)
+    got = [_clone(b) for b in loader]
+    assert len(got) == len(ref)
+    assert all(_equal(a, b) for a, b in zip(got, ref, strict=True))
+    first = CellDataLoader(ds, num_workers=2, worker_type="thread", **kw)
+    for i, _b in enumerate(first):
+        if i == 4:
+            state = first.state_dict()
+            break
+    again = CellDataLoader(ds, num_workers=2, worker_type="thread", **kw)
+    again.load_state_dict(state)
+    rest = [_clone(b) for b in again]
+    assert all(_equal(a, b) for a, b in zip(rest, ref[5:], strict=True))
+    assert len(rest) == len(ref) - 5
+
+
 def test_bad_options(ds: CellDataset) -> None:
     with pytest.raises(ConfigurationError, match="transform"):
         CellDataLoader(ds, num_workers=0, transform=3)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="read_ahead"):
         CellDataLoader(ds, num_workers=0, read_ahead=-1)
+    with pytest.raises(ConfigurationError, match="worker_type"):
+        CellDataLoader(ds, num_workers=1, worker_type="fiber")
 
 
 # ---- the recorded pipeline, fused ----------------------------------------------------------
