@@ -144,6 +144,10 @@ class BucketTarget:
 
         self.url = url.rstrip("/")
         self.shown = redact(self.url)
+        scheme = self.url.split("://", 1)[0].lower()
+        if scheme in _READ_ONLY:
+            raise ConfigurationError(f"--output {self.shown}: {scheme}:// is read-only; "
+                                     "write to s3://, gs://, az://, memory:// or a local path")
         self.overwrite = overwrite
         self.scratch_dir = scratch_dir
         self.quiet = quiet
@@ -171,11 +175,8 @@ class BucketTarget:
         return {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""}
 
     def check_reachable(self) -> None:
-        """Refuse, before any work, a read-only protocol or a bucket that does not exist."""
+        """Refuse, before any work, a bucket that does not exist or refused access."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        if protocol in _READ_ONLY:
-            raise ConfigurationError(f"--output {self.shown}: {protocol}:// is read-only; "
-                                     "write to s3://, gs://, az://, memory:// or a local path")
         bucket = self.root.split("/", 1)[0]
         if protocol in _BUCKET_PROTOCOLS:
             if not bucket or "/" not in self.root.strip("/"):
