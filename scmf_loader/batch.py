@@ -256,6 +256,21 @@ class CSRBatch:
         return torch.from_numpy(outputs.dense(*self._cpu_arrays(), self.n_genes, dtype=np_dtype,
                                               **self._fused(preprocessing, genes)))
 
+    def preprocessed(self, pipeline: Any) -> CSRBatch:
+        """The batch with its values through ``pipeline`` (a
+        :class:`~scmf_loader.preprocess.PreprocessingPipeline`: per-cell divisors, ``log1p``):
+        ``pipeline.apply_batch``'s numbers, in one pass that reads and writes each value once
+        (:func:`scmf_loader.outputs.preprocess`); a shallow copy, this batch is untouched.
+        Falls back to ``apply_batch`` off the CPU or for other pipelines."""
+        if not getattr(pipeline, "transforms_values", False):
+            return pipeline.apply_batch(self) if hasattr(pipeline, "apply_batch") else pipeline(self)
+        if not self._on_cpu() or not hasattr(pipeline, "divisors_for"):
+            return pipeline.apply_batch(self)
+        kw = self._fused(pipeline, None)
+        values = outputs.preprocess(self.indptr.numpy(), self.values.numpy(), kw["divisors"], kw["log1p"])
+        return CSRBatch(self.indptr, self.indices, torch.from_numpy(values), self.cell_ids, self.n_genes,
+                        self._obs, self._stats)
+
     def _on_device(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return out if self._on_cpu() else {k: v.to(self.values.device) for k, v in out.items()}
 

@@ -55,7 +55,7 @@ from scmf_loader.outputs import _common as common
 from scmf_loader.outputs import vectorised
 from scmf_loader.outputs._common import BACKENDS, numba_available, resolve_backend
 
-__all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "rank", "resolve_backend"]
+__all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "preprocess", "rank", "resolve_backend"]
 
 _EMPTY_F64 = np.zeros(0, np.float64)
 _EMPTY_MAP = np.zeros(0, np.int32)
@@ -222,3 +222,33 @@ def binned(indptr: Any, indices: Any, values: Any, n_genes: int, *, n_bins: int 
     qs = np.linspace(0, 1, int(n_bins) - 1)
     b.run(_compiled().binned, qs, k, cls, random, np.uint64(seed), gene, expr, mask)
     return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
+
+
+def preprocess(indptr: Any, values: Any, divisors: Any = None, log1p: bool = False,
+               backend: str | None = None) -> np.ndarray:
+    """The values of a CSR batch's entries ``[indptr[0], indptr[-1])`` preprocessed, in the
+    compute dtype (float64 for float64 values, else float32): ``value / divisors[cell]``,
+    then ``log1p`` - :class:`~scmf_loader.preprocess.PreprocessingPipeline`'s numbers
+    exactly, each value read and written once (into a reused buffer: :mod:`scmf_loader.buffers`)."""
+    backend = resolve_backend(backend)
+    indptr = np.asarray(indptr)
+    values = np.asarray(values)
+    if indptr.ndim != 1 or len(indptr) < 1 or indptr.dtype.kind not in "iu":
+        raise ScmfError(f"batch indptr must be a 1-D integer array of length cells + 1, got {indptr.dtype} {indptr.shape}")
+    if values.ndim != 1 or values.dtype.kind not in "iuf":
+        raise ScmfError(f"batch values must be a 1-D numeric array, got {values.dtype} {values.shape}")
+    indptr = indptr.astype(np.int64, copy=False)
+    f32 = values.dtype != np.float64
+    if values.dtype not in common.NATIVE_VALUES:
+        values = values.astype(np.float32)
+    n = len(indptr) - 1
+    div = common.check_divisors(divisors, n, f32)
+    if backend == "numpy":
+        common.check_batch(indptr, np.zeros(len(values), np.int32), values, 1)
+        return vectorised.entries(indptr, np.zeros(len(values), np.int32), values, div, bool(log1p), f32, None).values
+    out = buffers.empty(int(indptr[-1] - indptr[0]) if n else 0, np.float32 if f32 else np.float64)
+    d64 = _EMPTY_F64 if div is None else div.astype(np.float64)
+    code, where = _compiled().preprocess(indptr, values, d64, bool(log1p), f32, out)
+    if code:
+        raise common.kernel_error(int(code), int(where), indptr, np.zeros(0, np.int32), len(values), 1)
+    return out

@@ -152,7 +152,7 @@ def copy_genes(indices, s, e, n_genes, gr, w) -> bool:  # noqa: ANN001
     return lo >= 0 and hi < n_genes
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
 def _compute(v, d, has_div, log1p, f32):  # noqa: ANN001, ANN202
     """One value through the preprocessing in the compute dtype (float32 or float64)."""
     if f32:
@@ -171,23 +171,36 @@ def _compute(v, d, has_div, log1p, f32):  # noqa: ANN001, ANN202
 
 
 @njit(nogil=True, cache=True)
-def transform_row(values, s, e, d, has_div, log1p, f32, table, stamp, tag, out, w) -> None:  # noqa: ANN001
-    """``out[w:]`` = the row's values preprocessed (-0.0 folded into 0.0). A small whole
-    count's result is computed once per cell (``stamp[count] == tag`` marks it done): the
-    very number :func:`_compute` gives, so results do not depend on the table."""
-    n = len(table)
-    src, dst = values[s:e], out[w : w + e - s]
+def _small_counts(src, n) -> int:  # noqa: ANN001
+    """The largest value of ``src`` when every value is a whole number in ``[0, n)``, else
+    -1 (int32 conversions: vectorised)."""
+    ok, top, lim = True, np.int32(0), np.float32(n)
     for j in range(len(src)):
         v = src[j]
-        inside = (v >= 0) & (v < n)
-        i = np.int64(v) if inside else 0
-        if inside & (i == v):
-            if stamp[i] != tag:
-                table[i] = _compute(v, d, has_div, log1p, f32)
-                stamp[i] = tag
-            dst[j] = table[i]
-        else:
-            dst[j] = _compute(v, d, has_div, log1p, f32)
+        inside = (v >= 0) & (v < lim)
+        i = np.int32(v) if inside else np.int32(0)
+        ok &= inside & (i == v)
+        top = max(top, i)
+    return top if ok else -1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def transform_row(values, s, e, d, has_div, log1p, f32, table, stamp, tag, out, w) -> None:  # noqa: ANN001
+    """``out[w:]`` = the row's values preprocessed (-0.0 folded into 0.0). When the row holds
+    small whole counts only (raw data), each count up to the row's largest is computed once
+    into ``table`` and the row is a lookup; the numbers are :func:`_compute`'s either way.
+    (``stamp``/``tag``: unused, the signature of the per-entry memo.)"""
+    n = len(table)
+    src, dst = values[s:e], out[w : w + e - s]
+    top = _small_counts(src, n)
+    if top >= 0:
+        for i in range(top + 1):
+            table[i] = _compute(i, d, has_div, log1p, f32)
+        for j in range(len(src)):
+            dst[j] = table[np.uint32(np.int32(src[j]))]
+        return
+    for j in range(len(src)):
+        dst[j] = _compute(src[j], d, has_div, log1p, f32)
 
 
 @njit(nogil=True, cache=True)
@@ -199,53 +212,34 @@ def _bit_length(x) -> int:  # noqa: ANN001
     return n
 
 
-@njit(nogil=True, cache=True)
-def _plain_ratios(genes, src, medians, rat) -> int:  # noqa: ANN001
-    """``rat[j] = float32(value) / median`` for every entry (the gather of the medians and
-    the divisions vectorised); the count of values that are not 0. For medians that are
-    all positive and finite."""
-    n_ok = 0
-    for j in range(len(genes)):
-        rat[j] = np.float32(src[j]) / medians[genes[j]]
-    for j in range(len(src)):
-        n_ok += src[j] != 0
-    return n_ok
-
-
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def rank_ratios(indices, values, s, e, medians, med_ok, d, has_div, log1p, plain, table, stamp, tag, rat, pay) -> int:  # noqa: ANN001
     """The row's expressed genes (value not 0, median positive and finite) into ``pay`` and
-    their ``value / median`` (float32) into ``rat``: the count. Gene ids must be checked;
-    ``med_ok``: every median is positive and finite."""
+    their ``value / median`` (float32, the value in the compute dtype float32) into ``rat``:
+    the count. Gene ids must be checked; ``med_ok``: every median is positive and finite.
+    Vectorised passes (values, the gather of the medians, divisions), then a compaction
+    only when some entry is left out."""
     genes, src = indices[s:e], values[s:e]
-    if plain and med_ok:
-        n_ok = _plain_ratios(genes, src, medians, rat)
-        if n_ok == len(genes):  # the common case: every entry is expressed
-            pay[: len(genes)] = genes
-            return n_ok
-    n = len(table)
-    m = 0
-    for j in range(len(genes)):
-        v = src[j]
+    m = len(genes)
+    if plain:
+        for j in range(m):
+            rat[j] = np.float32(src[j])
+    else:
+        transform_row(values, s, e, d, has_div, log1p, True, table, stamp, tag, rat, 0)
+    for j in range(m):
+        rat[j] = rat[j] / medians[genes[j]]
+    n_ok = 0
+    for j in range(m):
+        n_ok += src[j] != 0
+    if med_ok and n_ok == m:  # the common case: every entry is expressed
+        pay[:m] = genes
+        return m
+    w = 0
+    for j in range(m):  # in place: w <= j
         md = medians[genes[j]]
-        if v == 0 or not (md > 0 and md < np.inf):
-            continue
-        if plain:
-            x = np.float32(v)
-        else:
-            inside = (v >= 0) & (v < n)
-            i = np.int64(v) if inside else 0
-            if inside & (i == v):
-                if stamp[i] != tag:
-                    table[i] = _compute(v, d, has_div, log1p, True)
-                    stamp[i] = tag
-                x = np.float32(table[i])
-            else:
-                x = np.float32(_compute(v, d, has_div, log1p, True))
-        rat[m] = x / md
-        pay[m] = genes[j]
-        m += 1
-    return m
+        rat[w], pay[w] = rat[j], genes[j]
+        w += (src[j] != 0) & (md > 0) & (md < np.inf)
+    return w
 
 
 @njit(nogil=True, cache=True)

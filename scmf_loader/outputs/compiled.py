@@ -473,3 +473,20 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls
         expr[c, w:] = 0
         _pad_row(gene, mask, c, w)
     return 0, 0
+
+
+@njit(nogil=True, cache=True)
+def preprocess(indptr, values, div, log1p, f32, out):  # noqa: ANN001, ANN201
+    """``out[j]``: value ``j`` of ``[indptr[0], indptr[-1])`` divided by its cell's divisor and
+    ``log1p``'d (the compute dtype: ``out``'s), read and written once; ``log1p`` once per
+    distinct small whole count of a cell."""
+    bad, _ = _check_indptr(indptr, len(values))
+    if bad >= 0:
+        return BAD_INDPTR, bad
+    table, tstamp = np.empty(TABLE, np.float64), np.zeros(TABLE, np.int64)
+    has_div, base = len(div) > 0, indptr[0] if len(indptr) else 0
+    for c in range(len(indptr) - 1):
+        d = div[c] if has_div else 1.0
+        transform_row(values, indptr[c], indptr[c + 1], d, has_div, log1p, f32, table, tstamp, c + 1, out,
+                      indptr[c] - base)
+    return 0, 0
