@@ -20,7 +20,8 @@ import torch
 
 from scmf_loader.batch import CSRBatch, as_tensor, gather_rows
 from scmf_loader.errors import ConfigurationError, ScmfError, VocabularyError
-from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, DatasetStore, open_dataset
+from scmf_loader.opening import open_dataset
+from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, DatasetStore
 from scmf_loader.vocab import GeneVocab
 
 __all__ = ["CellDataset"]
@@ -47,6 +48,8 @@ def _is_dataset_dir(source: Any) -> bool:
 
 
 def _apply(preprocessing: Any, batch: CSRBatch) -> CSRBatch:
+    if hasattr(preprocessing, "divisors_for"):  # a PreprocessingPipeline: one fused pass
+        return batch.preprocessed(preprocessing)
     if hasattr(preprocessing, "apply_batch"):
         return preprocessing.apply_batch(batch)
     return preprocessing(batch)
