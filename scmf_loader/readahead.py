@@ -6,7 +6,9 @@ of every first touch; an epoch whose pages are not in the page cache waits on th
 batch by batch, in reads no larger than the kernel's fault read-around. :class:`ReadAhead`
 walks the very requests the reader will ask for, ahead of it:
 
-* a *shard* thread maps and checks the next shard of the sequence
+* a *shard* thread asks the kernel for the next shard of the sequence whole
+  (:meth:`~scmf_loader.store.DatasetStore.will_need`: ``posix_fadvise(WILLNEED)``, large
+  reads in file order, whatever order the batches take), maps and checks it
   (:meth:`~scmf_loader.store.DatasetStore.prepare`) while the reader is still in the current
   one, so only the first shard's check is on the reader's path, and asks whether the
   shard's pages are all in the page cache (``mincore``);
@@ -138,5 +140,7 @@ class ReadAhead:
                     self._moved.wait()
             if self._stopped.is_set():
                 return
+            if hasattr(self.store, "will_need"):
+                self.store.will_need(shard)  # the whole shard, read in file order, in the background
             self.store.prepare(shard)
             self._cached[shard] = self.store.resident(shard) >= 1.0

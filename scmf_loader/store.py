@@ -57,7 +57,7 @@ from scmf_loader.format.shard import (
 )
 from scmf_loader.vocab import GeneVocab
 
-__all__ = ["DatasetStore", "ShardArrays", "open_dataset"]
+__all__ = ["DatasetStore", "ShardArrays", "open_local_dataset"]
 
 DEFAULT_MAX_OPEN_SHARDS = 128
 OBS_CACHE_SHARDS = 8  # obs columns are read whole per shard: keep only the most recent
@@ -242,6 +242,24 @@ class DatasetStore:
                 return
         self.csr(shard)
 
+    def will_need(self, shard: int) -> None:
+        """Ask the kernel to read ``shard``'s ``indices`` and ``data`` files into the page
+        cache in the background, whole and in file order (``posix_fadvise(WILLNEED)``):
+        large sequential reads, however the batches then visit the shard. A no-op for
+        cached pages; needs no map."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        entry = self.manifest.shards[shard]
+        for name in ("indices", "data"):
+            try:
+                fd = os.open(self.shard_dir(shard) / entry.arrays[name].path, os.O_RDONLY)
+            except OSError:
+                continue  # the reader reports a missing file itself
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
     def resident(self, shard: int) -> float:
         """Share of ``shard``'s ``indices`` and ``data`` pages in the page cache (``mincore``;
         1.0 where that cannot be asked). Maps the shard if needed."""
@@ -380,18 +398,14 @@ class DatasetStore:
         )
 
 
-def open_dataset(
+def open_local_dataset(
     path: str | os.PathLike[str],
     *,
     verify: bool = False,
     max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
-    **remote: Any,
 ) -> DatasetStore:
-    """Open the dataset directory ``path`` for reading.
-
-    A ``path`` that is an fsspec URL (``s3://...``) is opened through a node-local cache by
-    :func:`scmf_loader.streaming.remote.open_remote_dataset`, which takes ``remote``
-    (``cache_dir``, ``cache_limit``, ``storage_options``, ``retries``).
+    """Open the local dataset directory ``path`` for reading (:func:`scmf_loader.open_dataset`
+    is the public entry, which also takes URLs).
 
     Reads and validates the manifest (format and version) and the vocabulary, and checks
     each shard array file's size with one ``stat``; ``verify=True`` also checks every
@@ -405,12 +419,6 @@ def open_dataset(
     :class:`~scmf_loader.errors.ShardCorruptError`, each naming the file; a shard whose
     ``indptr`` is malformed raises ShardCorruptError when it is first read.
     """
-    if isinstance(path, str) and "://" in path:
-        from scmf_loader.streaming.remote import open_remote_dataset
-
-        return open_remote_dataset(path, verify=verify, max_open_shards=max_open_shards, **remote)
-    if remote:
-        raise ConfigurationError(f"{path}: {sorted(remote)} apply to datasets at URLs only")
     root = Path(path)
     manifest = read_manifest(root)
     check_manifest_arrays(manifest, root)

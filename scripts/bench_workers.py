@@ -67,23 +67,27 @@ def _stats(n: int, times: list[float]) -> dict[str, Any]:
     return {"best": n / min(times), "median": n / statistics.median(times), "seconds": times}
 
 
-def bench_workers(path: Path, reps: int, outputs: list[str], workers: tuple[int, ...] = (0, 1, 2),
+WORKERS = ("0", "1", "2", "t1", "t2")  # "tN": N worker threads (worker_type="thread")
+
+
+def bench_workers(path: Path, reps: int, outputs: list[str], workers: tuple[str, ...] = WORKERS,
                   transform: Any = None) -> dict[str, Any]:
-    """cells/s per output and worker count; repetitions interleaved across worker counts."""
+    """cells/s per output and worker setting; repetitions interleaved across the settings."""
     from scmf_loader import CellDataLoader, CellDataset
 
     ds = CellDataset(path)
     out: dict[str, Any] = {}
     for name in outputs:
-        loaders = {w: CellDataLoader(ds, batch_size=BATCH, num_workers=w, drop_last=False, transform=transform,
+        loaders = {w: CellDataLoader(ds, batch_size=BATCH, num_workers=int(w.lstrip("t")), drop_last=False,
+                                     transform=transform, worker_type="thread" if w[0] == "t" else "process",
                                      **OUTPUTS[name]) for w in workers}
         for ld in loaders.values():
             epoch(ld)  # worker start-up and first touches out of the way
-        times: dict[int, list[float]] = {w: [] for w in workers}
+        times: dict[str, list[float]] = {w: [] for w in workers}
         for _ in range(reps * (3 if name.startswith("csr") else 1)):  # cheap epochs: more of them
             for w, ld in loaders.items():
                 times[w].append(epoch(ld)[0])
-        out[name] = {str(w): _stats(len(ds), t) for w, t in times.items()}
+        out[name] = {w: _stats(len(ds), t) for w, t in times.items()}
         del loaders
         print(name, {w: f"{v['best']:,.0f}" for w, v in out[name].items()}, flush=True)
     return out
@@ -241,23 +245,85 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, per in res["workers"].items():
-        ws = sorted(per, key=int)
-        ax.plot([int(w) for w in ws], [per[w]["best"] for w in ws], "o-", label=name)
-    for name, per in res.get("transform", {}).items():
-        ws = sorted(per["transform"], key=int)
-        ax.plot([int(w) for w in ws], [per["transform"][w]["best"] for w in ws], "s--", label=f"csr + 3 ms {name}")
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    series = [(name, per) for name, per in res["workers"].items()]
+    series += [(f"csr + 3 ms {name}", per["transform"]) for name, per in res.get("transform", {}).items()]
+    for i, (name, per) in enumerate(series):
+        color = f"C{i}"
+        for kind, style, ws in (("processes", "o-", ("0", "1", "2")), ("threads", "s--", ("0", "t1", "t2"))):
+            ws = [w for w in ws if w in per]
+            ax.plot([int(w.lstrip("t")) for w in ws], [per[w]["best"] for w in ws], style, color=color,
+                    label=f"{name} ({kind})")
     ax.set_xlabel("num_workers")
     ax.set_xticks([0, 1, 2])
     ax.set_ylabel("cells/s (best of reps, wall time)")
     ax.set_yscale("log")
     ax.set_title("CellDataLoader, 100k cells x 20k genes, batch 256 (2-core shared machine)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def _k(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The docs/benchmarks.md section of these results."""
+    m = res.get("machine", {})
+    lines = [f"Run {m.get('date', '?')}, {m.get('cpus')} cores, load average at start "
+             f"{tuple(round(x, 1) for x in m.get('load_average_at_start', ()))}, at end "
+             f"{tuple(round(x, 1) for x in m.get('load_average_at_end', ()))}.", ""]
+    if "workers" in res:
+        ws = list(WORKERS)
+        lines += ["cells/s, wall time, best (median) of the repetitions; `N` = N worker processes, `tN` = N worker "
+                  "threads (`worker_type=\"thread\"`):", "",
+                  "| output | " + " | ".join(ws) + " | 1 / 0 | 2 / 0 | t1 / 0 | t2 / 0 |",
+                  "| --- |" + " ---: |" * (len(ws) + 4)]
+        for name, per in res["workers"].items():
+            cells = [f"{_k(per[w]['best'])} ({_k(per[w]['median'])})" if w in per else "" for w in ws]
+            r = [f"{per[w]['best'] / per['0']['best']:.2f}" if w in per else "" for w in ("1", "2", "t1", "t2")]
+            lines.append(f"| {name} | " + " | ".join(cells + r) + " |")
+        for name, per in res.get("transform", {}).items():
+            t = per["transform"]
+            cells = [f"{_k(t[w]['best'])} ({_k(t[w]['median'])})" if w in t else "" for w in ws]
+            r = [f"{t[w]['best'] / t['0']['best']:.2f}" if w in t else "" for w in ("1", "2", "t1", "t2")]
+            lines.append(f"| csr + 3 ms transform, {name} | " + " | ".join(cells + r) + " |")
+        lines.append("")
+    if "memory" in res:
+        lines += ["| 2 worker processes | peak Pss_Anon MB (tree) | peak Pss_Shmem MB (slots) | RssAnon sum MB |",
+                  "| --- | ---: | ---: | ---: |"]
+        for name, v in res["memory"].items():
+            lines.append(f"| {name} | {v['pss_anon_mb']:.0f} | {v['pss_shmem_mb']:.0f} | {v['rss_anon_mb']:.0f} |")
+        lines.append("")
+    if "first" in res:
+        lines += ["| first epoch, fresh process, warm page cache | first cells/s | steady cells/s | ratio |",
+                  "| --- | ---: | ---: | ---: |"]
+        for ra, runs in res["first"].items():
+            for x in runs:
+                lines.append(f"| read_ahead={ra} | {_k(x['first'])} | {_k(x['steady'])} | "
+                             f"{x['first'] / x['steady']:.2f} |")
+        lines.append("")
+    if "cold" in res:
+        c = res["cold"]
+        lines += ["| cold | GB/s per run |", "| --- | --- |",
+                  "| sequential read of the shard files (16 MiB reads) | " + ", ".join(f"{x:.2f}" for x in c["sequential_gbps"]) + " |"]
+        for ra in ("8", "0"):
+            ratios = ", ".join(f"{x:.2f} ({x / s:.0%})" for x, s in zip(c[ra], c["sequential_gbps"], strict=False))
+            lines.append(f"| loader epoch after dropping the page cache, read_ahead={ra} (share of sequential) | {ratios} |")
+        lines.append("")
+    if "preprocessing" in res:
+        p = res["preprocessing"]
+        base = p["raw_csr_every_byte"]
+        lines += ["| unbaked `--normalize library_size --log1p`, one process | cells/s CPU time | wall | "
+                  "share of the raw csr every-byte epoch (CPU) |", "| --- | ---: | ---: | ---: |"]
+        for k, v in p.items():
+            lines.append(f"| {k} | {_k(v['cpu']['best'])} | {_k(v['wall']['best'])} | "
+                         f"{v['cpu']['best'] / base['cpu']['best']:.0%} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,9 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child")
     p.add_argument("--read-ahead", type=int, default=8)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--markdown", action="store_true", help="print the docs section of --out and exit")
     a = p.parse_args(argv)
     if a.child:
         child_epochs(a.child, a.read_ahead, a.epochs)
+        return 0
+    if a.markdown:
+        print(markdown(json.loads(a.out.read_text())))
         return 0
     phases = a.phases.split(",")
     res: dict[str, Any] = json.loads(a.out.read_text()) if a.out.exists() else {}
@@ -288,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         res["workers"] = bench_workers(a.raw, a.reps, a.outputs.split(","))
         save()
     if "transform" in phases:
+        import torch
+
+        torch.set_num_threads(1)  # as in DataLoader workers: ~3 ms of one core, no OpenMP spinning
         res["transform"] = {}
         for name, fn in (("torch ops", BurnTorch()), ("pure Python", BurnPython())):
             r = bench_workers(a.raw, a.reps, ["csr"], transform=fn)
@@ -295,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
     if "memory" in phases:
         res["memory"] = bench_memory(a.raw, ["padded", "dense"])
+        print("memory:", res["memory"], flush=True)
         save()
     if "first" in phases:
         res["first"] = bench_first(a.raw, a.reps)
