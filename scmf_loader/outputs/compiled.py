@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from scmf_loader.outputs._binfast import binned_counts, digits
 from scmf_loader.outputs._fast import (
     COUNTS,
     TABLE,
@@ -405,45 +406,6 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, k, 
 
 
 @njit(nogil=True, cache=True)
-def _edges(asc, a, qs, f32, edges) -> None:  # noqa: ANN001
-    """``edges``: ``np.quantile(asc[:a], qs)`` (method "linear"), numpy's arithmetic exactly."""
-    for j in range(len(qs)):
-        vi = (a - 1) * qs[j]
-        if vi >= a - 1:
-            edges[j] = asc[a - 1]
-            continue
-        prev = np.floor(vi)
-        lo, hi = asc[int(prev)], asc[int(prev) + 1]
-        diff = np.float64(np.float32(hi) - np.float32(lo)) if f32 else hi - lo
-        t = vi - prev
-        edges[j] = hi - diff * (1 - t) if t >= 0.5 else lo + diff * t
-
-
-@njit(nogil=True, cache=True)
-def _digits(sv, order, m, asc, qs, f32, edges, dig) -> None:  # noqa: ANN001
-    """``dig[p]``: the bin of value ``sv[p]`` (``order`` sorts values descending): 0 for a
-    zero, else the number of edges <= value (``np.digitize``), edges from the non-zeros."""
-    a = 0
-    for i in range(m - 1, -1, -1):
-        x = sv[order[i]]
-        if x != 0:
-            asc[a] = x
-            a += 1
-    if a:
-        _edges(asc, a, qs, f32, edges)
-    j = len(qs)
-    for i in range(m):
-        p = order[i]
-        x = sv[p]
-        if x == 0:
-            dig[p] = 0
-            continue
-        while j > 0 and edges[j - 1] > x:
-            j -= 1
-        dig[p] = j
-
-
-@njit(nogil=True, cache=True)
 def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
     """Binned tokens: padded layout with per-cell quantile bins as ``expression``."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
@@ -452,12 +414,24 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
     asc, dig, keep = np.empty(longest, np.float64), np.empty(longest, np.int64), np.empty(longest, np.bool_)
     edges = np.empty(len(qs), np.float64)
+    hist, xs, bins = np.empty(TABLE + 1, np.int64), np.empty(TABLE, np.float64), np.empty(TABLE, np.int64)
+    fast = f32 and len(colmap) == 0 and not random
+    has_div = len(div) > 0
     for c in range(len(indptr) - 1):
+        if fast:
+            s, e = indptr[c], indptr[c + 1]
+            d = div[c] if has_div else 1.0
+            n = binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, qs, k, cls, hist, xs, bins, edges,
+                              gene[c], expr[c], mask[c])
+            if n == -1:
+                return BAD_INDEX, _first_bad(indices, s, e, n_genes)
+            if n >= 0:
+                continue
         m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, False, sg, sv, sp, memo, stamp)
         if m < 0:
             return BAD_INDEX, -1 - m
         _order(sv, sp, m, c, False, seed, keys, order, skeys, counts)
-        _digits(sv, order, m, asc, qs, f32, edges, dig)
+        digits(sv, order, m, asc, qs, f32, edges, dig)
         keep[:m] = True
         if m > k:
             if random:
