@@ -34,6 +34,7 @@ if _TYPE_CHECKING:
     from scmf_loader.dataloader import CellDataLoader
     from scmf_loader.dataset import CellDataset
     from scmf_loader.mixture import MixtureDataset, MixtureSampler
+    from scmf_loader.opening import open_dataset
     from scmf_loader.perturbation import PerturbationDataset, PerturbationSampler
     from scmf_loader.preprocess import PreprocessingPipeline
     from scmf_loader.samplers import (
@@ -42,7 +43,7 @@ if _TYPE_CHECKING:
         BlockShuffleSampler,
         SequentialSampler,
     )
-    from scmf_loader.store import DatasetStore, open_dataset
+    from scmf_loader.store import DatasetStore
     from scmf_loader.streaming import StreamingCellDataset
     from scmf_loader.world import Partition, partition, resolve_world
 
@@ -64,7 +65,7 @@ _LAZY = {
     "PreprocessingPipeline": "scmf_loader.preprocess",
     "SequentialSampler": "scmf_loader.samplers",
     "StreamingCellDataset": "scmf_loader.streaming",
-    "open_dataset": "scmf_loader.store",
+    "open_dataset": "scmf_loader.opening",
     "partition": "scmf_loader.world",
     "resolve_world": "scmf_loader.world",
 }

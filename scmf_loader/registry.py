@@ -223,7 +223,7 @@ def open_registered(spec: str, registry: str | os.PathLike[str] | Registry, **op
         check_dataset_id(entry, _remote_dataset_id(entry.location))
         return entry.location
     from scmf_loader.format import read_manifest
-    from scmf_loader.store import open_dataset
+    from scmf_loader.opening import open_dataset
 
     check_dataset_id(entry, read_manifest(entry.location).dataset_id)  # before anything is mapped
     store = open_dataset(entry.location, **open_kwargs)

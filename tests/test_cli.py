@@ -67,7 +67,7 @@ def test_verify_catches_a_flipped_byte_outside_the_csr_arrays(dataset: Path, tar
     """obs values (library_size drives loader-side normalisation), codes, metadata: all
     covered by the shard's other-files digest, in verify and in open_dataset(verify=True)."""
     from scmf_loader.errors import ChecksumMismatchError
-    from scmf_loader.store import open_dataset
+    from scmf_loader.opening import open_dataset
 
     f = dataset / "shards" / "000002.zarr" / target
     raw = bytearray(f.read_bytes())

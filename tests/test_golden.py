@@ -21,7 +21,7 @@ import xxhash
 from scmf_loader.errors import ChecksumMismatchError
 from scmf_loader.format import FORMAT_VERSION, manifest_bytes, read_manifest
 from scmf_loader.format.integrity import check_dataset
-from scmf_loader.store import open_dataset
+from scmf_loader.opening import open_dataset
 from scmf_shards.convert import convert_h5ad
 from scmf_shards.verify import verify_dataset
 

@@ -20,8 +20,9 @@ import pytest
 from scale_fixtures import expected_row, write_synthetic_dataset
 
 from scmf_loader.dataset import CellDataset
+from scmf_loader.opening import open_dataset
 from scmf_loader.samplers import BlockShuffleSampler
-from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, open_dataset
+from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS
 
 N_GENES = 64
 MB = 2**20
@@ -32,7 +33,7 @@ MB = 2**20
 # peak and kept; slow, it traces every allocation).
 _OPEN_PROBE = r"""
 import json, sys, time, tracemalloc
-from scmf_loader.store import open_dataset
+from scmf_loader.opening import open_dataset
 
 def status_kb(key):
     for line in open("/proc/self/status"):

@@ -10,7 +10,7 @@ import pytest
 from conftest import hpc_genes, write_counts_h5ad
 from scipy import stats
 
-from scmf_loader.store import open_dataset
+from scmf_loader.opening import open_dataset
 from scmf_shards.convert import convert_h5ad
 
 BLOCK = 256

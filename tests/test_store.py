@@ -36,7 +36,7 @@ from scmf_loader.format import (
 )
 from scmf_loader.format._common import file_checksum
 from scmf_loader.format.integrity import shard_ok
-from scmf_loader.store import open_dataset
+from scmf_loader.opening import open_dataset
 from scmf_loader.vocab import GeneVocab
 from scmf_shards.verify import verify_dataset
 

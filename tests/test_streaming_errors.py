@@ -114,7 +114,7 @@ def test_unknown_protocol_and_bad_limits(tmp_path: Path) -> None:
 # ---- retries --------------------------------------------------------------------------------
 def test_retries_back_off_then_succeed_or_name_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
-    monkeypatch.setattr("scmf_loader.streaming.remote.time.sleep", sleeps.append)
+    monkeypatch.setattr("scmf_loader.streaming.fs.time.sleep", sleeps.append)
     calls = []
 
     def flaky() -> str:
@@ -159,7 +159,7 @@ def test_memory_url_streams_like_the_local_dataset(memory_url: str, loader_datas
     remote = [b.cell_ids.tolist() for b in StreamingCellDataset(memory_url, cache_dir=tmp_path, **kw)]
     here = [b.cell_ids.tolist() for b in StreamingCellDataset(loader_dataset, **kw)]
     assert remote == here
-    from scmf_loader.store import open_dataset
+    from scmf_loader.opening import open_dataset
 
     store = open_dataset(memory_url, cache_dir=tmp_path)  # the hook in open_dataset
     assert type(store).__name__ == "RemoteDatasetStore"

@@ -53,7 +53,7 @@ from scmf_loader.errors import (
 from scmf_loader.format import MANIFEST_NAME, Manifest, ShardEntry
 from scmf_loader.format.integrity import check_shard
 from scmf_loader.streaming.errors import CacheError
-from scmf_loader.streaming.remote import DEFAULT_RETRIES, filesystem, with_retries
+from scmf_loader.streaming.fs import DEFAULT_RETRIES, filesystem, with_retries
 
 __all__ = ["DEFAULT_CACHE_LIMIT", "ShardCache", "default_cache_dir", "format_size", "parse_size", "shard_nbytes"]
 

@@ -16,19 +16,15 @@ a ``repr``.
 from __future__ import annotations
 
 import json
-import os
-import random
-import re
-import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from scmf_loader.errors import ConfigurationError, ManifestError, ManifestNotFoundError, ScmfError
+from scmf_loader.errors import ManifestError, ManifestNotFoundError, ScmfError
 from scmf_loader.format import MANIFEST_NAME, Manifest, manifest_from_dict
 from scmf_loader.format.integrity import check_manifest_arrays, check_shard_structure, check_vocab
-from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, DatasetStore, open_dataset
+from scmf_loader.store import DEFAULT_MAX_OPEN_SHARDS, DatasetStore, open_local_dataset
 from scmf_loader.streaming.errors import RemoteError
+from scmf_loader.streaming.fs import DEFAULT_RETRIES, filesystem, is_url, local_path, with_retries
 
 __all__ = [
     "DEFAULT_RETRIES",
@@ -41,73 +37,7 @@ __all__ = [
     "with_retries",
 ]
 
-DEFAULT_RETRIES = 5
 PIN_SLOTS = 4  # shards a map-style reader keeps pinned: the most recently opened ones
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ScmfError,
-              TypeError, AttributeError, NotImplementedError, KeyError, ImportError)
-T = TypeVar("T")
-
-
-def is_url(source: Any) -> bool:
-    """Whether ``source`` is a URL (``scheme://...``), as opposed to a local path."""
-    return isinstance(source, str) and _URL.match(source) is not None
-
-
-def local_path(source: Any) -> str | None:
-    """The local path of a plain path or ``file://`` URL; ``None`` for any other URL."""
-    if not is_url(source):
-        return os.fspath(source)
-    if source.startswith("file://"):
-        return source[len("file://"):]
-    return None
-
-
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """``(fsspec filesystem, path inside it)`` of ``url`` (path without a trailing slash)."""
-    try:
-        import fsspec
-    except ImportError:
-        raise ConfigurationError(
-            f"{url}: reading a dataset at a URL needs fsspec and the protocol's package "
-            "(e.g. s3fs): pip install 'scmodelforge-data[remote]'"
-        ) from None
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except ImportError as exc:  # fsspec knows the protocol but its package is missing
-        raise ConfigurationError(f"{url}: {exc} (or pip install 'scmodelforge-data[remote]')") from None
-    except ValueError as exc:
-        raise ConfigurationError(f"{url}: not a URL fsspec can open ({exc})") from None
-    return fs, str(path).rstrip("/")
-
-
-def _permanent(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return isinstance(exc, _PERMANENT) or "Credential" in name or name in ("NoSuchBucket", "AccessDenied")
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def with_retries(call: Callable[[], T], url: str, what: str, retries: int = DEFAULT_RETRIES,
-                 backoff: float = 0.05) -> T:
-    """``call()``, retried with exponential backoff (jittered, at most 2 s apart) on
-    transient errors, at most ``retries`` times. Permanent errors (missing object, access
-    refused, ...) are raised at once; a transient one still failing at the end raises
-    :class:`~scmf_loader.streaming.errors.RemoteError` naming ``url`` and ``what``."""
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except Exception as exc:
-            if _permanent(exc):
-                raise
-            if attempt >= retries:
-                raise RemoteError(f"{url}: {what} failed after {attempt + 1} attempt(s); last error: {_describe(exc)}") from exc
-        time.sleep(min(2.0, backoff * 2**attempt) * (0.5 + random.random()))
-        attempt += 1
 
 
 def _exists(fs: Any, path: str, url: str, retries: int) -> bool:
@@ -216,14 +146,14 @@ def open_remote_dataset(
     fetched on first access into ``cache_dir`` (default :func:`~scmf_loader.streaming.cache.default_cache_dir`),
     verified against the manifest's checksums, and kept under ``cache_limit`` bytes (LRU).
     ``verify=True`` fetches and fully checks every shard now. A ``file://`` URL or a plain
-    path is opened in place with :func:`~scmf_loader.store.open_dataset`. Every error names
+    path is opened in place with :func:`~scmf_loader.store.open_local_dataset`. Every error names
     the URL.
     """
     from scmf_loader.streaming.cache import ShardCache
 
     local = local_path(url)
     if local is not None:
-        return open_dataset(local, verify=verify, max_open_shards=max_open_shards)
+        return open_local_dataset(local, verify=verify, max_open_shards=max_open_shards)
     url = url.rstrip("/")
     fs, root = filesystem(url, storage_options)
     manifest, raw = read_remote_manifest(fs, root, url, retries)
