@@ -285,12 +285,15 @@ def test_empty_batch_on_every_output() -> None:
         assert outputs.dense(ip, idx, vals, G, backend=backend).shape == (0, G)
 
 
-def test_loader_rank_needs_stored_medians(loader_dataset: Path) -> None:
+def test_loader_rank_equals_the_batch_converter(loader_dataset: Path) -> None:
+    """(A dataset without medians is refused: tests/test_medians.py.)"""
     from scmf_loader import CellDataLoader, CellDataset
 
     ds = CellDataset(loader_dataset)
-    with pytest.raises(ScmfError, match="nonzero_median"):
-        CellDataLoader(ds, batch_size=10, num_workers=0, output="rank")
+    loader = CellDataLoader(ds, batch_size=40, num_workers=0, output="rank", max_genes=10, seed=4)
+    for out in loader:
+        ref = ds[out["cell_ids"].numpy()].to_rank(ds.gene_nonzero_median, 10)
+        assert all(torch.equal(out[k], ref[k]) for k in ref)
 
 
 def test_loader_binned_and_dense_equal_the_batch_converters(loader_dataset: Path) -> None:

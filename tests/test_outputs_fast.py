@@ -1,0 +1,161 @@
+"""The compiled fast paths (count-data truncation cutoff, rank bucket sort, binned from a
+histogram, the fused CSR preprocessing) against plain numpy references, on count-like rows
+where they apply and on rows that must fall back (negatives, -0.0, NaN, large or fractional
+values, many distinct values)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scmf_loader import outputs
+from scmf_loader.batch import CSRBatch
+from scmf_loader.preprocess import PreprocessingPipeline
+from scmf_loader.preprocess.transform import cell_divisors, transform_values
+
+pytestmark = pytest.mark.skipif(not outputs.numba_available(), reason="the compiled kernels need numba")
+G = 400
+
+
+def _counts(seed: int, n: int = 40, scale: float = 3.0, dtype: type = np.float32) -> tuple[np.ndarray, ...]:
+    """Count rows like real data: empty, single-gene and long cells; values 1 + floor(exp)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 300, n)
+    lengths[:5] = [0, 1, 299, 2, 250]
+    rows = [np.sort(rng.choice(G, int(m), replace=False)) for m in lengths]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    values = 1 + np.floor(rng.exponential(scale, int(indptr[-1])))
+    return indptr, np.concatenate(rows).astype(np.int32), values.astype(dtype)
+
+
+def _variants(seed: int) -> list[tuple[str, tuple[np.ndarray, ...]]]:
+    ip, idx, v = _counts(seed)
+    zeros = v.copy()
+    zeros[::9] = 0  # stored zeros
+    big = v.copy()
+    big[ip[2] + 3] = 1000  # beyond the per-cell table: that row falls back
+    frac = v.copy()
+    frac[ip[4] + 1] = 2.5
+    neg = v.copy()
+    neg[ip[2] : ip[2] + 40 : 3] *= -1
+    neg[ip[4]] = -0.0
+    nan = v.copy()
+    nan[ip[2] + 7] = np.nan
+    smooth = np.random.default_rng(seed).lognormal(0, 1, len(v)).astype(np.float32)  # all distinct
+    return [("counts", (ip, idx, v)), ("zeros", (ip, idx, zeros)), ("big", (ip, idx, big)), ("frac", (ip, idx, frac)),
+            ("neg", (ip, idx, neg)), ("nan", (ip, idx, nan)), ("smooth", (ip, idx, smooth)),
+            ("wide", _counts(seed + 1, scale=40.0)), ("int32", _counts(seed + 2, dtype=np.int32))]
+
+
+def _equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{what}: {key}")
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 250, 300])
+@pytest.mark.parametrize("fused", [False, True])
+def test_padded_fast_paths_equal_the_numpy_backend(k: int, fused: bool) -> None:
+    for name, (ip, idx, v) in _variants(1):
+        if fused and name in ("neg", "nan"):
+            continue  # log1p of values below -1 is NaN: compared in test_outputs
+        div = np.random.default_rng(2).uniform(0.3, 3, len(ip) - 1).astype(np.float32) if fused else None
+        kw = {"max_genes": k, "divisors": div, "log1p": fused}
+        got = outputs.padded(ip, idx, v, G, backend="numba", **kw)
+        ref = outputs.padded(ip, idx, v, G, backend="numpy", **kw)
+        _equal(got, ref, f"padded {name} k={k} fused={fused}")
+
+
+def _rank_reference(ip: np.ndarray, idx: np.ndarray, v: np.ndarray, med: np.ndarray, k: int) -> list[np.ndarray]:
+    out = []
+    for s, e in zip(ip[:-1], ip[1:], strict=True):
+        g, x = idx[s:e].astype(np.int64), v[s:e].astype(np.float32)
+        m = med[g]
+        keep = (x != 0) & (m > 0) & np.isfinite(m)
+        ratio = x[keep] / m[keep]
+        out.append(g[keep][np.argsort(-ratio, kind="stable")][:k])
+    return out
+
+
+@pytest.mark.parametrize("medians", ["few", "many", "some_bad"])
+def test_rank_bucket_sort_equals_a_stable_argsort(medians: str) -> None:
+    rng = np.random.default_rng(3)
+    med = {"few": rng.choice([1.0, 1.5, 2.0, 2.5, 3.0], G), "many": rng.lognormal(0, 1, G),
+           "some_bad": rng.choice([1.0, 2.0, 0.0, np.inf, np.nan], G)}[medians].astype(np.float32)
+    for name, (ip, idx, v) in _variants(4):
+        if name == "nan":
+            continue  # NaN ratios: their place is the float order of the keys, not argsort's
+        for k in (3, 100, 300):
+            got = outputs.rank(ip, idx, v, G, med, max_genes=k, add_cls=False, backend="numba")
+            for i, r in enumerate(_rank_reference(ip, idx, v, med, k)):
+                np.testing.assert_array_equal(got["gene_indices"][i, : len(r)], r, err_msg=f"{name} cell {i}")
+                assert got["attention_mask"][i].sum() == len(r)
+            ref = outputs.rank(ip, idx, v, G, med, max_genes=k, add_cls=False, backend="numpy")
+            _equal(got, ref, f"rank {name} k={k}")
+
+
+@pytest.mark.skipif(not outputs.numba_available(), reason="numba")
+def test_sort_asc_falls_back_to_radix_on_a_crowded_bucket() -> None:
+    from scmf_loader.outputs._fast import COUNTS, sort_asc
+
+    rng = np.random.default_rng(5)
+    for keys in (np.r_[rng.integers(0, 1 << 12, 3000), 0xFFFFFFFF],  # one outlier: one huge bucket, many keys
+                 rng.integers(0, 1 << 32, 5000), rng.integers(7, 9, 2000), np.full(10, 4), np.arange(1, 0, -1)):
+        keys = keys.astype(np.uint32)
+        m = len(keys)
+        pay = np.arange(m, dtype=np.int32)
+        sk, sp = np.empty(m, np.uint32), np.empty(m, np.int32)
+        sort_asc(keys.copy(), pay.copy(), m, sk, sp, np.empty(COUNTS, np.uint64))
+        np.testing.assert_array_equal(sp, np.argsort(keys, kind="stable"))
+        np.testing.assert_array_equal(sk, np.sort(keys))
+
+
+@pytest.mark.parametrize("n_bins", [2, 5, 51])
+@pytest.mark.parametrize("fused", [False, True])
+def test_binned_from_histograms_equals_the_numpy_backend(n_bins: int, fused: bool) -> None:
+    for name, (ip, idx, v) in _variants(6):
+        if fused and name in ("neg", "nan"):
+            continue
+        if name == "nan":
+            continue  # np.quantile of a NaN row is NaN edges on both sides; bins are not defined
+        div = np.random.default_rng(7).uniform(0.3, 3, len(ip) - 1).astype(np.float32) if fused else None
+        for k in (4, 120, 300):
+            kw = {"n_bins": n_bins, "max_genes": k, "divisors": div, "log1p": fused}
+            _equal(outputs.binned(ip, idx, v, G, backend="numba", **kw),
+                   outputs.binned(ip, idx, v, G, backend="numpy", **kw), f"binned {name} k={k}")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_preprocess_is_transform_values_exactly(backend: str) -> None:
+    for name, (ip, _idx, v) in _variants(8):
+        for dtype in (None, np.float64):
+            vals = v if dtype is None else v.astype(dtype)
+            lib = np.array([abs(vals[s:e]).sum() for s, e in zip(ip[:-1], ip[1:], strict=True)])
+            for normalize in (True, False):
+                div = cell_divisors(lib, normalize="library_size", target_sum=1e4, dtype=vals.dtype) if normalize else None
+                for log1p in (True, False) if name not in ("neg", "nan") else (False,):
+                    got = outputs.preprocess(ip, vals, div, log1p, backend=backend)
+                    ref = transform_values(vals, ip, div, log1p)
+                    assert got.dtype == ref.dtype, name
+                    np.testing.assert_array_equal(got, ref, err_msg=f"{name} {dtype} {normalize} {log1p}")
+    sub = outputs.preprocess(np.array([3, 5, 9]), np.arange(12, dtype=np.float32), np.array([2.0, 4.0]), True,
+                             backend=backend)  # a batch that starts inside the arrays
+    np.testing.assert_array_equal(sub, transform_values(np.arange(3, 9, dtype=np.float32), np.array([0, 2, 6]),
+                                                        np.array([2.0, 4.0], np.float32), True))
+
+
+def test_batch_preprocessed_equals_apply_batch() -> None:
+    ip, idx, v = _counts(9)
+    lib = np.array([v[s:e].sum() for s, e in zip(ip[:-1], ip[1:], strict=True)], dtype=np.float64)
+    batch = CSRBatch(torch.from_numpy(ip), torch.from_numpy(idx), torch.from_numpy(v), torch.arange(len(ip) - 1), G,
+                     None, {"library_size": torch.from_numpy(lib)})
+    for pipe in (PreprocessingPipeline(normalize="library_size", target_sum=1e4, log1p=True),
+                 PreprocessingPipeline(normalize=None, log1p=True),
+                 PreprocessingPipeline(normalize="library_size", target_sum=1e4, log1p=False)):
+        got, ref = batch.preprocessed(pipe), pipe.apply_batch(batch)
+        assert torch.equal(got.values, ref.values)
+        assert got.indices is batch.indices
+        assert torch.equal(got.indptr, ref.indptr)
+        assert torch.equal(batch.values, torch.from_numpy(v))  # the input is untouched
