@@ -397,6 +397,7 @@ class CellDataLoader:
             # workers only see the others (gathers across blocks or shards)
             direct = self._fetcher.zero_copy_possible()
             self._requests.skip = self._fetcher._zero_copy if direct else None
+            self._warm_kernels()
             items = iter(self._loader)  # an earlier, unfinished iteration is drained here
             if self._ring is not None:
                 self._ring.forget_stale(tag)
@@ -424,6 +425,19 @@ class CellDataLoader:
         if not self.read_ahead or store is None or offsets is None or not hasattr(store, "advise"):
             return None
         return ReadAhead(store, offsets, lambda: self._requests.all(epoch, start, tag), self.read_ahead)
+
+    def _warm_kernels(self) -> None:
+        """Convert one cell here before worker processes fork, so that they share the loaded
+        output kernels (numba) copy-on-write instead of each loading its own (~100 MB)."""
+        if self.__dict__.get("_warm") or self.output == "csr" or not len(self.dataset):
+            return
+        self._warm = True
+        f = self._fetcher
+        try:
+            batch = (f.raw if f.pipeline is not None else self.dataset).__getitems__(np.zeros(1, np.int64))
+            f.convert(batch, _Request(0, 0, (0, 1)), f.pipeline)
+        except Exception:  # noqa: BLE001 -- best effort: the workers meet and report any error
+            pass
 
     def _merged(self, from_workers: Iterator[Any]) -> Iterator[Any]:
         """The epoch in order: zero-copy batches as references read here, the rest from the
