@@ -24,7 +24,7 @@ from scmf_loader.batch import gather_rows
 from scmf_loader.errors import InvalidInputError
 from scmf_loader.vocab import GeneVocab, normalize_gene_id
 
-__all__ = ["AnnDataSource", "AnnDataStore"]
+__all__ = ["AnnDataStore"]
 
 
 def _load(item: Any) -> tuple[str, Any]:
@@ -177,7 +177,3 @@ class AnnDataStore:
     def cell_names(self, shard: int) -> np.ndarray:
         """The original cell ids (obs names) of input ``shard``."""
         return self._cell_names[shard]
-
-
-#: the former name of :class:`AnnDataStore` (kept while ``scmf_loader.dataset`` imports it)
-AnnDataSource = AnnDataStore

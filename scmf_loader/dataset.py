@@ -73,6 +73,35 @@ def _read_nonzero_median(store: DatasetStore | None, n_genes: int) -> np.ndarray
     return med.astype(np.float32, copy=False)
 
 
+def _checked_preprocessing(preprocessing: Any) -> Any:
+    """``None``/``"raw"`` (nothing applied), or an object with ``apply_batch`` / a callable."""
+    if isinstance(preprocessing, str):
+        if preprocessing != "raw":
+            raise ConfigurationError(f"preprocessing={preprocessing!r}: the only string accepted is 'raw'")
+        return None
+    if preprocessing is not None and not (hasattr(preprocessing, "apply_batch") or callable(preprocessing)):
+        raise ConfigurationError("preprocessing must have an apply_batch(batch) method or be callable")
+    return preprocessing
+
+
+def _open_store(source: Any, gene_vocab: GeneVocab | None, verify: bool, max_open_shards: int,
+                remote: dict[str, Any]) -> DatasetStore:
+    """The store of a dataset directory, URL (through a node-local cache) or open store,
+    checked against ``gene_vocab`` when one is given."""
+    if isinstance(source, DatasetStore):
+        store = source
+    elif isinstance(source, str) and "://" in source:
+        store = open_dataset(source, verify=verify, max_open_shards=max_open_shards, **remote)
+    else:
+        store = open_dataset(source, verify=verify, max_open_shards=max_open_shards)
+    if gene_vocab is not None and gene_vocab != store.vocab:
+        raise VocabularyError(
+            f"{store.path}: the dataset was built with vocabulary {store.vocab!r}, not the "
+            f"given {gene_vocab!r}; pass gene_vocab=None or re-convert with that vocabulary"
+        )
+    return store
+
+
 class CellDataset(torch.utils.data.Dataset):
     """Cells of a dataset directory, or of AnnData objects / ``.h5ad`` paths.
 
@@ -117,28 +146,11 @@ class CellDataset(torch.utils.data.Dataset):
         if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
             raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
         use_recorded = preprocessing is None
-        if isinstance(preprocessing, str):
-            if preprocessing != "raw":
-                raise ConfigurationError(f"preprocessing={preprocessing!r}: the only string accepted is 'raw'")
-            preprocessing = None
-        if preprocessing is not None and not (hasattr(preprocessing, "apply_batch") or callable(preprocessing)):
-            raise ConfigurationError("preprocessing must have an apply_batch(batch) method or be callable")
         self.max_genes = max_genes
-        self.preprocessing = preprocessing
+        self.preprocessing = _checked_preprocessing(preprocessing)
         if _is_dataset_dir(source):
-            if isinstance(source, str) and "://" in source:  # any fsspec URL: a local cache
-                from scmf_loader.streaming.remote import open_remote_dataset
-
-                source = open_remote_dataset(source, verify=verify, max_open_shards=max_open_shards, cache_dir=cache_dir,
-                                             cache_limit=cache_limit, storage_options=storage_options)
-            store = source if isinstance(source, DatasetStore) else open_dataset(
-                source, verify=verify, max_open_shards=max_open_shards
-            )
-            if gene_vocab is not None and gene_vocab != store.vocab:
-                raise VocabularyError(
-                    f"{store.path}: the dataset was built with vocabulary {store.vocab!r}, not the "
-                    f"given {gene_vocab!r}; pass gene_vocab=None or re-convert with that vocabulary"
-                )
+            remote = {"cache_dir": cache_dir, "cache_limit": cache_limit, "storage_options": storage_options}
+            store = _open_store(source, gene_vocab, verify, max_open_shards, remote)
             self.store: DatasetStore | None = store
             self._source: Any = store
             if use_recorded:
@@ -148,10 +160,10 @@ class CellDataset(torch.utils.data.Dataset):
 
                 self.preprocessing = PreprocessingPipeline.for_loader(store.manifest.preprocessing)
         else:
-            from scmf_loader.adata import AnnDataSource
+            from scmf_loader.adata import AnnDataStore
 
             self.store = None
-            self._source = AnnDataSource(source, gene_vocab, obs_columns, gene_column)
+            self._source = AnnDataStore(source, gene_vocab, obs_columns, gene_column)
         self.vocab: GeneVocab = self._source.vocab
         self.shard_offsets: np.ndarray = self._source.shard_offsets
         all_columns = tuple(self._source.categories)
