@@ -346,7 +346,7 @@ def test_loader_module_imports_no_converter_or_pandas() -> None:
 
 
 def test_schema_names_agree_with_the_converter() -> None:
-    import scmf_loader.perturbation as loader
+    import scmf_loader.perturbation.dataset as loader
     from scmf_shards.perturbation import schema
 
     assert loader.COLUMNS == schema.COLUMNS
