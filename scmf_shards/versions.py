@@ -295,7 +295,9 @@ def append_dataset(
     fitted on BASE's cells, an output that exists)."""
     from scmf_shards.convert import convert_h5ad
     from scmf_shards.medians import VAR_COLUMN, read_dataset_medians
+    from scmf_shards.upload import refuse_url
 
+    refuse_url("output", str(output), "append links BASE's shards into a local directory")
     if link not in LINKS:
         raise ConfigurationError(f"link must be one of {LINKS}, got {link!r}")
     base_dir, out = Path(base), Path(output)
