@@ -27,6 +27,7 @@ shard 1, ... in manifest order (:attr:`DatasetStore.shard_offsets`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import threading
@@ -67,6 +68,7 @@ _PAGE = mmap.PAGESIZE
 _stores: weakref.WeakSet[DatasetStore] = weakref.WeakSet()
 
 
+@functools.cache
 def _libc_madvise() -> Any:
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise  # CDLL: the call releases the GIL
@@ -77,37 +79,39 @@ def _libc_madvise() -> Any:
     return fn
 
 
-_madvise = _libc_madvise()
 _populate_ok = [True]
 
 
 def _advise_range(array: np.ndarray, lo: int, hi: int, populate: bool) -> None:
     """``madvise`` entries ``[lo, hi)`` of a memory-mapped array (whole pages around them)."""
-    if _madvise is None or hi <= lo or not array.size:
+    madvise = _libc_madvise()
+    if madvise is None or hi <= lo or not array.size:
         return
     base = array.ctypes.data
     start = (base + lo * array.itemsize) // _PAGE * _PAGE
     stop = base + hi * array.itemsize
     start = max(start, base // _PAGE * _PAGE)
-    _madvise(start, stop - start, _MADV_WILLNEED)
-    failed = populate and _populate_ok[0] and _madvise(start, stop - start, _MADV_POPULATE_READ) != 0
+    madvise(start, stop - start, _MADV_WILLNEED)
+    failed = populate and _populate_ok[0] and madvise(start, stop - start, _MADV_POPULATE_READ) != 0
     if failed and ctypes.get_errno() == 22:  # EINVAL: this kernel has no MADV_POPULATE_READ
         _populate_ok[0] = False
 
 
 def _resident_fraction(array: np.ndarray) -> float:
     """Share of the pages of a memory-mapped array that are in the page cache (``mincore``)."""
-    if _mincore is None or not array.size:
+    mincore = _libc_mincore()
+    if mincore is None or not array.size:
         return 1.0
     base = array.ctypes.data
     start = base // _PAGE * _PAGE
     length = base + array.nbytes - start
     vec = np.zeros(-(-length // _PAGE), dtype=np.uint8)
-    if _mincore(start, length, vec.ctypes.data) != 0:
+    if mincore(start, length, vec.ctypes.data) != 0:
         return 0.0
     return float(np.count_nonzero(vec & 1)) / len(vec)
 
 
+@functools.cache
 def _libc_mincore() -> Any:
     try:
         fn = ctypes.CDLL(None, use_errno=True).mincore
@@ -118,7 +122,6 @@ def _libc_mincore() -> Any:
     return fn
 
 
-_mincore = _libc_mincore()
 
 
 def _fresh_locks() -> None:
@@ -127,8 +130,11 @@ def _fresh_locks() -> None:
         store._reset_locks()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_locks)
+@functools.cache
+def _register_fork_hook() -> None:
+    """Once, when the first store is made (importing the module changes nothing)."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_fresh_locks)
 
 
 class DatasetStore:
@@ -161,6 +167,7 @@ class DatasetStore:
         self._lock = threading.Lock()  # the caches (dict operations only, never held long)
         self._mapping: dict[int, threading.Lock] = {}  # one per shard being mapped
         _stores.add(self)
+        _register_fork_hook()
 
     # ---- shape ------------------------------------------------------------------------
     @property
