@@ -9,14 +9,17 @@ interleaved, median of ``--reps``, in one process with a warm page cache:
   (the bar's reference: bench_loader's ``loader_read_epoch``);
 * each output built from those batches, with the compiled (numba) and the vectorised
   (numpy) kernels: ``padded`` (``--max-genes``), ``rank``, ``binned`` (51 bins), ``dense``;
-* the same with on-the-fly preprocessing (library size to 1e4, log1p) fused into the kernel,
-  and the CSR batch preprocessed by ``PreprocessingPipeline.apply_batch`` for reference.
+* the same with on-the-fly preprocessing (library size to 1e4, log1p) fused into the kernel;
+* the CSR output with that preprocessing: ``CSRBatch.preprocessed`` (one fused pass, what
+  ``CellDataset`` applies) and ``PreprocessingPipeline.apply_batch`` (numpy, for reference),
+  each value then read as in the CSR epoch.
 
 Rates are cells per second of CPU time (``time.thread_time``: on a shared machine, wall
 time mostly measures the neighbours) and of wall time; ratios to the CSR epoch are paired
 per repetition. Slow measures (``dense``, the numpy kernels) run on the first
-``--slow-batches`` batches only. The rank medians are the per-gene non-zero medians of
-the first 20,000 cells (the converter does not store them yet).
+``--slow-batches`` batches only. The rank medians are the dataset's stored
+``var/nonzero_median`` (for a dataset converted before they were stored: the per-gene
+non-zero medians of the first 20,000 cells).
 
     python scripts/bench_outputs.py --out bench-out/outputs.json [--cells 20000]
 """
@@ -102,6 +105,9 @@ def tasks_for(batches: list[Any], slow: int, max_genes: int, med: np.ndarray, pi
         for name, fn in outputs.items():
             few = slow if (backend == "numpy" or name == "dense") else None
             tasks[f"{name}[{backend}]"] = epoch(on(backend, fn), few)
+    for backend in ("numba", "numpy"):
+        fused = on(backend, lambda b: touch(b.preprocessed(pipe).values.numpy(), b.indices.numpy()))
+        tasks[f"csr+preprocessing (fused)[{backend}]"] = epoch(fused, slow if backend == "numpy" else None)
     tasks["csr+preprocessing (apply_batch)"] = epoch(lambda b: touch(pipe.apply_batch(b).values.numpy(), b.indices.numpy()))
     return tasks
 
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from scmf_loader import CellDataLoader, CellDataset
+    from scmf_loader.errors import ScmfError
     from scmf_loader.outputs import numba_available
     from scmf_loader.preprocess import PreprocessingPipeline
 
@@ -128,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ds = CellDataset(dataset_dir(Path(args.workdir), args.cells, args.genes, args.nnz))
     loader = CellDataLoader(ds, batch_size=args.batch, num_workers=0, drop_last=False, shuffle=True, seed=0)
     batches = list(loader)  # zero-copy views of the maps: the epoch's reads happen in the tasks
-    med = nonzero_medians(ds, 20_000)
+    try:
+        med = ds.gene_nonzero_median
+    except ScmfError:
+        med = nonzero_medians(ds, 20_000)
     pipe = PreprocessingPipeline(normalize="library_size", target_sum=1e4, log1p=True)
     tasks = tasks_for(batches, args.slow_batches, args.max_genes, med, pipe)
     for run, _ in tasks.values():  # compile, fault pages in, warm the buffers
