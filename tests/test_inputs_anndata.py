@@ -200,3 +200,25 @@ def test_dataset_directory_as_input(three_sources: list[Path], tmp_path: Path) -
     assert per_cell(tmp_path / "child", "library_size") == per_cell(tmp_path / "parent", "library_size")
     assert per_cell(tmp_path / "child", "parent_source") == per_cell(tmp_path / "parent", "source")
     assert per_cell(tmp_path / "child", "cell_type") == per_cell(tmp_path / "parent", "cell_type")
+
+
+def test_dataset_at_a_url_as_input(three_sources: list[Path], tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset at an fsspec URL converts like the same dataset on disk (read through the
+    verified shard cache), and the new manifest names the parent's dataset_id."""
+    import fsspec
+
+    monkeypatch.setenv("SCMF_CACHE_DIR", str(tmp_path / "cache"))
+    parent = convert_h5ad(three_sources, tmp_path / "parent", **KW)
+    fs = fsspec.filesystem("memory")
+    root = f"/scmf-test-{tmp_path.name}/parent"
+    fs.put(str(tmp_path / "parent"), root, recursive=True)
+    try:
+        remote = convert_h5ad([f"memory://{root}"], tmp_path / "from_url", shard_size=250, quiet=True)
+    finally:
+        fs.rm(root, recursive=True)
+    local = convert_h5ad([tmp_path / "parent"], tmp_path / "from_dir", shard_size=250, quiet=True)
+    assert remote.sources[0].kind == "scmf_dataset"
+    assert remote.sources[0].extra["parent_dataset_id"] == parent.dataset_id
+    assert _stored(tmp_path / "from_url") == _stored(tmp_path / "from_dir") == _stored(tmp_path / "parent")
+    assert remote.n_cells == local.n_cells == parent.n_cells

@@ -36,9 +36,15 @@ PARENT_SOURCE = "parent_source"
 
 
 def is_dataset_dir(path: str) -> bool:
-    """True when ``path`` is a local directory holding an scmf ``manifest.json``."""
+    """True when ``path`` is a directory (local, or at an fsspec URL) holding an scmf
+    ``manifest.json``."""
+    if is_url(path):
+        from scmf_loader.streaming.fs import filesystem
+
+        fs, root = filesystem(path.rstrip("/"))
+        return bool(fs.isfile(f"{root}/manifest.json"))
     p = local_path(path)
-    return not is_url(path) and os.path.isdir(p) and os.path.isfile(os.path.join(p, "manifest.json"))
+    return os.path.isdir(p) and os.path.isfile(os.path.join(p, "manifest.json"))
 
 
 class DatasetSource:
@@ -55,15 +61,14 @@ class DatasetSource:
         from scmf_loader import open_dataset
 
         self.path = os.fspath(path)
-        if is_url(self.path):
-            raise InvalidInputError(f"{self.path}: a dataset given as input must be a local directory")
         if matrix != "X" or gene_column != "var_names":
             raise InvalidInputError(
                 f"{self.path}: is an scmf dataset, which has one matrix over its vocabulary: "
                 "--matrix and --gene-column do not apply"
             )
         self.matrix, self.gene_column = matrix, gene_column
-        self.store = open_dataset(Path(local_path(self.path)))
+        # a URL is read through the node-local, verified shard cache of scmf_loader.streaming
+        self.store = open_dataset(self.path if is_url(self.path) else Path(local_path(self.path)))
         m = self.store.manifest
         self.dataset_id = m.dataset_id
         self.n_cells = int(m.n_cells)
