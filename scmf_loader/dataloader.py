@@ -175,7 +175,7 @@ class _Fetcher(torch.utils.data.Dataset):
         """The batch in the loader's output form. ``preprocessing`` (a pipeline not yet
         applied to ``batch``) is fused into the output kernel (:mod:`scmf_loader.outputs`)."""
         if self.output == "csr":
-            return batch if preprocessing is None else preprocessing.apply_batch(batch)
+            return batch if preprocessing is None else batch.preprocessed(preprocessing)
         fused = {"preprocessing": preprocessing}
         generator = None
         if self.truncation == "random" and self.output in ("padded", "binned"):

@@ -284,7 +284,7 @@ class CellDataset(torch.utils.data.Dataset):
                 stats[:, j] = self._source.cell_stat(shard, k)
             block = self._blocks[shard] = (codes, stats)
             if len(self._blocks) > _CACHED_COLUMN_SHARDS:
-                self._blocks.pop(next(iter(self._blocks)))
+                self._blocks.pop(next(iter(self._blocks)), None)  # thread workers may race here
         return block
 
     def _zero_copy(self, shard: int, start: int, stop: int) -> tuple[torch.Tensor, ...]:
