@@ -411,21 +411,9 @@ def open_local_dataset(
     verify: bool = False,
     max_open_shards: int = DEFAULT_MAX_OPEN_SHARDS,
 ) -> DatasetStore:
-    """Open the local dataset directory ``path`` for reading (:func:`scmf_loader.open_dataset`
-    is the public entry, which also takes URLs).
-
-    Reads and validates the manifest (format and version) and the vocabulary, and checks
-    each shard array file's size with one ``stat``; ``verify=True`` also checks every
-    sha256 and each shard's full structure (reads every byte). Raises
-    :class:`~scmf_loader.errors.ManifestNotFoundError`,
-    :class:`~scmf_loader.errors.FormatVersionError`,
-    :class:`~scmf_loader.errors.ManifestError`,
-    :class:`~scmf_loader.errors.ShardNotFoundError`,
-    :class:`~scmf_loader.errors.ShardSizeError`,
-    :class:`~scmf_loader.errors.ChecksumMismatchError` or
-    :class:`~scmf_loader.errors.ShardCorruptError`, each naming the file; a shard whose
-    ``indptr`` is malformed raises ShardCorruptError when it is first read.
-    """
+    """Open the local dataset directory ``path``: what :func:`scmf_loader.open_dataset`
+    (the public entry, which also takes URLs) does for a local path; its checks and errors
+    are described there."""
     root = Path(path)
     manifest = read_manifest(root)
     check_manifest_arrays(manifest, root)

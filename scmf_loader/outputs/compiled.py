@@ -18,6 +18,7 @@ from scmf_loader.outputs._binfast import binned_counts, digits
 from scmf_loader.outputs._fast import (
     COUNTS,
     TABLE,
+    _compute,
     copy_genes,
     cutoff,
     descending_keys,
@@ -66,23 +67,6 @@ def _value(v, d, has_div, log1p, f32, memo, stamp, tag):  # noqa: ANN001, ANN202
         stamp[i] = tag
         return x
     return _compute(v, d, has_div, log1p, f32)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _compute(v, d, has_div, log1p, f32):  # noqa: ANN001, ANN202
-    if f32:
-        x = np.float32(v)
-        if has_div:
-            x = x / np.float32(d)
-        if log1p:
-            x = np.log1p(x)
-        return np.float64(x) + 0.0
-    y = np.float64(v)
-    if has_div:
-        y = y / d
-    if log1p:
-        y = np.log1p(y)
-    return y + 0.0
 
 
 @njit(nogil=True, cache=True)
