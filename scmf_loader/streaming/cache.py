@@ -288,17 +288,30 @@ class ShardCache:
     def _acquire(self, i: int, fd: int, patient: bool) -> Path | None:
         final = self.shard_path(i)
         while True:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process downloads it
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held while pinned: nobody evicts the shard
             if self._complete(i):
                 os.utime(fd)  # the LRU clock
                 return final
-            fcntl.flock(fd, fcntl.LOCK_EX)  # not atomic: someone else may fetch it first
-            if not self._complete(i):
-                if not self._make_room(i, patient):
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    return None
-                self._download(i)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # not atomic either: check again
+            # Never wait for an exclusive lock on the shard's own lock file: pinned readers hold
+            # it shared for as long as they read, so a waiting writer (and every thread queued
+            # behind it) would block until they all let go. Downloaders queue on a lock of
+            # their own, held only while one of them fetches.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            with self._download_lock(i):
+                if not self._complete(i):
+                    if not self._make_room(i, patient):
+                        return None
+                    self._download(i)
+
+    @contextmanager
+    def _download_lock(self, i: int) -> Iterator[None]:
+        """One downloader of shard ``i`` at a time on this node (threads and processes)."""
+        fd = os.open(self._lock_path(i).with_suffix(".download"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     # ---- budget ---------------------------------------------------------------------------
     @contextmanager
