@@ -298,10 +298,19 @@ class ShardCache:
             # their own, held only while one of them fetches.
             fcntl.flock(fd, fcntl.LOCK_UN)
             with self._download_lock(i):
-                if not self._complete(i):
+                if self._complete(i):
+                    continue
+                # Exclusive while fetching: marks the temporary download as live (never
+                # taken for a dead process's leftovers) and the shard as not evictable.
+                # Waiting for it is safe here: an incomplete shard has no pinned readers,
+                # only threads that hold it shared for one check.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
                     if not self._make_room(i, patient):
                         return None
                     self._download(i)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     @contextmanager
     def _download_lock(self, i: int) -> Iterator[None]:
