@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -134,6 +134,10 @@ class _Run:
     options: ConvertOptions
     runner: TaskRunner
     estimate: int = 0  # about how many bytes the shards take (diskspace.estimate_bytes)
+    #: called as ``on_shard(shard_index, entry_dict)`` once each shard is written and recorded,
+    #: in the thread that gathered it (in-process runners; with ``--scheduler``, after the
+    #: gather stage, in shard order); :class:`scmf_shards.upload.BucketTarget` uploads there
+    on_shard: Callable[[int, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -199,7 +203,8 @@ def convert_sources(
         run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
                    fingerprints, dataset_id, options, runner, estimate)
         if target is not None:  # into a staging directory, then uploaded
-            return target.run(dataset_id, lambda d: _write(replace(run, out=d, ws=Workspace.at(d))))
+            return target.run(dataset_id, lambda d, on_shard=None: _write(
+                replace(run, out=d, ws=Workspace.at(d), on_shard=on_shard)))
         return _write(run)
 
 
@@ -349,7 +354,18 @@ def _gather(run: _Run, plan: _Plan, prep: Any, memory: dict[int, Any] | None = N
         )
         for s in range(len(plan.sizes))
     ]
-    shard_dicts = run.runner.map(run_gather, tasks, desc="write shards")
+    if run.on_shard is not None and run.runner.in_process:
+        def gather(task: GatherTask, done: Callable[[int, dict[str, Any]], None] = run.on_shard) -> dict[str, Any]:
+            entry = run_gather(task)
+            done(task.shard, entry)
+            return entry
+
+        shard_dicts = run.runner.map(gather, tasks, desc="write shards")
+    else:
+        shard_dicts = run.runner.map(run_gather, tasks, desc="write shards")
+        if run.on_shard is not None:
+            for i, d in enumerate(shard_dicts):
+                run.on_shard(i, d)
     scratch_release_all()  # in-process runs: the driver's thread ran the tasks
     return [ShardEntry.from_dict(d, i) for i, d in enumerate(shard_dicts)]
 
