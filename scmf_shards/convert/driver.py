@@ -138,6 +138,9 @@ class _Run:
     #: in the thread that gathered it (in-process runners; with ``--scheduler``, after the
     #: gather stage, in shard order); :class:`scmf_shards.upload.BucketTarget` uploads there
     on_shard: Callable[[int, dict[str, Any]], None] | None = None
+    #: ``stored_shard(shard_index)``: the entry dict of a shard already stored intact where the
+    #: dataset goes (an upload target's bucket, a resumed run), whose gather is skipped; or None
+    stored_shard: Callable[[int], dict[str, Any] | None] | None = None
 
 
 @dataclass
@@ -203,8 +206,8 @@ def convert_sources(
         run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
                    fingerprints, dataset_id, options, runner, estimate)
         if target is not None:  # into a staging directory, then uploaded
-            return target.run(dataset_id, lambda d, on_shard=None: _write(
-                replace(run, out=d, ws=Workspace.at(d), on_shard=on_shard)))
+            return target.run(dataset_id, lambda d, on_shard=None, stored_shard=None: _write(
+                replace(run, out=d, ws=Workspace.at(d), on_shard=on_shard, stored_shard=stored_shard)))
         return _write(run)
 
 
@@ -297,7 +300,13 @@ def _resumed(run: _Run) -> bool:
 
 def _all_shards_done(run: _Run, plan: _Plan) -> bool:
     """Every shard is on disk, recorded and verified (a re-run after the last gather)."""
-    return all(reusable_shard(run.out, s) is not None for s in range(len(plan.sizes)))
+    return all(_done_shard(run, s) is not None for s in range(len(plan.sizes)))
+
+
+def _done_shard(run: _Run, shard: int) -> dict[str, Any] | None:
+    """The entry of a shard that needs no gather: stored at the target, or verified on disk."""
+    stored = run.stored_shard(shard) if run.stored_shard is not None else None
+    return stored if stored is not None else reusable_shard(run.out, shard)
 
 
 def _scatter_tasks(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -> list[ScatterTask]:
@@ -345,6 +354,9 @@ def _gather(run: _Run, plan: _Plan, prep: Any, memory: dict[int, Any] | None = N
     """Run one gather task per shard (from bucket files, or from the buckets in ``memory``);
     their manifest entries, in shard order."""
     opts = run.options
+    stored = {}
+    if run.stored_shard is not None:
+        stored = {s: d for s in range(len(plan.sizes)) if (d := run.stored_shard(s)) is not None}
     tasks = [
         GatherTask(
             shard=s, out_dir=str(run.out), bucket_root=str(plan.buckets),
@@ -353,6 +365,7 @@ def _gather(run: _Run, plan: _Plan, prep: Any, memory: dict[int, Any] | None = N
             cell_stats=prep.cell_stats if prep is not None else CELL_STATS, memory=memory,
         )
         for s in range(len(plan.sizes))
+        if s not in stored
     ]
     if run.on_shard is not None and run.runner.in_process:
         def gather(task: GatherTask, done: Callable[[int, dict[str, Any]], None] = run.on_shard) -> dict[str, Any]:
@@ -360,14 +373,15 @@ def _gather(run: _Run, plan: _Plan, prep: Any, memory: dict[int, Any] | None = N
             done(task.shard, entry)
             return entry
 
-        shard_dicts = run.runner.map(gather, tasks, desc="write shards")
+        gathered = run.runner.map(gather, tasks, desc="write shards")
     else:
-        shard_dicts = run.runner.map(run_gather, tasks, desc="write shards")
+        gathered = run.runner.map(run_gather, tasks, desc="write shards")
         if run.on_shard is not None:
-            for i, d in enumerate(shard_dicts):
-                run.on_shard(i, d)
+            for t, d in zip(tasks, gathered, strict=True):
+                run.on_shard(t.shard, d)
     scratch_release_all()  # in-process runs: the driver's thread ran the tasks
-    return [ShardEntry.from_dict(d, i) for i, d in enumerate(shard_dicts)]
+    by_shard = {**stored, **{t.shard: d for t, d in zip(tasks, gathered, strict=True)}}
+    return [ShardEntry.from_dict(by_shard[i], i) for i in range(len(plan.sizes))]
 
 
 def _publish(run: _Run, shards: list[ShardEntry], prep: Any) -> Manifest:
