@@ -7,15 +7,23 @@ needs: a temporary name unique to the attempt, the crash-test hooks and the rena
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from scmf_loader.format import ShardEntry
-from scmf_loader.format.shard import ShardContent, csr_arrays, shard_entry, write_shard_files
+from scmf_loader.format.writer import (
+    ShardContent,
+    StreamedArray,
+    csr_arrays,
+    shard_entry,
+    write_shard_files,
+)
 
-__all__ = ["ShardContent", "attempt_name", "write_shard"]
+__all__ = ["ShardContent", "StreamedArray", "attempt_name", "write_shard"]
 
 
 def attempt_name(path: Path) -> Path:
@@ -29,17 +37,19 @@ def write_shard(
     relpath: str,
     content: ShardContent,
     after_step: Callable[[str], None] | None = None,
+    lock: contextlib.AbstractContextManager[Any] | None = None,
 ) -> ShardEntry:
     """Write one shard to ``final_path`` (via a temporary sibling unique to this attempt,
     ``<name>.tmp-<pid>-<random>``, and a rename) and return its manifest entry with byte
     counts and checksums of its three CSR arrays. ``after_step(label)`` is called after each
-    part is written (the converter's crash-test hook: ``shard:X``, ``shard:complete``)."""
+    part is written (the converter's crash-test hook: ``shard:X``, ``shard:complete``).
+    ``lock``: held around the part of the writer that is not thread-safe (anndata's)."""
     final = Path(final_path)
     tmp = attempt_name(final)
     step = after_step or (lambda label: None)
     arrays = csr_arrays(content.indptr, content.indices, content.data)
-    write_shard_files(tmp, arrays, content, after_x=lambda: step("shard:X"))
-    entry = shard_entry(tmp, relpath, arrays)
+    digests = write_shard_files(tmp, arrays, content, after_x=lambda: step("shard:X"), lock=lock)
+    entry = shard_entry(tmp, relpath, arrays, checksums=digests)
     step("shard:complete")
     if final.exists():
         shutil.rmtree(final)

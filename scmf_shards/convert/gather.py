@@ -33,9 +33,10 @@ from scmf_shards.write import ShardContent, attempt_name, write_shard
 __all__ = ["CELL_STATS", "BucketPiece", "GatherTask", "reusable_shard", "run_gather"]
 
 CELL_STATS = ("library_size",)
-#: one shard written at a time per process: the layout's writer silences anndata/zarr
-#: warnings with ``warnings.catch_warnings``, which is not thread-safe (a second task thread
-#: restoring the filters lets the first one's warnings through, as errors under pytest)
+#: held around the anndata part of a shard write (obs, var, zarr metadata): the writer silences
+#: anndata/zarr warnings with ``warnings.catch_warnings``, which is not thread-safe (a second
+#: task thread restoring the filters lets the first one's warnings through, as errors under
+#: pytest); the CSR chunk files, nearly all of the bytes, are written outside it, in parallel
 _WRITE_LOCK = threading.Lock()
 
 
@@ -109,8 +110,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         var_names=_vocab_tokens(str(ws.vocab), task.vocab_sha256), numeric_obs=numeric,
         var_columns={VAR_COLUMN: load_medians(ws.medians, task.n_genes)},
     )
-    with _WRITE_LOCK:
-        entry = write_shard(final, relpath, content, after_step=faults.fault_point)
+    entry = write_shard(final, relpath, content, after_step=faults.fault_point, lock=_WRITE_LOCK)
     faults.fault_point("gather:shard")
     d = entry.to_dict()
     tmp_record = attempt_name(record)
