@@ -1,18 +1,23 @@
 """Converting straight to an object store: ``--output s3://bucket/prefix`` (any fsspec URL).
 
-A conversion into a URL runs as an ordinary conversion into a local *staging* directory,
-then uploads the result (:class:`BucketTarget`):
+A conversion into a URL runs as an ordinary conversion into a local *staging* directory
+whose shards are uploaded as they are written (:class:`BucketTarget`, streamed by
+:class:`scmf_shards.upload_stream.ShardStreamer`):
 
 - **Where it stages.** ``<--scratch-dir or the system temp>/scmf-staging-<uid>/<hash of
   (URL, dataset_id)>``: the same on a re-run, so a killed conversion resumes its local work
-  with the converter's own resume rules; deleted once the upload is complete.
-- **Order.** ``vocab.json`` first, then the shards one by one, ``manifest.json`` last: a
-  reader never sees a manifest before every shard it lists is in the store.
+  with the converter's own resume rules; deleted once the upload is complete. It holds only
+  the shards in flight (each staged copy is deleted once stored and read back), plus the
+  scratch buckets of a conversion whose data does not fit ``--memory-limit``.
+- **Order.** ``vocab.json`` first, then each shard as soon as it is written, ``manifest.json``
+  last, once every shard is confirmed: a reader never sees a manifest before every shard it
+  lists is in the store.
 - **Checked.** Each shard is checked against its manifest entry before it leaves (the one
   integrity checker, :func:`scmf_loader.format.integrity.check_shard`), and after upload
   every object is listed and read back: the stored files are exactly the shard's files,
   byte for byte (sha256). A shard already in the store that passes the same test is not
-  uploaded again, which is how a killed conversion resumes against the store.
+  uploaded again, and one recorded as uploaded (``.scmf-upload.d/``) is not even gathered
+  again: that is how a killed conversion resumes against the store.
 - **What is there already.** The URL's dataset with the same ``dataset_id`` is the result
   (nothing to do). Another dataset, or an unfinished upload of another dataset (marked by
   :data:`UPLOAD_MARKER`, removed after the manifest), is refused unless ``overwrite``;
@@ -139,7 +144,8 @@ class BucketTarget:
     """The object-store side of a conversion into ``url`` (see the module docstring)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, overwrite: bool = False,
-                 scratch_dir: str | None = None, quiet: bool = True) -> None:
+                 scratch_dir: str | None = None, quiet: bool = True, in_flight: int | None = None,
+                 shard_cells: int | None = None) -> None:
         from scmf_loader.streaming.remote import filesystem
 
         self.url = url.rstrip("/")
@@ -151,12 +157,16 @@ class BucketTarget:
         self.overwrite = overwrite
         self.scratch_dir = scratch_dir
         self.quiet = quiet
+        #: the most shards staged at once (None: all of them, as with ``--scheduler``), and
+        #: the cells per shard: the staging directory's share of the disk-space estimate
+        self.in_flight = in_flight
+        self.shard_cells = shard_cells
         self.fs, self.root = filesystem(self.url, storage_options)
         self.uploaded: list[str] = []  # relative paths of the shards this run put
         self.skipped: list[str] = []  # ... and of those already in the store
 
     # ---- store access, retried ------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
         from scmf_loader.streaming.remote import with_retries
 
         try:
@@ -169,7 +179,7 @@ class BucketTarget:
     def _names(self) -> set[str]:
         """Names directly under the URL (empty when nothing is stored there)."""
         try:
-            entries = self._call("listing the output", lambda: self.fs.ls(self.root, detail=False))
+            entries = self.call("listing the output", lambda: self.fs.ls(self.root, detail=False))
         except FileNotFoundError:
             return set()
         return {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""}
@@ -183,7 +193,7 @@ class BucketTarget:
                 raise ConfigurationError(f"--output {self.shown}: give a prefix inside the bucket "
                                          "(s3://bucket/name), not the bucket itself")
             try:
-                found = self._call("looking up the bucket", lambda: self.fs.exists(bucket))
+                found = self.call("looking up the bucket", lambda: self.fs.exists(bucket))
             except FileNotFoundError:
                 found = False
             if not found:
@@ -193,8 +203,8 @@ class BucketTarget:
         self._names()  # a listing: refused access is said now, not after the conversion
 
     # ---- what is there already -------------------------------------------------------------
-    def _read_json(self, name: str) -> Any:
-        raw = self._call(f"reading {name}", lambda: self.fs.cat_file(f"{self.root}/{name}"))
+    def read_json(self, name: str) -> Any:
+        raw = self.call(f"reading {name}", lambda: self.fs.cat_file(f"{self.root}/{name}"))
         try:
             return json.loads(bytes(raw).decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
@@ -209,13 +219,16 @@ class BucketTarget:
         self.fs.invalidate_cache(self.root)
         names = self._names()
         if MANIFEST_NAME in names:
-            doc = self._read_json(MANIFEST_NAME)
+            doc = self.read_json(MANIFEST_NAME)
             try:
                 existing = manifest_from_dict(doc) if isinstance(doc, dict) else None
             except ScmfError:
                 existing = None
             if existing is not None and existing.dataset_id == dataset_id and not self.overwrite:
                 if UPLOAD_MARKER in names:  # killed between the manifest and the marker's removal
+                    from scmf_shards.upload_stream import RECORDS_DIR
+
+                    self._remove_tree(RECORDS_DIR)
                     self._remove(UPLOAD_MARKER)
                 return existing
             if not self.overwrite:
@@ -224,7 +237,7 @@ class BucketTarget:
                                          f"{dataset_id}. Use --overwrite to replace it or choose another --output")
             self._clear()
         elif UPLOAD_MARKER in names:
-            marker = self._read_json(UPLOAD_MARKER)
+            marker = self.read_json(UPLOAD_MARKER)
             same = isinstance(marker, dict) and marker.get("dataset_id") == dataset_id
             if not same and not self.overwrite:
                 raise DatasetExistsError(f"{self.shown}: holds an unfinished upload of a different dataset; "
@@ -235,62 +248,82 @@ class BucketTarget:
             raise DatasetExistsError(f"{self.shown}: exists and is not empty, and is not an scmf dataset; choose "
                                      "an empty or new --output (--overwrite only replaces scmf datasets)")
         marker_bytes = json.dumps({"dataset_id": dataset_id}).encode()
-        self._call("writing the upload marker",
+        self.call("writing the upload marker",
                    lambda: self.fs.pipe_file(f"{self.root}/{UPLOAD_MARKER}", marker_bytes))
         return None
 
     def _remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self._call(f"removing {name}", lambda: self.fs.rm_file(f"{self.root}/{name}"))
+            self.call(f"removing {name}", lambda: self.fs.rm_file(f"{self.root}/{name}"))
 
     def _clear(self) -> None:
         """Delete the scmf dataset at the URL: its manifest first (no reader sees a dataset
         whose shards are going), then everything under the prefix."""
         self._remove(MANIFEST_NAME)
         with contextlib.suppress(FileNotFoundError):
-            self._call("deleting the old dataset", lambda: self.fs.rm(self.root, recursive=True))
+            self.call("deleting the old dataset", lambda: self.fs.rm(self.root, recursive=True))
         self.fs.invalidate_cache(self.root)
 
     # ---- the conversion ---------------------------------------------------------------------
-    def run(self, dataset_id: str, convert_local: Callable[[Path], Manifest]) -> Manifest:
-        """Convert into the staging directory with ``convert_local(path)`` (a local
-        conversion, resumable there), upload, and delete the staging directory."""
+    def run(self, dataset_id: str, convert_local: Callable[..., Manifest]) -> Manifest:
+        """Convert into the staging directory with ``convert_local(path, on_shard=...,
+        stored_shard=...)`` (a local conversion, resumable there) while a
+        :class:`~scmf_shards.upload_stream.ShardStreamer` uploads each shard as it is
+        written; then :meth:`publish` and delete the staging directory."""
+        from scmf_shards.convert.diskspace import staged_output
         from scmf_shards.convert.output import locked
+        from scmf_shards.upload_stream import ShardStreamer
 
         existing = self.prepare(dataset_id)
-        if existing is not None:
-            return existing
         staging = staging_dir(self.url, dataset_id, self.scratch_dir)
-        manifest = convert_local(staging)
+        if existing is not None:  # done (a run killed after its manifest left its staging)
+            shutil.rmtree(staging, ignore_errors=True)
+            return existing
+        with staged_output(staging, self.in_flight, self.shard_cells), \
+                ShardStreamer(self, staging, dataset_id) as streamer:
+            manifest = convert_local(staging, on_shard=streamer.on_shard, stored_shard=streamer.stored_shard)
+            streamer.finish()
         with locked(staging):
-            self.upload(staging, manifest)
+            self.publish(staging, manifest, streamer)
         shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
-    def upload(self, staging: Path, manifest: Manifest) -> None:
-        """Put the dataset directory ``staging`` at the URL: vocabulary, shards (each checked,
-        skipped when already stored intact), then the manifest; then drop the marker."""
-        from tqdm.auto import tqdm
+    def publish(self, staging: Path, manifest: Manifest, streamer: Any) -> None:
+        """Finish the upload of the dataset converted in ``staging``: the vocabulary (unless
+        the streamer put these bytes), every shard the streamer did not confirm (from
+        staging, or found intact in the store), then the manifest last; then the upload
+        records and the marker go."""
+        from scmf_shards.upload_stream import RECORDS_DIR
 
-        self._put_file(staging / VOCAB_NAME, VOCAB_NAME)
-        faults.fault_point("upload:vocab")
-        with tqdm(total=len(manifest.shards), desc="upload", unit="shard", disable=self.quiet, leave=False) as bar:
-            for i, entry in enumerate(manifest.shards):
-                self._upload_shard(staging, i, entry)
-                bar.update(1)
-        self._put_file(staging / MANIFEST_NAME, MANIFEST_NAME)  # last
+        streamer.put_vocab(staging / VOCAB_NAME)
+        for i, entry in enumerate(manifest.shards):
+            if i in streamer.confirmed:
+                continue
+            if (staging / entry.path).is_dir():
+                self.upload_shard(staging, i, entry)
+            elif streamer.stored_shard(i) is None:
+                raise OutputNotWritableError(
+                    f"{self.shown}/{entry.path}: neither stored intact nor staged in {staging}; "
+                    f"delete {staging} and re-run the same command")
+        self.put_bytes((staging / MANIFEST_NAME).read_bytes(), MANIFEST_NAME, staging / MANIFEST_NAME)  # last
         faults.fault_point("upload:manifest")
+        self._remove_tree(RECORDS_DIR)
         self._remove(UPLOAD_MARKER)
 
-    def _put_file(self, local: Path, rel: str) -> None:
-        """Put one small file and read it back."""
-        data = local.read_bytes()
+    def _remove_tree(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.call(f"removing {name}", lambda: self.fs.rm(f"{self.root}/{name}", recursive=True))
+
+    def put_bytes(self, data: bytes, rel: str, local: Path) -> None:
+        """Put one small object ``rel`` (the bytes of ``local``) and read it back."""
         target = f"{self.root}/{rel}"
-        self._call(f"uploading {rel}", lambda: self.fs.pipe_file(target, data))
-        if bytes(self._call(f"reading back {rel}", lambda: self.fs.cat_file(target))) != data:
+        self.call(f"uploading {rel}", lambda: self.fs.pipe_file(target, data))
+        if bytes(self.call(f"reading back {rel}", lambda: self.fs.cat_file(target))) != data:
             raise ChecksumMismatchError(f"{self.shown}/{rel}: the stored copy differs from {local} after upload")
 
-    def _upload_shard(self, staging: Path, i: int, entry: ShardEntry) -> None:
+    def upload_shard(self, staging: Path, i: int, entry: ShardEntry) -> dict[str, tuple[int, str]]:
+        """Check the staged shard ``i`` against its entry, put it (unless already stored
+        intact), list and read it back; its files (relative path -> size, sha256)."""
         try:
             check_shard(staging, entry, "checksum", index=i)
         except ScmfError as exc:
@@ -298,32 +331,33 @@ class BucketTarget:
         local = staging / entry.path
         files = _local_files(local)
         remote = f"{self.root}/{entry.path}"
-        stored = self._stored(remote)
-        if stored and self._matches(remote, stored, files):
+        stored = self.stored(remote)
+        if stored and self.matches(remote, stored, files):
             self.skipped.append(entry.path)
-            return
+            return files
         if stored:  # a partial or different copy: replaced as a whole
-            self._call(f"clearing {entry.path}", lambda: self.fs.rm(remote, recursive=True))
+            self.call(f"clearing {entry.path}", lambda: self.fs.rm(remote, recursive=True))
         rels = sorted(files)
-        self._call(f"uploading {entry.path}", lambda: self.fs.put(
+        self.call(f"uploading {entry.path}", lambda: self.fs.put(
             [str(local / r) for r in rels], [f"{remote}/{r}" for r in rels]))
         self.fs.invalidate_cache(remote)
-        if not self._matches(remote, self._stored(remote), files):
+        if not self.matches(remote, self.stored(remote), files):
             raise ChecksumMismatchError(f"{self.shown}/{entry.path}: the stored shard differs from the local "
                                         "one after upload (listing, sizes or sha256); re-run to upload it again")
         self.uploaded.append(entry.path)
         faults.fault_point("upload:shard")
+        return files
 
-    def _stored(self, remote: str) -> dict[str, int]:
+    def stored(self, remote: str) -> dict[str, int]:
         """The files stored under ``remote``: relative path -> size."""
         try:
-            listing = self._call("listing a shard", lambda: self.fs.find(remote, detail=True))
+            listing = self.call("listing a shard", lambda: self.fs.find(remote, detail=True))
         except FileNotFoundError:
             return {}
         return {p[len(remote):].lstrip("/"): int(info.get("size") or 0) for p, info in listing.items()
                 if info.get("type", "file") != "directory" and p.startswith(remote)}
 
-    def _matches(self, remote: str, stored: dict[str, int], files: dict[str, tuple[int, str]]) -> bool:
+    def matches(self, remote: str, stored: dict[str, int], files: dict[str, tuple[int, str]]) -> bool:
         """Whether the stored files are exactly ``files``: same names and sizes (listing),
         then the same sha256 (every byte read back, streamed)."""
         if stored != {r: size for r, (size, _) in files.items()}:
@@ -338,7 +372,7 @@ class BucketTarget:
                     h.update(block)
             return h.hexdigest()
 
-        return str(self._call("reading back a shard", digest))
+        return str(self.call("reading back a shard", digest))
 
 
 def output_target(output: Any, options: Any, storage_options: dict[str, Any] | None = None) -> BucketTarget | None:
@@ -349,8 +383,13 @@ def output_target(output: Any, options: Any, storage_options: dict[str, Any] | N
                "scratch space must be a local (or shared) file system")
     if not is_output_url(os.fspath(output) if isinstance(output, os.PathLike) else output):
         return None
+    from scmf_shards.upload_stream import in_flight
+
+    streamed = getattr(options, "scheduler", None) is None  # a scheduler hands shards over after its gather stage
     target = BucketTarget(str(output), storage_options, overwrite=options.overwrite,
-                          scratch_dir=options.scratch_dir, quiet=options.quiet)
+                          scratch_dir=options.scratch_dir, quiet=options.quiet,
+                          in_flight=in_flight(options.workers) if streamed else None,
+                          shard_cells=getattr(options, "shard_size", None))
     target.check_reachable()
     return target
 

@@ -8,8 +8,10 @@ tool cannot honour are refused with one line naming the option and the URL."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from scmf_shards import faults
 from scmf_shards.cli import main
 from scmf_shards.convert import convert_h5ad
 from scmf_shards.upload import UPLOAD_MARKER, staging_dir
+from scmf_shards.upload_stream import RECORDS_DIR, ShardStreamer, in_flight
 
 pytest_plugins = ["s3_fixtures"]
 
@@ -332,39 +335,174 @@ def _labels(args: list[str]) -> list[str]:
     return labels
 
 
-@pytest.mark.parametrize("keep_staging", [True, False], ids=["staging-kept", "staging-lost"])
+def intact_shards(stored: dict[str, bytes], reference: Path) -> list[str]:
+    """The shards whose stored objects are exactly the reference shard's files."""
+    ref = tree_bytes(reference)
+    out = []
+    for s in read_manifest(reference).shards:
+        mine = {k: v for k, v in stored.items() if k.startswith(s.path + "/")}
+        if mine and mine == {k: v for k, v in ref.items() if k.startswith(s.path + "/")}:
+            out.append(s.path)
+    return out
+
+
+@pytest.mark.parametrize(("label", "nth", "keep_staging"), [
+    ("upload:vocab", 1, True),
+    ("upload:shard", 1, True),
+    ("upload:shard", 2, False),
+    ("upload:record", N_SHARDS - 1, False),
+    ("upload:manifest", 1, True),
+], ids=["vocab", "shard1-staging-kept", "shard2-staging-lost", "before-a-record", "manifest"])
 def test_killed_conversion_resumes_against_the_bucket(
     aws_env: MotoS3, sources: list[Path], reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    server: ForkServer, keep_staging: bool,
+    server: ForkServer, label: str, nth: int, keep_staging: bool,
 ) -> None:
-    """SIGKILL after the k-th shard upload: no manifest in the bucket; the re-run (with the
-    local staging kept, or lost as on another machine) puts only the missing shards."""
+    """SIGKILL at the ``nth`` ``label`` of the streamed upload (shards go up while later ones
+    are gathered, so the exact point varies a little between runs; what is checked holds at
+    any point): no manifest in the bucket before every shard is there; the re-run (local
+    staging kept, or lost as on another machine) puts only the shards not stored intact,
+    gathers again only those without an upload record, and ends byte-identical."""
     scratch = tmp_path / "scratch"
     args = ["h5ad", *map(str, sources), "--scratch-dir", str(scratch), *CLI_OPTS]
     labels = _labels([*args, "--output", f"s3://{aws_env.make_bucket()}/probe"])
-    assert labels.count("upload:shard") == N_SHARDS
+    assert labels.count("upload:shard") == labels.count("upload:record") == N_SHARDS
+    assert labels.count("upload:vocab") == 1
     assert labels[-1] == "upload:manifest"
-    done = 1 if keep_staging else 2
-    kill_at = [i for i, label in enumerate(labels) if label == "upload:shard"][done - 1] + 1
+    assert labels.index("upload:vocab") < labels.index("upload:shard")
+    kill_at = [i for i, x in enumerate(labels) if x == label][nth - 1] + 1
     url = f"s3://{aws_env.make_bucket()}/atlas/v1"
     status = server.run([*args, "--output", url], tmp_path / "killed.log", fault=str(kill_at))
     assert status == -9, (tmp_path / "killed.log").read_text()
     stored = stored_tree(aws_env, url)
-    assert "manifest.json" not in stored  # not a dataset yet
     assert UPLOAD_MARKER in stored
-    expected_shards = [s.path for s in read_manifest(reference).shards]
-    assert sorted({"/".join(k.split("/")[:2]) for k in stored if k.startswith("shards/")}) == expected_shards[:done]
-    code, _, err = _cli(["verify", url])
-    assert code == 1
-    assert "not a complete scmf dataset" in err
+    expected = [s.path for s in read_manifest(reference).shards]
+    intact = intact_shards(stored, reference)
+    recorded = sorted(f"shards/{k.split('/')[1][:-5]}.zarr" for k in stored if k.startswith(RECORDS_DIR + "/"))
+    assert set(recorded) <= set(intact)  # a record only once its shard is stored and read back
+    if label == "upload:manifest":
+        assert intact == expected
+    else:
+        assert "manifest.json" not in stored  # not a dataset yet
+        code, _, err = _cli(["verify", url])
+        assert code == 1
+        assert "not a complete scmf dataset" in err
     staging = staging_dir(url, read_manifest(reference).dataset_id, scratch)
-    assert (staging / "manifest.json").is_file()  # the local conversion had finished
+    staged = [p.name for p in (staging / "shards").glob("*.zarr")] if (staging / "shards").is_dir() else []
+    assert len(staged) <= in_flight(1)
     if not keep_staging:
-        shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     puts = Puts(monkeypatch)
-    code, _, err = _cli([*args, "--output", url])
-    assert code == 0, err
-    assert puts.shards() == expected_shards[done:]  # only the missing shards
-    assert puts.data_objects()[-1].endswith("/manifest.json")
+    rerun = _labels([*args, "--output", url])
+    assert puts.shards() == [s for s in expected if s not in intact]  # only the missing shards
+    if label != "upload:manifest":
+        assert puts.data_objects()[-1].endswith("/manifest.json")
+    if not keep_staging:  # recorded shards are not even gathered again
+        assert rerun.count("gather:shard") == N_SHARDS - len(recorded)
     assert stored_tree(aws_env, url) == tree_bytes(reference)
     assert not staging.exists()
+
+
+def _memory_url() -> str:
+    return f"memory://scmf-{uuid.uuid4().hex[:8]}/atlas"
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    """A fresh ``memory://`` prefix, deleted afterwards."""
+    import fsspec
+
+    url = _memory_url()
+    yield url
+    with contextlib.suppress(FileNotFoundError):
+        fsspec.filesystem("memory").rm(url[len("memory:/"):], recursive=True)
+
+
+def test_staging_holds_only_the_shards_in_flight(sources: list[Path], tmp_path: Path, memory_url: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """11 shards: whenever a shard is handed to the uploader, staging holds at most
+    in_flight(workers) shards; each shard is stored before the conversion ends, verified."""
+    from scmf_shards.upload import verify_url
+
+    seen: list[int] = []
+    original = ShardStreamer.on_shard
+
+    def counting(self: ShardStreamer, shard: int, entry: dict[str, Any]) -> None:
+        seen.append(len(list((self.staging / "shards").glob("*.zarr"))))
+        original(self, shard, entry)
+
+    monkeypatch.setattr(ShardStreamer, "on_shard", counting)
+    manifest = convert_h5ad(sources, memory_url, scratch_dir=str(tmp_path), **{**OPTS, "shard_size": 100})
+    assert len(manifest.shards) == len(seen) == 11
+    assert max(seen) <= in_flight(1) < 11
+    assert verify_url(memory_url) == ([], 11)
+    assert not any(tmp_path.glob("scmf-staging-*/*"))
+
+
+def test_an_upload_error_stops_the_conversion(sources: list[Path], tmp_path: Path, memory_url: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store refuses the second shard: one error naming the URL, the conversion stops
+    (not every shard is written), no manifest is stored; the re-run finishes."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    original = MemoryFileSystem.put_file
+    gathered: list[int] = []
+
+    def refusing(fs: Any, lpath: str, rpath: str, *a: Any, **kw: Any) -> Any:
+        if "/shards/000001.zarr/" in str(rpath):
+            raise PermissionError("AccessDenied: not today")
+        return original(fs, lpath, rpath, *a, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "put_file", refusing)
+    monkeypatch.setattr(ShardStreamer, "on_shard", _recording(ShardStreamer.on_shard, gathered))
+    opts = {**OPTS, "shard_size": 100}
+    with pytest.raises(OutputNotWritableError) as info:
+        convert_h5ad(sources, memory_url, scratch_dir=str(tmp_path), **opts)
+    message = str(info.value)
+    assert message.startswith(f"{memory_url}: uploading shards/000001.zarr: access refused"), message
+    assert len(gathered) < 11  # the converter stopped
+    fs = fsspec.filesystem("memory")
+    root = memory_url[len("memory:/"):]
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    assert "manifest.json" not in names
+    assert UPLOAD_MARKER in names
+    monkeypatch.setattr(MemoryFileSystem, "put_file", original)
+    manifest = convert_h5ad(sources, memory_url, scratch_dir=str(tmp_path), **opts)
+    assert len(manifest.shards) == 11
+    assert fs.isfile(f"{root}/manifest.json")
+    assert not fs.exists(f"{root}/{UPLOAD_MARKER}")
+    assert not fs.exists(f"{root}/{RECORDS_DIR}")
+
+
+def _recording(original: Any, into: list[int]) -> Any:
+    def on_shard(self: ShardStreamer, shard: int, entry: dict[str, Any]) -> None:
+        into.append(shard)
+        original(self, shard, entry)
+
+    return on_shard
+
+
+def test_the_disk_guard_asks_staging_for_the_shards_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 110 MB estimate over 1,100 cells, shards of 100 cells, 4 in flight: a staging
+    directory needs 40 MB for its shards (plus the buckets when the data does not fit in
+    memory), a local output all 110 MB; nothing changes for a local output."""
+    from scmf_shards.convert import diskspace
+
+    monkeypatch.setattr(diskspace, "free_bytes", lambda _p: 60_000_000)
+    estimate = diskspace.Estimate(110_000_000, 1_100)
+    local, staging = tmp_path / "local", tmp_path / "staging"
+    with pytest.warns(diskspace.LowSpaceWarning, match="about 110 MB needed but only 60 MB free"):
+        diskspace.OutputGuard(local, None, estimate).warn()
+    with diskspace.staged_output(staging, 4, 100):
+        assert diskspace.staged_bytes(staging, estimate) == 40_000_000
+        assert diskspace.staged_bytes(local, estimate) == 110_000_000
+        with pytest.warns(diskspace.LowSpaceWarning, match=r"about 40 MB needed for the shards staged at once "
+                          r"before upload, 150 MB if the data does not fit --memory-limit"):
+            diskspace.OutputGuard(staging, None, estimate).warn()
+        with pytest.warns(diskspace.LowSpaceWarning, match="about 110 MB needed but only"):
+            diskspace.OutputGuard(local, None, estimate).warn()  # unchanged
+    assert diskspace.staged_bytes(staging, estimate) == 110_000_000  # registered only while inside
+    monkeypatch.setattr(diskspace, "free_bytes", lambda _p: 200_000_000)
+    with diskspace.staged_output(staging, 4, 100), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diskspace.OutputGuard(staging, None, estimate).warn()  # fits: no warning

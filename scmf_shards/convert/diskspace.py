@@ -11,15 +11,22 @@ path that cannot be created) into one :class:`OutputNotWritableError` line such 
 ``<output>: no space left on device (about 12 MB needed, 1 MB free)``. Nothing half-written
 looks complete: the manifest is written last, so a failed run leaves none, and re-running
 the same command once space is freed resumes (finished shards are verified and kept).
+
+A conversion into a URL stages in a local directory that holds only the shards in flight
+(:mod:`scmf_shards.upload_stream`): :func:`staged_output` registers that directory with how
+many shards it holds at once, and the checks above then ask for that share of the estimate
+(:func:`staged_bytes`; :func:`estimate_bytes` returns an :class:`Estimate`, which knows its
+number of cells) rather than the whole dataset's size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ import numpy as np
 from scmf_loader.errors import OutputNotWritableError, ScmfError
 
 __all__ = [
+    "Estimate",
     "LowSpaceWarning",
     "OutputGuard",
     "OutputNotWritableError",
@@ -35,6 +43,8 @@ __all__ = [
     "free_bytes",
     "needed_bytes",
     "output_error",
+    "staged_bytes",
+    "staged_output",
     "warn_if_short",
 ]
 
@@ -43,6 +53,8 @@ SAMPLE_SOURCES = 8
 _PER_CELL_BYTES = 8 + 64  # indptr entry + obs (codes, library size, cell id) per cell, roughly
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NOT_CREATED = (errno.ENOTDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT, errno.ELOOP)
+#: staging directories of conversions into URLs: absolute path -> (shards held at once, cells per shard)
+_STAGED: dict[Path, tuple[int, int]] = {}
 
 
 class LowSpaceWarning(UserWarning):
@@ -79,14 +91,51 @@ def _cells_and_nnz(source: Any) -> tuple[int, float] | None:
     return n, nnz / max(m.shape[0], 1) * n
 
 
-def estimate_bytes(sources: Sequence[Any], dtype: str) -> int:
+class Estimate(int):
+    """An estimate of a conversion's shard bytes (an ``int``) that also knows the number of
+    cells it covers (``n_cells``), so that a share of it can be taken per shard."""
+
+    n_cells: int
+
+    def __new__(cls, value: int, n_cells: int = 0) -> Estimate:
+        obj = super().__new__(cls, value)
+        obj.n_cells = n_cells
+        return obj
+
+
+def estimate_bytes(sources: Sequence[Any], dtype: str) -> Estimate:
     """About how many bytes the shards of ``sources`` take: stored values (value + index)
     per cell, sampled from the first rows of the first inputs, plus per-cell overhead."""
     sampled = [s for s in (_cells_and_nnz(src) for src in sources[:SAMPLE_SOURCES]) if s is not None]
     n_cells = sum(int(getattr(s, "n_cells", 0) or 0) for s in sources)
     per_cell = (sum(nnz for _, nnz in sampled) / max(sum(n for n, _ in sampled), 1)) if sampled else 0.0
     entry = np.dtype(dtype).itemsize + 4
-    return int(n_cells * (per_cell * entry + _PER_CELL_BYTES))
+    return Estimate(int(n_cells * (per_cell * entry + _PER_CELL_BYTES)), n_cells)
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike[str], shards_held: int | None, shard_cells: int | None) -> Iterator[None]:
+    """While inside, ``out`` is the staging directory of a conversion into a URL that holds
+    at most ``shards_held`` shards of ``shard_cells`` cells at once (None: every shard)."""
+    key = Path(out).absolute()
+    if shards_held is not None and shard_cells:
+        _STAGED[key] = (shards_held, shard_cells)
+    try:
+        yield
+    finally:
+        _STAGED.pop(key, None)
+
+
+def staged_bytes(out: str | os.PathLike[str], shards: int) -> int:
+    """Bytes of shards that ``out`` holds at once: ``shards`` (the whole estimate), or for a
+    staging directory registered by :func:`staged_output` the share of its shards in flight
+    (needs an :class:`Estimate`, which knows its cells)."""
+    spec = _STAGED.get(Path(out).absolute())
+    n_cells = getattr(shards, "n_cells", 0)
+    if spec is None or not n_cells:
+        return int(shards)
+    held, cells = spec
+    return int(int(shards) * min(1.0, held * cells / n_cells))
 
 
 def _same_device(a: Path, b: Path) -> bool:
@@ -108,26 +157,32 @@ def _buckets_on_disk(out: Path) -> bool:
         return False
 
 
-def needed_bytes(out: Path, scratch: Path | None, shards: int, buckets: bool = False) -> dict[Path, int]:
-    """Bytes needed per location: the shards in ``out`` and, with ``buckets``, the scratch
-    buckets (about as large) in ``scratch`` (``out`` itself when None or on the same file
-    system). A run that holds its data in memory (``--memory-limit``) writes no buckets."""
+def needed_bytes(out: Path, scratch: Path | None, shards: int, buckets: bool = False,
+                 held: int | None = None) -> dict[Path, int]:
+    """Bytes needed per location: the shards in ``out`` (``held`` of them at once when
+    given: a staging directory) and, with ``buckets``, the scratch buckets (about as large
+    as all shards) in ``scratch`` (``out`` itself when None or on the same file system). A
+    run that holds its data in memory (``--memory-limit``) writes no buckets."""
+    held = shards if held is None else held
     if not buckets:
-        return {out: shards}
+        return {out: held}
     if scratch is None or _same_device(out, scratch):
-        return {out: 2 * shards}
-    return {out: shards, scratch: shards}
+        return {out: held + shards}
+    return {out: held, scratch: shards}
 
 
-def warn_if_short(out: Path, scratch: Path | None, shards: int) -> None:
-    """Warn (:class:`LowSpaceWarning`) when the shards' estimated size does not fit the free
-    space of ``out``, or shards and buckets together do not fit (bucket runs need both)."""
+def warn_if_short(out: Path, scratch: Path | None, shards: int, held: int | None = None) -> None:
+    """Warn (:class:`LowSpaceWarning`) when the shards' estimated size (``held``: of the
+    shards held at once, for a staging directory) does not fit the free space of ``out``,
+    or shards and buckets together do not fit (bucket runs need both)."""
+    held = shards if held is None else held
     free = free_bytes(out)
-    both = needed_bytes(out, scratch, shards, buckets=True)
-    if shards > free:
-        message = f"about {_mb(shards)} MB needed but only {_mb(free)} MB free"
+    both = needed_bytes(out, scratch, shards, buckets=True, held=held)
+    what = " for the shards staged at once before upload" if held != shards else ""
+    if held > free:
+        message = f"about {_mb(held)} MB needed{what} but only {_mb(free)} MB free"
     elif both[out] > free:
-        message = (f"about {_mb(shards)} MB needed, {_mb(both[out])} MB if the data does not fit "
+        message = (f"about {_mb(held)} MB needed{what}, {_mb(both[out])} MB if the data does not fit "
                    f"--memory-limit and goes through scratch buckets, but only {_mb(free)} MB free")
     else:
         for where, need in both.items():  # a --scratch-dir on another file system
@@ -154,7 +209,8 @@ def output_error(exc: OSError, out: Path, scratch: Path | None, shards: int | No
     a conversion into ``out`` (``None`` when it is not a problem of the output's file system)."""
     if isinstance(exc, ScmfError):
         return None
-    needs = needed_bytes(out, scratch, shards or 0, buckets=_buckets_on_disk(out))
+    needs = needed_bytes(out, scratch, shards or 0, buckets=_buckets_on_disk(out),
+                         held=staged_bytes(out, shards or 0))
     where = [p for p in needs if exc.filename and str(exc.filename).startswith(str(p))] or list(needs)
     code = exc.errno
     if code in _NO_SPACE or (code is None and any(_full(p, needs[p]) for p in where)):
@@ -198,4 +254,4 @@ class OutputGuard:
     def warn(self) -> None:
         """Warn when the estimate does not fit the free space (before anything is written)."""
         if self.shards:
-            warn_if_short(self.out, self.scratch, self.shards)
+            warn_if_short(self.out, self.scratch, self.shards, staged_bytes(self.out, self.shards))
