@@ -42,7 +42,7 @@ from scmf_loader.transport import (
 __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 
 OUTPUTS = ("csr", "padded", "dense", "rank", "binned")
-WORKER_TYPES = ("process", "thread")
+WORKER_TYPES = ("auto", "process", "thread")
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,15 @@ class _Fetcher(torch.utils.data.Dataset):
         if self._ring is None:
             install_arena()
             self._ring = WorkerRing(self.flags, info.id)
-        return self._ring.produce(lambda: self.read(request), request.tag)
+        return self._ring.produce(lambda: self.read(request), request.tag, self._mapped())
+
+    def _mapped(self) -> Callable[[torch.Tensor], Any] | None:
+        """How a worker names leaves that are views of the store's map (None without one)."""
+        return self.dataset.store.map_ref if type(self.dataset) is CellDataset and self.dataset.store else None
+
+    def resolve(self, ref: Any) -> torch.Tensor:
+        """A worker's map reference as a view of this process's map."""
+        return self.dataset.store.from_map_ref(ref)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -236,6 +244,18 @@ def _check_worker_options(transform: Any, read_ahead: int, worker_type: str) -> 
         raise ConfigurationError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
 
 
+def _worker_type(worker_type: str, dataset: Any, output: str, transform: Any) -> str:
+    """``"auto"`` resolved: threads for CSR batches of a dataset directory with no transform
+    and at most a fused pipeline (a gather is a ``memcpy`` releasing the GIL; a process's
+    hand-over costs more), processes otherwise (a transform may hold the GIL)."""
+    if worker_type != "auto":
+        return worker_type
+    pipe = getattr(dataset, "preprocessing", None)
+    fused = pipe is None or _fusable(dataset)[1] is not None
+    directory = type(dataset) is CellDataset and getattr(dataset, "store", None) is not None
+    return "thread" if output == "csr" and transform is None and fused and directory else "process"
+
+
 def _sampler_for(dataset: Any, sampler: BatchSampler | None, batch_size: int, shuffle: bool,
                  block_size: int | None, drop_last: bool, common: dict[str, Any]) -> BatchSampler:
     """The sampler a loader uses: the given one (through a copy when its ``drop_last``
@@ -290,7 +310,10 @@ class CellDataLoader:
     are page-locked, so ``batch.to("cuda", non_blocking=True)`` copies from them directly.
     ``worker_type="thread"`` runs the ``num_workers`` workers as threads of this process
     (no hand-over at all; the output kernels and torch ops release the GIL, pure-Python
-    transforms do not); ``"process"`` (the default) as DataLoader worker processes.
+    transforms do not); ``"process"`` as DataLoader worker processes; ``"auto"`` (the
+    default) threads for ``output="csr"`` of a dataset directory with no ``transform`` and
+    no preprocessing other than its recorded pipeline (gathers are a ``memcpy``, cheaper
+    than any hand-over), processes otherwise; :attr:`worker_type` holds the choice.
     ``read_ahead``: batches that background threads keep ahead of the reader, mapping and
     checking the next shard and asking the kernel for the next batches' pages
     (:mod:`scmf_loader.readahead`; 0 turns it off).
@@ -322,7 +345,7 @@ class CellDataLoader:
         transform: Callable[[Any], Any] | None = None,
         slots_per_worker: int | None = None,
         read_ahead: int = DEFAULT_DEPTH,
-        worker_type: str = "process",
+        worker_type: str = "auto",
     ) -> None:
         max_genes = _checked_options(dataset, output, n_bins, truncation, max_genes, num_workers)
         sampler = _sampler_for(dataset, sampler, batch_size, shuffle, block_size, drop_last,
@@ -333,7 +356,7 @@ class CellDataLoader:
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         _check_worker_options(transform, read_ahead, worker_type)
         self.read_ahead = int(read_ahead)
-        self.worker_type = worker_type
+        self.worker_type = worker_type = _worker_type(worker_type, dataset, output, transform)
         self._threads = num_workers if worker_type == "thread" else 0
         num_workers = 0 if self._threads else num_workers
         self._epoch = 0
@@ -356,7 +379,6 @@ class CellDataLoader:
             self._fetcher, sampler=self._requests, batch_size=None, collate_fn=_identity,
             num_workers=num_workers, pin_memory=False, timeout=timeout, **extra,
         )
-
 
     @property
     def epoch(self) -> int:
@@ -450,7 +472,7 @@ class CellDataLoader:
         pinning), a zero-copy batch read here, or an unpacked fallback buffer."""
         if isinstance(item, Slotted):
             self._ring.reclaim()
-            item = self._ring.unpack(item)
+            item = self._ring.unpack(item, self._fetcher.resolve)
             return _pin(item) if self.pin_memory and not self._ring.pin else item
         if isinstance(item, _Ref):
             item = self._fetcher.read(item.request)

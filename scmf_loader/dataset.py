@@ -316,13 +316,14 @@ class CellDataset(torch.utils.data.Dataset):
         else:
             arrays = tuple(as_tensor(a) for a in self._gather(groups))
         # obs codes and cell stats: copies (never aliasing the cached columns), made only when
-        # the batch's obs or stats are first read
-        blocks = [(self._columns(s), sel) for s, _, _, sel in groups]
+        # the batch's obs or stats are first read; a shard's columns are decoded only then
+        # too (an epoch that never asks for obs never reads them)
+        selectors = [(s, sel) for s, _, _, sel in groups]
 
         def rows(j: int, names: tuple[str, ...], dtype: type) -> Any:
-            if not blocks:
+            if not selectors:
                 return lambda: (names, torch.zeros((0, len(names)), dtype=dtype))
-            return lambda: (names, torch.from_numpy(np.concatenate([b[j][sel] for b, sel in blocks])))
+            return lambda: (names, torch.from_numpy(np.concatenate([self._columns(s)[j][sel] for s, sel in selectors])))
 
         batch = CSRBatch(
             *arrays, torch.from_numpy(ids), self.n_genes,

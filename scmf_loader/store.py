@@ -301,6 +301,31 @@ class DatasetStore:
                 found = self._tensors[shard] = (as_tensor(maps.indices), as_tensor(maps.data))
             return found
 
+    def map_ref(self, t: Any) -> tuple[int, int, int, int] | None:
+        """``(shard, 0 for indices / 1 for data, start, stop)`` when tensor ``t`` is a
+        contiguous slice of one of :meth:`tensors` that nothing wrote through (version
+        counter 0), else None: another process holding the same dataset finds the very same
+        bytes with :meth:`from_map_ref` (worker processes send batches of the map this way)."""
+        if t.dim() != 1 or not t.is_contiguous():
+            return None
+        ptr = t.untyped_storage().data_ptr()
+        with self._lock:
+            found = list(self._tensors.items())
+        for shard, pair in found:
+            for k, base in enumerate(pair):
+                if base.untyped_storage().data_ptr() == ptr and base.dtype == t.dtype and base._version == 0:
+                    start = t.storage_offset() - base.storage_offset()
+                    return shard, k, start, start + t.numel()
+        return None
+
+    def from_map_ref(self, ref: tuple[int, int, int, int]) -> Any:
+        """The slice of this process's map that :meth:`map_ref` described."""
+        shard, k, start, stop = ref
+        base = self.tensors(shard)[k]
+        if not 0 <= start <= stop <= len(base):
+            raise ConfigurationError(f"{self.shard_dir(shard)}: map reference [{start}, {stop}) outside the shard")
+        return base[start:stop]
+
     def _written(self, shard: int) -> bool:
         found = self._tensors.get(shard)
         return found is not None and (found[0]._version != 0 or found[1]._version != 0)

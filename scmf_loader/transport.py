@@ -53,6 +53,7 @@ __all__ = ["SLOTS_PER_WORKER", "LoaderRing", "Packed", "RingFlags", "Slotted", "
 SLOTS_PER_WORKER = 4
 _ALIGN = 64
 _MIN_SLOT = 1 << 20
+_MIN_REF = 64 << 10  # smaller leaves are copied: cheaper than resolving a reference
 
 
 def _aligned(n: int) -> int:
@@ -107,11 +108,23 @@ def build(structure: Any, leaves: list[torch.Tensor]) -> Any:
     return structure[1]
 
 
-def _views(base: torch.Tensor, layout: list[tuple[int, torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+def _views(base: torch.Tensor, layout: list[Any], resolve: Callable[[Any], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The leaves of a layout: ``(start, dtype, shape)`` a view of ``base`` at byte
+    ``start``; ``(-1, reference, shape)`` ``resolve(reference)``."""
+    storage = base.untyped_storage()
+    offset = base.storage_offset()
     out = []
     for start, dtype, shape in layout:
-        n = math.prod(shape) * dtype.itemsize
-        out.append(base[start : start + n].view(dtype).view(shape))
+        if start < 0:
+            if resolve is None:
+                raise ScmfError("a worker sent a memory-map reference but the loader cannot resolve it")
+            out.append(resolve(dtype).view(shape))
+            continue
+        n = math.prod(shape)
+        if n and (offset + start) % dtype.itemsize == 0:  # one set_: ~2x cheaper than slice + views
+            out.append(torch.empty(0, dtype=dtype).set_(storage, (offset + start) // dtype.itemsize, shape))
+        else:
+            out.append(base[start : start + n * dtype.itemsize].view(dtype).view(shape))
     return out
 
 
@@ -251,9 +264,12 @@ class WorkerRing:
                 return i
         return None
 
-    def produce(self, make: Callable[[], Any], tag: int) -> Any:
+    def produce(self, make: Callable[[], Any], tag: int, mapped: Callable[[torch.Tensor], Any] | None = None) -> Any:
         """``make()`` built into a claimed slot and returned as a :class:`Slotted` (or a
-        :class:`Packed` when every slot is taken)."""
+        :class:`Packed` when every slot is taken). ``mapped(t)``: a reference the loader's
+        process resolves to the same bytes in its own memory map (e.g.
+        :meth:`~scmf_loader.store.DatasetStore.map_ref`), or None; a large leaf with one is
+        sent as that reference instead of being copied."""
         index = self.claim(tag)
         if index is None:
             return Packed(make())
@@ -268,23 +284,33 @@ class WorkerRing:
             raise
         finally:
             _arena.slot = None
-        return self._pack(index, slot, item)
+        return self._pack(index, slot, item, mapped)
 
-    def _pack(self, index: int, slot: _Slot | None, item: Any) -> Slotted:
+    def _pack(self, index: int, slot: _Slot | None, item: Any, mapped: Callable[[torch.Tensor], Any] | None) -> Slotted:
         leaves: list[torch.Tensor] = []
         structure = flatten(item, leaves)
         inside = [slot is not None and slot.holds(t) for t in leaves]
+        refs = {}
+        if mapped is not None:  # views of the memory map: the loader's process maps them itself
+            for i, t in enumerate(leaves):
+                ref = None if inside[i] or _nbytes(t) < _MIN_REF else mapped(t)
+                if ref is not None:
+                    refs[i] = ref
+                    inside[i] = True  # nothing to copy
         cursor = slot.cursor if slot is not None else 0
         extra = sum(_aligned(_nbytes(t)) for t, ok in zip(leaves, inside, strict=True) if not ok)
         if slot is None or _aligned(cursor) + extra > len(slot.mem):  # a new, larger slot
-            total = sum(_aligned(_nbytes(t)) for t in leaves)
+            total = sum(_aligned(_nbytes(t)) for i, t in enumerate(leaves) if i not in refs)
             slot = self.slots[index] = _Slot.create(total + total // 4)
-            inside = [False] * len(leaves)
+            inside = [i in refs for i in range(len(leaves))]
             cursor = 0
-        layout = []
-        for t, ok in zip(leaves, inside, strict=True):
-            if ok:
+        layout: list[Any] = []
+        for i, (t, ok) in enumerate(zip(leaves, inside, strict=True)):
+            if i in refs:
+                layout.append((-1, refs[i], tuple(t.shape)))
+            elif ok:
                 layout.append((t.data_ptr() - slot.base, t.dtype, tuple(t.shape)))
+            if ok:
                 continue
             start = _aligned(cursor)
             n = _nbytes(t)
@@ -357,8 +383,9 @@ class LoaderRing:
         self.waiting: list[tuple[int, Any]] = []  # (slot, CUDA event) before reuse
         self.retired: list[_Held] = []  # replaced storages still viewed (pinned ones)
 
-    def unpack(self, msg: Slotted) -> Any:
-        """The worker's output as views of its slot (registered as handed out)."""
+    def unpack(self, msg: Slotted, resolve: Callable[[Any], torch.Tensor] | None = None) -> Any:
+        """The worker's output as views of its slot (registered as handed out); leaves the
+        worker sent as references (see :meth:`WorkerRing.produce`) through ``resolve``."""
         if msg.storage is not None:
             old = self.known.get(msg.slot)
             if old is not None and old.pinned:
@@ -368,7 +395,7 @@ class LoaderRing:
         held = self.known.get(msg.slot)
         if held is None or held.generation != msg.generation:  # the protocol rules this out
             raise ScmfError(f"worker slot {msg.slot}: generation {msg.generation} was never received")
-        item = build(msg.structure, _views(held.base, msg.layout))
+        item = build(msg.structure, _views(held.base, msg.layout, resolve))
         self.out.append((msg.slot, held))
         return item
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from scmf_loader import CellDataLoader, CellDataset, CSRBatch
+from scmf_loader import CellDataLoader, CellDataset, CSRBatch, transport
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.readahead import ReadAhead, runs_of
 from scmf_loader.transport import LoaderRing, Packed, RingFlags, Slotted, WorkerRing, build, flatten
@@ -50,6 +50,8 @@ def _clone(x: Any) -> Any:
         return x.clone()
     if isinstance(x, dict):
         return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
     return x
 
 
@@ -71,7 +73,7 @@ def test_workers_through_the_ring_equal_one_process(ds: CellDataset, output: str
                           "drop_last": False, "truncation": "random" if output == "padded" else "top"}
     one = CellDataLoader(ds, num_workers=0, **kw)
     refs = [[_clone(b) for b in one] for _ in range(2)]
-    loader = _Counting(ds, num_workers=2, **kw)
+    loader = _Counting(ds, num_workers=2, worker_type="process", **kw)  # csr would default to threads
     for ref in refs:  # persistent workers: the second epoch reuses the slots
         got = [_clone(b) for b in loader]
         assert len(got) == len(ref)
@@ -185,6 +187,44 @@ def test_transform_on_zero_copy_batches_in_workers(ds: CellDataset) -> None:
     ref = list(CellDataLoader(ds, batch_size=40, num_workers=0, seed=4))
     got = list(CellDataLoader(ds, batch_size=40, num_workers=1, seed=4, transform=lambda b: b.values.sum()))
     assert [float(g) for g in got] == pytest.approx([float(r.values.sum()) for r in ref])
+
+
+def _plus_one_in_place(b: CSRBatch) -> CSRBatch:
+    b.values.add_(1)  # through the copy-on-write map: the worker's pages, never the file
+    return b
+
+
+@pytest.mark.parametrize("transform", [lambda b: b, _plus_one_in_place, lambda b: (b.values[:5], b.indices, b.cell_ids)])
+def test_transform_outputs_viewing_the_map_cross_as_references(ds: CellDataset, transform: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmodified views of the map a worker's transform returns are sent as references and
+    viewed in the loader's own map; written ones are copied (the file's bytes differ)."""
+    monkeypatch.setattr(transport, "_MIN_REF", 1)  # this dataset's batches are small (forked workers inherit it)
+    kw: dict[str, Any] = {"batch_size": 40, "seed": 4, "drop_last": False}
+    ref = [_clone(transform(b)) for b in CellDataLoader(ds, num_workers=0, **kw)]
+    ds.store.close()  # the in-process run wrote through its map: map afresh for what follows
+    loader = _Counting(ds, num_workers=2, transform=transform, **kw)
+    assert loader.worker_type == "process"
+    got = [_clone(b) for b in loader]
+    assert all(_equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert len(got) == len(ref)
+    assert loader.counts["Slotted"] >= len(ref) - 4
+    contiguous = 0
+    for out in CellDataLoader(ds, num_workers=1, transform=transform, **kw):
+        values, ids = (out.values, out.cell_ids) if isinstance(out, CSRBatch) else (out[0], out[2])
+        if ds.shard_of_range(int(ids[0]), int(ids[-1]) + 1) >= 0 and len(ids) == int(ids[-1] - ids[0]) + 1:
+            contiguous += 1  # a view of the map in the worker (gathers are built in the slot)
+            assert (ds.store.map_ref(values) is not None) == (transform is not _plus_one_in_place)
+    assert contiguous > 10
+
+
+def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
+    """Threads for csr gathers of a dataset directory, processes for everything else."""
+    assert CellDataLoader(ds, num_workers=2).worker_type == "thread"
+    assert CellDataLoader(ds, num_workers=2, output="padded", max_genes=8).worker_type == "process"
+    assert CellDataLoader(ds, num_workers=2, transform=lambda b: b).worker_type == "process"
+    assert CellDataLoader(CellDataset(loader_dataset, preprocessing=lambda b: b), num_workers=2).worker_type == "process"
+    assert CellDataLoader(ds, num_workers=2, worker_type="process").worker_type == "process"
 
 
 @pytest.mark.parametrize("output", ["csr", "padded", "binned"])

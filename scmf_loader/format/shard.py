@@ -7,8 +7,8 @@ Everything that knows where a shard keeps what lives here, reader and writer sid
 - the shard's manifest entry (:class:`ShardEntry`, :class:`ArrayEntry`, :class:`OtherFiles`);
 - the reader: :func:`map_csr` maps the raw chunk files copy-on-write, :func:`read_x_metadata`
   reads the zarr metadata, ``read_obs_*`` read the obs columns;
-- the writer: :func:`write_shard_files` writes a complete shard group (``X`` ourselves, obs and
-  var through anndata, imported lazily) and :func:`shard_entry` describes what was written.
+- the writer lives next door, in :mod:`scmf_loader.format.writer` (a complete shard group:
+  ``X`` ourselves, obs and var through anndata; and the manifest entry of what was written).
 
 ``docs/format.md`` section 3 is the prose spec of this layout.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,15 +28,14 @@ import numpy as np
 from scmf_loader.errors import ManifestError, ShardCorruptError, ShardNotFoundError, ShardSizeError
 from scmf_loader.format._common import (
     CHECKSUM_ALGORITHMS,
-    buffer_checksum,
     check_relpath,
     nonneg,
     req,
     sha256_file,
 )
+from scmf_loader.format._plain import read_plain_array
 
 __all__ = [
-    "ARRAY_CHECKSUM",
     "ARRAY_NAMES",
     "INDEX_DTYPE",
     "INDPTR_DTYPE",
@@ -47,10 +46,8 @@ __all__ = [
     "OtherFiles",
     "ShardArrays",
     "ShardEntry",
-    "array_checksum",
     "array_dtypes",
     "array_nbytes",
-    "csr_arrays",
     "map_csr",
     "other_files_digest",
     "read_obs_codes",
@@ -58,9 +55,7 @@ __all__ = [
     "read_obs_values",
     "read_x_metadata",
     "shard_array_relpath",
-    "shard_entry",
     "shard_relpath",
-    "write_shard_files",
 ]
 
 SHARDS_DIR = "shards"
@@ -282,8 +277,14 @@ def read_x_metadata(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
-def _read_obs_member(shard_dir: Path, get: Callable[[Any], Any], what: str) -> np.ndarray:
-    import zarr  # imported lazily: only obs reads need it
+def _read_obs_member(shard_dir: Path, get: Callable[[Any], Any], what: str, plain: str | None = None) -> np.ndarray:
+    """An obs member: ``plain`` (its path under ``obs``) read without zarr where
+    :func:`read_plain_array` can, else ``get(obs group)`` through zarr."""
+    if plain is not None:
+        found = read_plain_array(shard_dir / "obs" / plain)
+        if found is not None:
+            return found
+    import zarr  # imported lazily: only obs reads zarr-free code cannot do need it
 
     try:
         group = zarr.open_group(str(shard_dir), mode="r")
@@ -300,12 +301,13 @@ def _read_obs_member(shard_dir: Path, get: Callable[[Any], Any], what: str) -> n
 
 def read_obs_codes(shard_dir: str | os.PathLike[str], column: str) -> np.ndarray:
     """The categorical codes of obs ``column`` (``obs/<column>/codes``), stored dtype."""
-    return _read_obs_member(Path(shard_dir), lambda obs: obs[column]["codes"][...], f"column {column!r}")
+    return _read_obs_member(Path(shard_dir), lambda obs: obs[column]["codes"][...], f"column {column!r}",
+                            f"{column}/codes")
 
 
 def read_obs_values(shard_dir: str | os.PathLike[str], name: str) -> np.ndarray:
     """The numeric obs column ``name`` (``obs/<name>``), e.g. a per-cell statistic."""
-    return _read_obs_member(Path(shard_dir), lambda obs: obs[name][...], f"column {name!r}")
+    return _read_obs_member(Path(shard_dir), lambda obs: obs[name][...], f"column {name!r}", name)
 
 
 def read_obs_index(shard_dir: str | os.PathLike[str]) -> np.ndarray:
@@ -313,172 +315,3 @@ def read_obs_index(shard_dir: str | os.PathLike[str]) -> np.ndarray:
     return _read_obs_member(
         Path(shard_dir), lambda obs: obs[obs.attrs.get("_index", OBS_INDEX_DEFAULT)][...], "index"
     )
-
-
-# ---- writer ----------------------------------------------------------------------------------
-def _little_endian(values: np.ndarray, dtype: Any = None) -> np.ndarray:
-    values = np.ascontiguousarray(values, dtype=dtype)
-    if values.dtype.byteorder == ">" or (values.dtype.byteorder == "=" and not np.little_endian):
-        values = values.astype(values.dtype.newbyteorder("<"))
-    return values
-
-
-def csr_arrays(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> ShardArrays:
-    """The three CSR arrays as the format stores them: ``indptr`` int64, ``indices`` int32,
-    ``data`` as given; contiguous and little-endian (the bytes of the chunk files)."""
-    return ShardArrays(indptr=_little_endian(indptr, INDPTR_DTYPE),
-                       indices=_little_endian(indices, INDEX_DTYPE), data=_little_endian(data))
-
-
-def _write_raw_array(group: Any, root: Path, name: str, values: np.ndarray) -> None:
-    """Create a one-chunk, uncompressed zarr v3 array and write its chunk file directly.
-
-    The chunk file of such an array is exactly the array's little-endian bytes (the format's
-    ``raw`` layout); writing it ourselves avoids zarr's codec pipeline, which was ~6x slower
-    than a plain file write for large arrays."""
-    values = _little_endian(values)
-    group.create_array(
-        name,
-        shape=values.shape,
-        dtype=values.dtype,
-        chunks=values.shape if values.size else (1,),
-        compressors=None,
-        filters=None,
-        fill_value=0,
-    )
-    if values.size:
-        chunk = root / shard_array_relpath(name)
-        chunk.parent.mkdir(parents=True, exist_ok=True)
-        with open(chunk, "wb") as f:
-            f.write(memoryview(values).cast("B"))
-
-
-def _write_x(store: Any, root: Path, arrays: ShardArrays, n_genes: int) -> None:
-    """The ``X`` group: encoding attributes and the three raw CSR arrays."""
-    g = store.create_group("X")
-    g.attrs.update({**X_ENCODING, "shape": [len(arrays.indptr) - 1, n_genes]})
-    _write_raw_array(g, root, "data", arrays.data)
-    _write_raw_array(g, root, "indices", arrays.indices)
-    _write_raw_array(g, root, "indptr", arrays.indptr)
-
-
-def _obs_frame(cell_ids: np.ndarray, obs_codes: Mapping[str, np.ndarray],
-               obs_categories: Mapping[str, Sequence[str]],
-               numeric_obs: Mapping[str, np.ndarray] | None) -> Any:
-    """obs as a pandas DataFrame: the cell ids as index, one categorical per kept column
-    (codes index the dataset-wide categories), one float column per cell statistic."""
-    import pandas as pd
-
-    obs = pd.DataFrame(
-        {
-            name: pd.Categorical.from_codes(np.asarray(codes), categories=list(obs_categories[name]))
-            for name, codes in obs_codes.items()
-        },
-        index=pd.Index(np.asarray(cell_ids, dtype=object).astype(str), name=None),
-    )
-    for name, values in (numeric_obs or {}).items():
-        obs[name] = np.asarray(values)
-    return obs
-
-
-@dataclass(frozen=True)
-class ShardContent:
-    """Everything one shard holds, as the writer takes it: the CSR arrays (rows are cells,
-    ``indices`` vocabulary ids), the vocabulary size and tokens (``var_names``), the
-    original cell ids, categorical obs (codes and categories per column), numeric per-cell
-    columns (``numeric_obs``, e.g. ``library_size``) and numeric per-gene columns
-    (``var_columns``, one value per token, e.g. ``nonzero_median``)."""
-
-    data: np.ndarray
-    indices: np.ndarray
-    indptr: np.ndarray
-    n_genes: int
-    cell_ids: np.ndarray
-    obs_codes: Mapping[str, np.ndarray]
-    obs_categories: Mapping[str, Sequence[str]]
-    var_names: Sequence[str]
-    numeric_obs: Mapping[str, np.ndarray] | None = None
-    var_columns: Mapping[str, np.ndarray] | None = None
-
-
-def write_shard_files(
-    path: str | os.PathLike[str],
-    arrays: ShardArrays,
-    content: ShardContent,
-    after_x: Callable[[], None] | None = None,
-) -> None:
-    """Write one complete shard group at ``path`` (which must not exist; callers write to a
-    temporary name and rename). ``X`` is written by us as raw chunks inside anndata's
-    ``write_dispatched`` so obs and var are anndata's own encoding; ``after_x`` is called
-    once ``X`` is on disk. ``arrays`` come from :func:`csr_arrays`."""
-    import warnings
-
-    import anndata as ad
-    import scipy.sparse as sp
-    import zarr
-    from anndata.experimental import write_dispatched
-
-    root = Path(path)
-    n_cells = len(arrays.indptr) - 1
-    n_genes = content.n_genes
-    obs = _obs_frame(content.cell_ids, content.obs_codes, content.obs_categories, content.numeric_obs)
-    placeholder = sp.csr_matrix((n_cells, n_genes), dtype=arrays.data.dtype)
-    var = _var_frame(content.var_names)
-    for name, values in (content.var_columns or {}).items():
-        var[name] = np.asarray(values)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not unique.*")
-        adata = ad.AnnData(X=placeholder, obs=obs, var=var)
-
-    def callback(func: Any, store: Any, elem_name: str, elem: Any, *, iospec: Any, dataset_kwargs: Any) -> None:
-        if elem_name in ("/X", "X") and store.path in ("", "/"):
-            _write_x(store, root, arrays, n_genes)
-            if after_x is not None:
-                after_x()
-            return
-        # no sharding codec for obs/var (what anndata would otherwise warn about, per thread)
-        func(store, elem_name, elem, dataset_kwargs={**dataset_kwargs, "shards": None})
-
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        group = zarr.open_group(str(root), mode="w", zarr_format=3)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning)
-            write_dispatched(group, "/", adata, callback=callback)
-
-
-def _var_frame(names: Sequence[str]) -> Any:
-    """var as a pandas DataFrame: the vocabulary tokens as index, no columns."""
-    import pandas as pd
-
-    return pd.DataFrame(index=pd.Index(list(names)))
-
-
-#: the checksum the writer records for each CSR array (format v2)
-ARRAY_CHECKSUM = "xxh3_128"
-
-
-def array_checksum(a: np.ndarray, algorithm: str = ARRAY_CHECKSUM) -> str:
-    """Hex digest of an in-memory array's bytes (what its raw chunk file holds)."""
-    return buffer_checksum(memoryview(np.ascontiguousarray(a)).cast("B"), algorithm)
-
-
-def shard_entry(path: str | os.PathLike[str], relpath: str, arrays: ShardArrays,
-                checksums: Mapping[str, str] | None = None) -> ShardEntry:
-    """The manifest entry of the shard just written at ``path`` from ``arrays``: byte counts
-    and :data:`ARRAY_CHECKSUM` digests of the in-memory arrays (no re-read; ``checksums``:
-    digests already computed while the bytes were in cache, by array name), each checked
-    against the file's size on disk, and the digest of every other file. ``relpath`` is its
-    path in the dataset."""
-    root = Path(path)
-    entries = {}
-    for name in ARRAY_NAMES:
-        values = getattr(arrays, name)
-        rel = shard_array_relpath(name)
-        on_disk = (root / rel).stat().st_size if values.size else 0
-        if on_disk != values.nbytes:
-            raise ShardSizeError(f"{root / rel}: wrote {on_disk} bytes, expected {values.nbytes}")
-        digest = (checksums or {}).get(name) or array_checksum(values)
-        entries[name] = ArrayEntry(path=rel, nbytes=int(values.nbytes), dtype=str(values.dtype),
-                                   **{ARRAY_CHECKSUM: digest})
-    return ShardEntry(path=relpath, n_cells=len(arrays.indptr) - 1, nnz=int(arrays.indptr[-1]),
-                      arrays=entries, other_files=other_files_digest(root))
