@@ -178,23 +178,33 @@ def _histogram(indices, data, n_genes, kind):  # noqa: ANN001, ANN202  # pragma:
 
 @njit(cache=True, nogil=True)
 def _small_counts(indices, data, table):  # noqa: ANN001, ANN202  # pragma: no cover - compiled
-    """Integer values ``1 <= v < width`` counted in ``table[gene, v]`` (one pass, no grouping);
-    returns how many other non-zeros there are, or -1 at the first value that is not an
-    integer below 2**53 (the table is then incomplete)."""
-    width = table.shape[1]
+    """Integer values ``1 <= v < width`` counted in ``table[v, gene]`` (one pass, no grouping;
+    value-major, so the few planes of small counts stay in cache as a row's genes ascend).
+    Returns ``(rest, nnz)``: how many other non-zeros there are (-1 at the first value that is
+    not an integer below 2**53: the table is then incomplete) and how many non-zeros (-1 at
+    the first gene id outside the table)."""
+    width = table.shape[0]
+    n_genes = table.shape[1]
     rest = 0
+    nnz = 0
     for i in range(data.size):
         v = data[i]
+        if v == 0:
+            continue
+        g = indices[i]
+        if g < 0 or g >= n_genes:
+            return rest, -1
+        nnz += 1
         if v > 0 and v < width:
             k = np.int64(v)
             if k != v:
-                return -1
-            table[indices[i], k] += 1
-        elif v != 0:
-            if v != np.floor(v) or abs(np.float64(v)) >= _EXACT_INT_MAX:
-                return -1
+                return -1, nnz
+            table[k, g] += 1
+        elif v != np.floor(v) or abs(np.float64(v)) >= _EXACT_INT_MAX:
+            return -1, nnz
+        else:
             rest += 1
-    return rest
+    return rest, nnz
 
 
 @njit(cache=True, nogil=True)
@@ -211,21 +221,24 @@ def _large_values(indices, data, width, n_rest):  # noqa: ANN001, ANN202  # prag
     return out_i, out_d
 
 
-def _int_histogram(indices: np.ndarray, data: np.ndarray, n_genes: int) -> tuple[np.ndarray, ...] | None:
-    """:func:`_histogram` of integer values, small counts through a dense table; None when
-    some value is not an integer."""
-    table = np.zeros((n_genes, _SMALL), dtype=np.int32 if data.size < 2**31 else np.int64)
-    n_rest = _small_counts(indices, data, table)
+def _int_histogram(indices: np.ndarray, data: np.ndarray, n_genes: int) -> tuple[int, tuple[np.ndarray, ...]] | None:
+    """The number of non-zeros and :func:`_histogram` of integer values, small counts through
+    a dense table; None when some value is not an integer."""
+    table = np.zeros((_SMALL, n_genes), dtype=np.int32 if data.size < 2**31 else np.int64)
+    n_rest, nnz = _small_counts(indices, data, table)
+    if nnz < 0:
+        raise InvalidInputError(f"gene ids outside [0, {n_genes})")
     if n_rest < 0:
         return None
+    table = np.ascontiguousarray(table.T)  # (gene, value)
     genes, values = np.nonzero(table)  # row-major: by gene, then value
     ptr = np.zeros(n_genes + 1, dtype=np.int64)
     np.cumsum(np.bincount(genes, minlength=n_genes), out=ptr[1:])
     small = (ptr, values.astype(np.float64), table[genes, values].astype(np.int64))
     if n_rest == 0:
-        return small
+        return nnz, small
     rest = _histogram(*_large_values(indices, data, _SMALL, n_rest), n_genes, _INT)
-    return _merge(*small, *rest)
+    return nnz, _merge(*small, *rest)
 
 
 @njit(cache=True, nogil=True)
@@ -408,12 +421,12 @@ def chunk_histogram(indices: np.ndarray, data: np.ndarray, n_genes: int,
         raise InvalidInputError(f"indices {indices.shape} and data {data.shape} differ in shape")
     if data.dtype.kind not in "iuf":
         raise InvalidInputError(f"values of dtype {data.dtype} have no median")
+    exact = _int_histogram(indices, data, int(n_genes))  # counts: one pass, no grouping
+    if exact is not None:
+        return NonzeroHistogram("int", exact[0], *exact[1])
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_genes):
         raise InvalidInputError(f"gene ids outside [0, {n_genes})")
     nnz = int(np.count_nonzero(data))
-    exact = _int_histogram(indices, data, int(n_genes))  # counts: one pass, no grouping
-    if exact is not None:
-        return NonzeroHistogram("int", nnz, *exact)
     kind = "float" if nnz <= exact_limit else "bin"
     ptr, keys, counts = _histogram(indices, data, int(n_genes), KINDS.index(kind))
     return NonzeroHistogram(kind, nnz, ptr, keys, counts)
