@@ -1,5 +1,6 @@
 """The converter's hot loops, compiled with numba: aligning CSR rows to the vocabulary
-(:func:`align_csr`) and copying row segments into a shard (:func:`copy_rows`).
+(:func:`align_csr`), copying row segments into a shard (:func:`copy_rows`) and filling a
+block buffer with a shard's rows, one block at a time (:func:`fill_rows`).
 
 For every row the kept entries (column in the vocabulary, value non-zero) are renumbered to
 vocabulary ids and sorted by a per-row LSD radix sort (8-bit digits, two passes for
@@ -10,13 +11,15 @@ row (its sum over *all* source genes) comes from the same pass.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit
 
 from scmf_loader.errors import InvalidInputError
 from scmf_shards.scratch import scratch
 
-__all__ = ["align_csr", "copy_rows"]
+__all__ = ["align_csr", "copy_rows", "fill_rows", "value_range"]
 
 _INSERTION_MAX = 32  # rows this short are insertion-sorted
 
@@ -181,3 +184,57 @@ def copy_rows(
     ):
         raise InvalidInputError("copy_rows: a row segment lies outside its source or destination array")
     _copy_rows(src_data, src_indices, starts, stops, dest, out_data, out_indices)
+
+
+@njit(cache=True, nogil=True)
+def _fill_rows(sources, piece, start, length, row, buf):  # pragma: no cover - compiled
+    n = piece.size
+    w = 0
+    while row < n:
+        m = length[row]
+        if w + m > buf.size:
+            break
+        src = sources[piece[row]]
+        a = start[row]
+        for j in range(m):
+            buf[w + j] = src[a + j]
+        w += m
+        row += 1
+    return row, w
+
+
+def fill_rows(sources: Any, piece: np.ndarray, start: np.ndarray, length: np.ndarray, row: int,
+              buf: np.ndarray) -> tuple[int, int]:
+    """Copy rows ``row, row + 1, ...`` (row ``k``: items ``[start[k], start[k] + length[k])``
+    of ``sources[piece[k]]``, a numba typed list of 1-d arrays of ``buf``'s dtype) into ``buf``
+    back to back, as many whole rows as fit. Returns ``(next row, items written)``; ``buf``
+    must hold the longest row: a call that writes nothing before the last row raises."""
+    nxt, w = _fill_rows(sources, piece, start, length, row, buf)
+    if w == 0 and nxt < piece.size and length[nxt] > 0:
+        raise InvalidInputError(f"fill_rows: a row of {int(length[nxt])} items does not fit a buffer of {buf.size}")
+    return nxt, w
+
+
+@njit(cache=True, nogil=True)
+def _value_range(data):  # pragma: no cover - compiled
+    lo = data[0]
+    hi = data[0]
+    finite = True
+    for i in range(data.size):
+        v = data[i]
+        finite &= np.isfinite(v)
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return finite, lo, hi
+
+
+def value_range(data: np.ndarray) -> tuple[bool, Any, Any]:
+    """``(every value finite, min, max)`` of a non-empty 1-d array in one pass (the min and
+    max of a float array holding NaN are unspecified: check ``finite`` first)."""
+    if data.size == 0:
+        raise InvalidInputError("value_range: empty array")
+    data = np.ascontiguousarray(data).ravel()
+    if data.dtype.kind != "f":
+        return True, data.min(), data.max()
+    finite, lo, hi = _value_range(data)
+    return bool(finite), lo, hi

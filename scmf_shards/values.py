@@ -1,4 +1,5 @@
-"""Checks of input values against what a conversion will store (pure numpy).
+"""Checks of input values against what a conversion will store (numpy, and one compiled
+pass for the range: :func:`scmf_shards.kernels.value_range`).
 
 Nothing is silently coerced: NaN/inf, negative values (unless the user states the data is
 already normalised and asks for no log1p), values a chosen integer ``--dtype`` cannot hold
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from scmf_loader.errors import InvalidInputError
+from scmf_shards.kernels import value_range
 
 __all__ = ["check_values"]
 
@@ -28,9 +30,10 @@ def check_values(data: np.ndarray, target: str | np.dtype, where: str, allow_neg
     if data.size == 0:
         return
     is_float = data.dtype.kind == "f"
-    if is_float and not np.isfinite(data).all():
+    finite, lo, hi = value_range(data)  # one compiled pass
+    if not finite:
         raise InvalidInputError(f"{where} hold NaN or infinite values")
-    lo, hi = data.min().item(), data.max().item()  # Python scalars: exact comparisons
+    lo, hi = data.dtype.type(lo).item(), data.dtype.type(hi).item()  # Python scalars: exact comparisons
     if lo < 0 and not allow_negative:
         raise InvalidInputError(
             f"{where} hold negative values (min {lo}); raw counts cannot be negative. For data "
