@@ -67,27 +67,42 @@ def _stats(n: int, times: list[float]) -> dict[str, Any]:
     return {"best": n / min(times), "median": n / statistics.median(times), "seconds": times}
 
 
-WORKERS = ("0", "1", "2", "t1", "t2")  # "tN": N worker threads (worker_type="thread")
+#: "N": N workers of the default worker_type ("auto"); "pN" / "tN": N worker processes /
+#: threads, measured only where the default is the other kind
+WORKERS = ("0", "1", "2", "p1", "p2", "t1", "t2")
+_KINDS = {"p": "process", "t": "thread"}
+
+
+def _loaders(ds: Any, name: str, workers: tuple[str, ...], transform: Any) -> dict[str, Any]:
+    from scmf_loader import CellDataLoader
+
+    out: dict[str, Any] = {}
+    for w in workers:
+        kind = _KINDS.get(w[0], "auto")
+        ld = CellDataLoader(ds, batch_size=BATCH, num_workers=int(w.lstrip("pt")), drop_last=False,
+                            transform=transform, worker_type=kind, **OUTPUTS[name])
+        if kind == "auto" or out.get(w[1:]) is None or out[w[1:]].worker_type != kind:
+            out[w] = ld
+    return out
 
 
 def bench_workers(path: Path, reps: int, outputs: list[str], workers: tuple[str, ...] = WORKERS,
                   transform: Any = None) -> dict[str, Any]:
     """cells/s per output and worker setting; repetitions interleaved across the settings."""
-    from scmf_loader import CellDataLoader, CellDataset
+    from scmf_loader import CellDataset
 
     ds = CellDataset(path)
     out: dict[str, Any] = {}
     for name in outputs:
-        loaders = {w: CellDataLoader(ds, batch_size=BATCH, num_workers=int(w.lstrip("t")), drop_last=False,
-                                     transform=transform, worker_type="thread" if w[0] == "t" else "process",
-                                     **OUTPUTS[name]) for w in workers}
+        loaders = _loaders(ds, name, workers, transform)
+        kinds = {w: ld.worker_type for w, ld in loaders.items()}
         for ld in loaders.values():
             epoch(ld)  # worker start-up and first touches out of the way
-        times: dict[str, list[float]] = {w: [] for w in workers}
+        times: dict[str, list[float]] = {w: [] for w in loaders}
         for _ in range(reps * (3 if name.startswith("csr") else 1)):  # cheap epochs: more of them
             for w, ld in loaders.items():
                 times[w].append(epoch(ld)[0])
-        out[name] = {w: _stats(len(ds), t) for w, t in times.items()}
+        out[name] = {w: {**_stats(len(ds), t), "worker_type": kinds[w]} for w, t in times.items()}
         del loaders
         print(name, {w: f"{v['best']:,.0f}" for w, v in out[name].items()}, flush=True)
     return out
@@ -250,10 +265,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
     series += [(f"csr + 3 ms {name}", per["transform"]) for name, per in res.get("transform", {}).items()]
     for i, (name, per) in enumerate(series):
         color = f"C{i}"
-        for kind, style, ws in (("processes", "o-", ("0", "1", "2")), ("threads", "s--", ("0", "t1", "t2"))):
+        kinds = (("default", "o-", ("0", "1", "2")), ("processes", "^:", ("0", "p1", "p2")),
+                 ("threads", "s--", ("0", "t1", "t2")))
+        for kind, style, ws in kinds:
             ws = [w for w in ws if w in per]
-            ax.plot([int(w.lstrip("t")) for w in ws], [per[w]["best"] for w in ws], style, color=color,
-                    label=f"{name} ({kind})")
+            if len(ws) > 1:
+                ax.plot([int(w.lstrip("pt")) for w in ws], [per[w]["best"] for w in ws], style, color=color,
+                        label=f"{name} ({kind}: {per['1'].get('worker_type', 'process')})" if kind == "default"
+                        else f"{name} ({kind})")
     ax.set_xlabel("num_workers")
     ax.set_xticks([0, 1, 2])
     ax.set_ylabel("cells/s (best of reps, wall time)")
@@ -278,19 +297,18 @@ def markdown(res: dict[str, Any]) -> str:
              f"{tuple(round(x, 1) for x in m.get('load_average_at_end', ()))}.", ""]
     if "workers" in res:
         ws = list(WORKERS)
-        lines += ["cells/s, wall time, best (median) of the repetitions; `N` = N worker processes, `tN` = N worker "
-                  "threads (`worker_type=\"thread\"`):", "",
-                  "| output | " + " | ".join(ws) + " | 1 / 0 | 2 / 0 | t1 / 0 | t2 / 0 |",
-                  "| --- |" + " ---: |" * (len(ws) + 4)]
-        for name, per in res["workers"].items():
+        lines += ["cells/s, wall time, best (median) of the repetitions; `N` = N workers of the default "
+                  "`worker_type=\"auto\"` (its choice in the `default` column), `pN` / `tN` = N worker "
+                  "processes / threads, measured where the default is the other kind; ratios of best to `0`:", "",
+                  "| output | default | " + " | ".join(ws) + " | " + " | ".join(f"{w} / 0" for w in ws[1:]) + " |",
+                  "| --- | --- |" + " ---: |" * (2 * len(ws) - 1)]
+        rows = [(name, per) for name, per in res["workers"].items()]
+        rows += [(f"csr + 3 ms transform, {name}", per["transform"]) for name, per in res.get("transform", {}).items()]
+        for name, per in rows:
+            kind = per.get("1", {}).get("worker_type", "process")
             cells = [f"{_k(per[w]['best'])} ({_k(per[w]['median'])})" if w in per else "" for w in ws]
-            r = [f"{per[w]['best'] / per['0']['best']:.2f}" if w in per else "" for w in ("1", "2", "t1", "t2")]
-            lines.append(f"| {name} | " + " | ".join(cells + r) + " |")
-        for name, per in res.get("transform", {}).items():
-            t = per["transform"]
-            cells = [f"{_k(t[w]['best'])} ({_k(t[w]['median'])})" if w in t else "" for w in ws]
-            r = [f"{t[w]['best'] / t['0']['best']:.2f}" if w in t else "" for w in ("1", "2", "t1", "t2")]
-            lines.append(f"| csr + 3 ms transform, {name} | " + " | ".join(cells + r) + " |")
+            r = [f"{per[w]['best'] / per['0']['best']:.2f}" if w in per else "" for w in ws[1:]]
+            lines.append(f"| {name} | {kind} | " + " | ".join(cells + r) + " |")
         lines.append("")
     if "memory" in res:
         lines += ["| 2 worker processes | peak Pss_Anon MB (tree) | peak Pss_Shmem MB (slots) | RssAnon sum MB |",
@@ -333,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cold-reps", type=int, default=1, help="each drops the page cache 3 times (machine-wide)")
     p.add_argument("--phases", default="workers,transform,memory,first,cold,preprocessing")
     p.add_argument("--outputs", default=",".join(OUTPUTS))
     p.add_argument("--child")
@@ -374,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         res["first"] = bench_first(a.raw, a.reps)
         save()
     if "cold" in phases:
-        res["cold"] = bench_cold(a.raw, max(1, a.reps - 1))
+        res["cold"] = bench_cold(a.raw, a.cold_reps)
         save()
     if "preprocessing" in phases:
         res["preprocessing"] = bench_preprocessing(a.raw, a.norm, a.reps)

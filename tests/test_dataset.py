@@ -220,3 +220,15 @@ def test_kept_gathered_batches_are_never_overwritten(ds: CellDataset, loader_ref
     for ids, b in kept:
         np.testing.assert_array_equal(b.to_dense().numpy(), _expected(ds, loader_reference, ids))
     assert all(torch.equal(padded[k], before[k]) for k in before)
+
+
+def test_obs_is_decoded_only_when_a_batch_asks(loader_dataset: Path, ds: CellDataset) -> None:
+    fresh = CellDataset(loader_dataset)
+    contiguous, gathered = fresh[np.arange(3, 40)], fresh[np.array([1500, 2, 7, 1400]) % len(fresh)]
+    assert fresh._blocks == {}  # nothing decoded while batches were cut
+    for got, ids in ((contiguous, np.arange(3, 40)), (gathered, np.array([1500, 2, 7, 1400]) % len(fresh))):
+        want = ds[ids]
+        assert got.obs.keys() == want.obs.keys()
+        assert all(torch.equal(got.obs[k], want.obs[k]) for k in want.obs)
+        assert all(torch.equal(got.stats[k], want.stats[k]) for k in want.stats)
+    assert fresh._blocks  # decoded once asked for

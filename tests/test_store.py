@@ -329,3 +329,44 @@ def test_the_vocabulary_is_checked_under_one_key_its_content_hash(copy: Path) ->
     with pytest.raises(ChecksumMismatchError, match="vocab.json: checksum mismatch: vocabulary hash"):
         open_dataset(copy)
     assert any("vocab.json: checksum mismatch" in p for p in verify_dataset(copy))
+
+
+# ---- zarr-free reads of numeric obs columns ---------------------------------------------------
+@pytest.mark.parametrize(("dtype", "chunks", "compressed"), [("int8", 7, True), ("<f8", 10, False),
+                                                             (">i4", 3, True), ("bool", 5, True)])
+def test_plain_reader_equals_zarr(tmp_path: Path, dtype: str, chunks: int, compressed: bool) -> None:
+    import zarr
+    from zarr.codecs import BytesCodec, ZstdCodec
+
+    from scmf_loader.format._plain import read_plain_array
+
+    values = np.random.default_rng(0).integers(-50, 50, 23).astype(dtype)
+    endian = "big" if dtype.startswith(">") else "little"
+    z = zarr.create_array(str(tmp_path / "a"), shape=(23,), chunks=(chunks,), dtype=values.dtype, fill_value=5,
+                          serializer=BytesCodec(endian=endian), compressors=[ZstdCodec()] if compressed else None)
+    z[...] = values
+    (tmp_path / "a" / "c" / "1").unlink(missing_ok=True)  # a missing chunk reads as the fill value
+    expected = zarr.open_array(str(tmp_path / "a"), mode="r")[...]
+    got = read_plain_array(tmp_path / "a")
+    assert got is not None
+    assert got.dtype == expected.dtype.newbyteorder("=")
+    np.testing.assert_array_equal(got, expected)
+    assert got[chunks] == np.array(5).astype(got.dtype)
+
+
+def test_plain_reader_leaves_the_rest_to_zarr(tmp_path: Path, loader_dataset: Path) -> None:
+    import zarr
+
+    from scmf_loader.format._plain import read_plain_array
+
+    shard = loader_dataset / "shards" / "000000.zarr"
+    assert read_plain_array(shard / "obs" / "_index") is None  # strings
+    zarr.create_array(str(tmp_path / "m"), shape=(4, 3), chunks=(2, 3), dtype="int32")[...] = 1
+    assert read_plain_array(tmp_path / "m") is None  # two dimensions
+    assert read_plain_array(tmp_path / "missing") is None
+    f = tmp_path / "trunc"
+    zarr.create_array(str(f), shape=(8,), chunks=(8,), dtype="int32", compressors=None)[...] = 3
+    (f / "c" / "0").write_bytes(b"\0" * 5)  # not a whole chunk: zarr reports it
+    assert read_plain_array(f) is None
+    codes = zarr.open_group(str(shard), mode="r")["obs"]["cell_type"]["codes"][...]
+    np.testing.assert_array_equal(read_plain_array(shard / "obs" / "cell_type" / "codes"), codes)
