@@ -83,7 +83,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("shuffle", "common", "Global seeded shuffle", kind="bool"),
     Option("seed", "common", "Shuffle seed", kind="int", min=0),
     Option("dtype", "common", "Stored value dtype", kind="choice", choices=VALUE_DTYPES),
-    Option("workers", "common", "Local worker processes (dask) [1: in-process].", kind="int", min=1,
+    Option("workers", "common", "Threads converting at once in this process (reading, aligning and "
+           "writing shards) [the cores this process may use, at most 4].", kind="int", min=1,
            yaml=("num_shards_workers",)),
     Option("scheduler", "common", "Address of a dask.distributed scheduler."),
     Option("scratch_dir", "common", "Where the shuffle's temporary buckets go (fast local disk, /dev/shm) "
@@ -174,6 +175,16 @@ def options_in(*groups: str) -> tuple[Option, ...]:
     return tuple(o for o in OPTIONS if o.group in groups)
 
 
+def default_workers() -> int:
+    """The default ``workers``: the cores this process may run on, at most 4 (the converter's
+    threads overlap reading, aligning and writing; beyond a few, the disk is the limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConvertOptions:
     """Everything that controls a conversion (see :data:`OPTIONS` for each option's meaning).
@@ -203,7 +214,7 @@ class ConvertOptions:
     shuffle: bool = True
     seed: int = 0
     dtype: str = "float32"
-    workers: int = 1
+    workers: int | None = None  # None: default_workers()
     scheduler: str | None = None
     scratch_dir: str | None = None
     memory_limit: str | int | None = None
@@ -226,6 +237,8 @@ class ConvertOptions:
             raise ScmfError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.chunk_size < 1:
             raise ScmfError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.workers is None:
+            object.__setattr__(self, "workers", default_workers())
         if self.workers < 1:
             raise ScmfError(f"workers must be >= 1, got {self.workers}")
         if self.dtype not in VALUE_DTYPES:

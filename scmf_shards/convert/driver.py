@@ -13,9 +13,12 @@ gather tasks read them there: one write of the data instead of two, the same byt
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -168,6 +171,18 @@ def _categories(sources: Sequence[Any], names: list[str], columns: Sequence[str]
     return categories
 
 
+@contextlib.contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """Everything allocated before the conversion (imported modules: millions of objects)
+    moved out of the cyclic garbage collector's sight while it runs: its full collections,
+    triggered by the conversion's own allocations, took ~5% of the CPU time."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def convert_sources(
     sources: Sequence[Any], output: str | os.PathLike[str], options: ConvertOptions,
     storage_options: dict[str, Any] | None = None,
@@ -193,9 +208,12 @@ def convert_sources(
                   for s in sources]
     check_preprocessing(options.preprocessing, sources, alignments)
     names = _source_names([s.path for s in sources])
-    categories = _categories(sources, names, options.obs_columns)
-    with TaskRunner(options.workers, options.scheduler, options.quiet) as runner:
-        fingerprints = runner.map(_fingerprint, list(sources), desc="checksum sources")
+    with TaskRunner(options.workers, options.scheduler, options.quiet) as runner, _gc_frozen(), \
+            ThreadPoolExecutor(1, thread_name_prefix="scmf-checksum") as background:
+        # the sources' checksums (a full read of each) run while this thread reads obs
+        pending = background.submit(runner.map, _fingerprint, list(sources), "checksum sources")
+        categories = _categories(sources, names, options.obs_columns)
+        fingerprints = pending.result()
         definition = {
             "sources": [{"name": n, **fp} for n, fp in zip(names, fingerprints, strict=True)],
             "vocab_sha256": vocab.sha256(),

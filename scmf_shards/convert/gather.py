@@ -19,16 +19,18 @@ import numpy as np
 
 from scmf_loader.errors import ScmfError
 from scmf_loader.format import ShardEntry, shard_relpath
+from scmf_loader.format._common import hasher
 from scmf_loader.format.integrity import shard_ok
+from scmf_loader.format.writer import ARRAY_CHECKSUM
 from scmf_loader.vocab import GeneVocab
 from scmf_shards import faults
 from scmf_shards.convert.workspace import Workspace, bucket_path
-from scmf_shards.kernels import copy_rows
+from scmf_shards.kernels import copy_rows, fill_rows
 from scmf_shards.medians import VAR_COLUMN, load_medians
 from scmf_shards.plan import shard_permutation
 from scmf_shards.scratch import release as scratch_release
 from scmf_shards.scratch import scratch
-from scmf_shards.write import ShardContent, attempt_name, write_shard
+from scmf_shards.write import ShardContent, StreamedArray, attempt_name, write_shard
 
 __all__ = ["CELL_STATS", "BucketPiece", "GatherTask", "reusable_shard", "run_gather"]
 
@@ -100,7 +102,10 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         return done
     pieces = collect_pieces(task, ws)
     perm = shard_permutation(sum(len(p.starts) for p in pieces), task.seed, task.shard, task.shuffle)
-    data, indices, indptr = _gather_csr(task, pieces, perm)
+    if pieces and all(p.held is not None for p in pieces):  # one pass: rows streamed to the files
+        data, indices, indptr = _streamed_csr(task, pieces, perm)
+    else:
+        data, indices, indptr = _gather_csr(task, pieces, perm)
     cells, codes, numeric = _gather_obs(task, pieces, perm)
     content = ShardContent(
         data=data, indices=indices, indptr=indptr, n_genes=task.n_genes, cell_ids=cells,
@@ -190,6 +195,44 @@ def _gather_csr(task: GatherTask, pieces: Sequence[BucketPiece],
                   data, indices)
         row += len(p.starts)
     return data, indices, indptr
+
+
+#: items per block of a streamed shard array (1 MiB of int32/float32: stays in cache between
+#: the gather that fills it, its checksum and the write that copies it to the page cache)
+STREAM_BLOCK = 1 << 18
+
+
+def _streamed_csr(task: GatherTask, pieces: Sequence[BucketPiece],
+                  perm: np.ndarray) -> tuple[StreamedArray, StreamedArray, np.ndarray]:
+    """The shard's CSR arrays from buckets held in memory, ``data`` and ``indices`` as
+    :class:`StreamedArray`: when the writer asks, the rows are copied in shard order into a
+    small block buffer, hashed and written, block by block (the same bytes as
+    :func:`_gather_csr`, without a shard-sized copy)."""
+    from numba.typed import List
+
+    starts = np.concatenate([p.starts for p in pieces])[perm]
+    length = (np.concatenate([p.stops for p in pieces])[perm] - starts).astype(np.int64)
+    piece = np.concatenate([np.full(len(p.starts), k, dtype=np.int64) for k, p in enumerate(pieces)])[perm]
+    indptr = np.zeros(len(starts) + 1, dtype=np.int64)
+    np.cumsum(length, out=indptr[1:])
+    block = max(STREAM_BLOCK, int(length.max(initial=0)))
+
+    def stream(name: str, dtype: np.dtype) -> StreamedArray:
+        def write(f: Any) -> str:
+            sources = List([np.asarray(getattr(p.held, name)) for p in pieces])
+            buf = scratch(f"gather.block.{name}", block, dtype)
+            h = hasher(ARRAY_CHECKSUM)
+            row = 0
+            while row < len(piece):
+                row, w = fill_rows(sources, piece, starts, length, row, buf)
+                view = memoryview(buf[:w]).cast("B")
+                h.update(view)
+                f.write(view)
+            return str(h.hexdigest())
+
+        return StreamedArray(np.dtype(dtype), int(indptr[-1]), write)
+
+    return stream("data", np.dtype(task.dtype)), stream("indices", np.dtype(np.int32)), indptr
 
 
 def _gather_obs(task: GatherTask, pieces: Sequence[BucketPiece], perm: np.ndarray

@@ -11,6 +11,8 @@ source's genes (:attr:`Source.genes`), in their stored order.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -107,17 +109,44 @@ def local_path(path: str) -> str:
 
 
 def _hash_stream(opener: Any, h: Any) -> int:
-    """Feed a file into ``h`` in 8 MiB pieces through one reused buffer; its size."""
+    """Feed a file into ``h`` in 8 MiB pieces; its size. A reader thread fills the next pieces
+    while this thread hashes the current one (both release the GIL), so a cold file costs
+    about its read time, not read time plus hash time."""
+    free: queue.Queue[bytearray] = queue.Queue()
+    full: queue.Queue[tuple[bytearray | None, int | BaseException]] = queue.Queue()
+    for _ in range(3):
+        free.put(bytearray(8 << 20))
+    stop = threading.Event()
+
+    def read(f: Any) -> None:
+        try:
+            while not stop.is_set():
+                buf = free.get()
+                n = f.readinto(buf)
+                full.put((buf, n))
+                if not n:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread
+            full.put((None, exc))
+
     size = 0
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
     with opener as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            size += n
-            h.update(view[:n])
+        reader = threading.Thread(target=read, args=(f,), name="scmf-fingerprint", daemon=True)
+        reader.start()
+        try:
+            while True:
+                buf, n = full.get()
+                if buf is None:
+                    raise n  # type: ignore[misc]
+                if not n:
+                    break
+                size += n  # type: ignore[operator]
+                h.update(memoryview(buf)[:n])
+                free.put(buf)
+        finally:
+            stop.set()
+            free.put(bytearray(0))  # wakes a reader waiting for a buffer
+            reader.join()
     return size
 
 
