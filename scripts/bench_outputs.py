@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON result path")
     p.add_argument("--workdir", default="/tmp/scmf-bench-loader", help="where data is generated (shared with bench_loader)")
+    p.add_argument("--dataset", help="an already converted raw dataset (instead of generating one)")
     p.add_argument("--cells", type=int, default=100_000)
     p.add_argument("--genes", type=int, default=20_000)
     p.add_argument("--nnz", type=int, default=2_000)
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not numba_available():
         raise SystemExit("numba is needed to compare the two backends: pip install numba")
-    ds = CellDataset(dataset_dir(Path(args.workdir), args.cells, args.genes, args.nnz))
+    ds_path = Path(args.dataset) if args.dataset else dataset_dir(Path(args.workdir), args.cells, args.genes, args.nnz)
+    ds = CellDataset(ds_path)
     loader = CellDataLoader(ds, batch_size=args.batch, num_workers=0, drop_last=False, shuffle=True, seed=0)
     batches = list(loader)  # zero-copy views of the maps: the epoch's reads happen in the tasks
     try:

@@ -179,6 +179,31 @@ def _check_medians(medians: Any, n_genes: int) -> np.ndarray:
     return np.ascontiguousarray(med, dtype=np.float32)
 
 
+_classes_cache: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+
+def _median_classes(med: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(class of each token's median, the distinct valid medians ascending)`` for the count
+    fast path of the rank kernel (each token's class is ``len(classes)`` when its median is
+    not a positive finite number); empty arrays when there are more than
+    ``_rankfast.MAX_CLASSES`` distinct medians. The last medians seen are remembered (the
+    loader passes the same array every batch; a changed array is recomputed)."""
+    for ref, cls_of, cmed in _classes_cache:
+        if ref.shape == med.shape and np.array_equal(ref, med, equal_nan=True):
+            return cls_of, cmed
+    from scmf_loader.outputs._rankfast import MAX_CLASSES
+
+    ok = (med > 0) & (med < np.inf)
+    cmed = np.unique(med[ok])
+    if len(cmed) > MAX_CLASSES or len(cmed) == 0:
+        cls_of, cmed = _EMPTY_MAP, np.zeros(0, np.float32)
+    else:
+        cls_of = np.full(len(med), len(cmed), dtype=np.int32)
+        cls_of[ok] = np.searchsorted(cmed, med[ok]).astype(np.int32)
+    _classes_cache[:] = [(med.copy(), cls_of, cmed.astype(np.float32))]
+    return _classes_cache[0][1], _classes_cache[0][2]
+
+
 def rank(indptr: Any, indices: Any, values: Any, n_genes: int, medians: Any, *, max_genes: int | None = None,
          add_cls: bool = True, divisors: Any = None, log1p: bool = False, genes: Any = None,
          backend: str | None = None) -> dict[str, np.ndarray]:
@@ -200,7 +225,8 @@ def rank(indptr: Any, indices: Any, values: Any, n_genes: int, medians: Any, *, 
         return vectorised.rank(ent, med, k, cls)
     k = b.width(max_genes, keep)
     gene, mask = _token_arrays(b.n, k + cls, None)
-    b.run(_compiled().rank, med, k, cls, gene, mask)
+    cls_of, cmed = _median_classes(med)
+    b.run(_compiled().rank, med, cls_of, cmed, k, cls, gene, mask)
     return {"gene_indices": gene, "attention_mask": mask}
 
 

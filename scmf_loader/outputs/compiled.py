@@ -28,6 +28,8 @@ from scmf_loader.outputs._fast import (
     transform_row,
     write_kept,
 )
+from scmf_loader.outputs._rankfast import rank_counts
+from scmf_loader.outputs._rankfast import scratch as rank_scratch
 from scmf_loader.outputs._sort import splitmix, stable_sort, threshold, value_keys
 
 BAD_INDPTR, BAD_INDEX = 1, 2
@@ -340,8 +342,9 @@ def _ratios(sg, sv, m, medians, f32) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, k, cls, gene, mask):  # noqa: ANN001, ANN201
-    """Rank-value tokens: genes by value / median descending (ties: lower gene id)."""
+def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, cls_of, cmed, k, cls, gene, mask):  # noqa: ANN001, ANN201
+    """Rank-value tokens: genes by value / median descending (ties: lower gene id). ``cls_of``
+    and ``cmed``: the medians' classes for :func:`_rankfast.rank_counts` (empty: not used)."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
@@ -356,9 +359,20 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, k, 
     med_ok = True
     for g in range(len(medians)):
         med_ok &= (medians[g] > 0) & (medians[g] < np.inf)
+    by_pairs = fast and len(cmed) > 0
+    sc = rank_scratch(longest if by_pairs else 0, len(cmed) if by_pairs else 0)
     for c in range(len(indptr) - 1):
         gr, mr = gene[c], mask[c]
-        if fast:
+        n = -2
+        if by_pairs:
+            s, e = indptr[c], indptr[c + 1]
+            d = div[c] if has_div else 1.0
+            n = rank_counts(indices, values, s, e, n_genes, cls_of, cmed, d, has_div, log1p, sc, k, cls, gr)
+            if n == -1:
+                return BAD_INDEX, _first_bad(indices, s, e, n_genes)
+        if n >= 0:
+            pass
+        elif fast:
             s, e = indptr[c], indptr[c + 1]
             if not genes_ok(indices, s, e, n_genes):
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
