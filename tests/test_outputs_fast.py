@@ -11,6 +11,7 @@ import torch
 
 from scmf_loader import outputs
 from scmf_loader.batch import CSRBatch
+from scmf_loader.errors import ConfigurationError, ScmfError
 from scmf_loader.preprocess import PreprocessingPipeline
 from scmf_loader.preprocess.transform import cell_divisors, transform_values
 
@@ -159,3 +160,56 @@ def test_batch_preprocessed_equals_apply_batch() -> None:
         assert got.indices is batch.indices
         assert torch.equal(got.indptr, ref.indptr)
         assert torch.equal(batch.values, torch.from_numpy(v))  # the input is untouched
+
+
+def test_threads_give_the_same_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cells cut into parts run on threads: every output bit for bit as one thread (random
+    truncation included: it hashes the batch's cell index), and errors name the batch's cell."""
+    from scmf_loader.outputs import _threads
+
+    monkeypatch.setattr(_threads, "MIN_PART_ENTRIES", 64)
+    ip, idx, v = _counts(11, n=60)
+    div = np.random.default_rng(12).uniform(0.3, 3, len(ip) - 1).astype(np.float32)
+    med = np.random.default_rng(13).choice([1.0, 2.0, 0.0, 3.0], G).astype(np.float32)
+    assert len(_threads.parts(ip, 3)) == 3
+    calls = {
+        "padded": lambda t: outputs.padded(ip, idx, v, G, max_genes=100, threads=t),
+        "padded_random": lambda t: outputs.padded(ip, idx, v, G, max_genes=100, truncation="random", seed=4, threads=t),
+        "padded_fused": lambda t: outputs.padded(ip, idx, v, G, max_genes=100, divisors=div, log1p=True, threads=t),
+        "rank": lambda t: outputs.rank(ip, idx, v, G, med, max_genes=100, threads=t),
+        "binned": lambda t: outputs.binned(ip, idx, v, G, max_genes=100, truncation="random", threads=t),
+        "dense": lambda t: {"x": outputs.dense(ip, idx, v, G, divisors=div, log1p=True, threads=t)},
+        "preprocess": lambda t: {"x": outputs.preprocess(ip, v, div, True, threads=t)},
+    }
+    for name, call in calls.items():
+        one = {k: a.copy() for k, a in call(1).items()}
+        for t in (2, 3):
+            _equal(call(t), one, f"{name} threads={t}")
+    bad = idx.copy()
+    bad[ip[50] + 1] = G  # a bad gene id in the last part
+    with pytest.raises(ScmfError, match=f"entry {ip[50] + 1} "):
+        outputs.padded(ip, bad, v, G, max_genes=100, threads=3)
+    bad_ip = ip.copy()
+    bad_ip[45] = bad_ip[44] - 1  # decreasing at cell 44
+    with pytest.raises(ScmfError, match="at cell 4[34]"):
+        outputs.padded(bad_ip, idx, v, G, max_genes=100, threads=3)
+    with pytest.raises(ConfigurationError, match="threads"):
+        outputs.padded(ip, idx, v, G, threads=0)
+
+
+def test_threads_default_to_one_off_the_main_thread() -> None:
+    import threading
+
+    from scmf_loader.outputs import _threads
+
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(_threads.resolve_threads(None)))
+    t.start()
+    t.join()
+    assert seen == [1]
+    assert _threads.resolve_threads(None) >= 1
+    outputs.set_threads(3)
+    try:
+        assert _threads.resolve_threads(None) == 3
+    finally:
+        outputs.set_threads(None)

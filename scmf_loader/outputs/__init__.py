@@ -41,6 +41,13 @@ bins use the preprocessed values.
 ``$SCMF_OUTPUT_BACKEND``). Malformed arrays (``indptr`` negative, decreasing or past the
 entries, gene ids outside ``[0, n_genes)``) raise :class:`~scmf_loader.errors.ScmfError`
 and are never read out of bounds.
+
+**Threads** (compiled backend): ``threads`` (every function; default: :func:`set_threads`,
+``$SCMF_OUTPUT_THREADS``, else ``min(2, CPUs)`` in the main thread of the main process and 1
+in loader workers and other threads) cuts a batch's cells into parts of about equal non-zeros
+that the ``nogil`` kernels run at once, each writing its own rows: the same arrays as one
+thread, bit for bit (random truncation hashes the batch's cell index). See
+:mod:`scmf_loader.outputs._threads`.
 """
 
 from __future__ import annotations
@@ -52,14 +59,17 @@ import numpy as np
 from scmf_loader import buffers
 from scmf_loader.errors import ConfigurationError, ScmfError
 from scmf_loader.outputs import _common as common
-from scmf_loader.outputs import vectorised
+from scmf_loader.outputs import _threads, vectorised
 from scmf_loader.outputs._common import BACKENDS, numba_available, resolve_backend
+from scmf_loader.outputs._threads import set_threads
 
-__all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "preprocess", "rank", "resolve_backend"]
+__all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "preprocess", "rank", "resolve_backend",
+           "set_threads"]
 
 _EMPTY_F64 = np.zeros(0, np.float64)
 _EMPTY_MAP = np.zeros(0, np.int32)
 _EMPTY_BITS = np.zeros(0, np.int32)
+_BAD_INDPTR = 1  # compiled.BAD_INDPTR (that module imports numba)
 
 
 class _Batch:
@@ -84,10 +94,6 @@ class _Batch:
         return vectorised.entries(self.indptr, self.indices, self.values, self.divisors, self.log1p, self.f32,
                                   self.colmap, keep)
 
-    def compiled_args(self) -> tuple[Any, ...]:
-        div = _EMPTY_F64 if self.divisors is None else self.divisors.astype(np.float64)
-        colmap = _EMPTY_MAP if self.colmap is None else self.colmap
-        return (self.indptr, self.indices, self.values, self.n_genes, div, self.log1p, self.f32, colmap)
 
     def width(self, max_genes: int | None, keep: np.ndarray | None = None) -> int:
         """``max_genes``, else the longest cell once the subset and ``keep`` are applied."""
@@ -101,11 +107,22 @@ class _Batch:
             common.check_batch(self.indptr, self.indices, self.values, self.n_genes)
         return int(np.diff(self.entries(keep).indptr).max())
 
-    def run(self, kernel: Any, *args: Any) -> None:
-        code, where = kernel(*self.compiled_args(), *args)
-        if code:
-            nnz = min(len(self.indices), len(self.values))
-            raise common.kernel_error(int(code), int(where), self.indptr, self.indices, nnz, self.n_genes)
+    def run(self, kernel: Any, *args: Any, outs: tuple[np.ndarray, ...], threads: int | None, first: bool = False) -> None:
+        """``kernel`` over the batch's cells, cut into parts run on threads (:mod:`._threads`):
+        each part gets its rows of ``outs`` (and its first cell's index when ``first``)."""
+        div = _EMPTY_F64 if self.divisors is None else self.divisors.astype(np.float64)
+        colmap = _EMPTY_MAP if self.colmap is None else self.colmap
+        ranges = _threads.parts(self.indptr, _threads.resolve_threads(threads))
+
+        def part(c0: int, c1: int) -> tuple[int, int]:
+            return kernel(self.indptr[c0 : c1 + 1], self.indices, self.values, self.n_genes, div[c0:c1] if len(div) else div,
+                          self.log1p, self.f32, colmap, *args, *((c0,) if first else ()), *(o[c0:c1] for o in outs))
+
+        for (c0, _), (code, where) in zip(ranges, _threads.run_parts(part, ranges), strict=True):
+            if code:
+                nnz = min(len(self.indices), len(self.values))
+                where = int(where) + (c0 if code == _BAD_INDPTR else 0)
+                raise common.kernel_error(int(code), where, self.indptr, self.indices, nnz, self.n_genes)
 
 
 def _compiled() -> Any:
@@ -124,7 +141,7 @@ def _token_arrays(n: int, width: int, expr_dtype: Any) -> tuple[np.ndarray, ...]
 
 def padded(indptr: Any, indices: Any, values: Any, n_genes: int, *, max_genes: int | None = None,
            add_cls: bool = True, truncation: str = "top", seed: int = 0, divisors: Any = None, log1p: bool = False,
-           genes: Any = None, backend: str | None = None) -> dict[str, np.ndarray]:
+           genes: Any = None, backend: str | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
     """Padded token batch (see the module docstring)."""
     common.check_sizes(max_genes, truncation)
     b = _Batch(indptr, indices, values, n_genes, divisors, log1p, genes, backend)
@@ -137,12 +154,12 @@ def padded(indptr: Any, indices: Any, values: Any, n_genes: int, *, max_genes: i
     gene, expr, mask = _token_arrays(b.n, k + cls, np.float32)
     plain = b.values.dtype == np.float32 and b.divisors is None and not b.log1p and b.values.flags.c_contiguous
     vbits = b.values.view(np.int32) if plain else _EMPTY_BITS
-    b.run(_compiled().padded, vbits, k, cls, random, np.uint64(seed), gene, expr, mask)
+    b.run(_compiled().padded, vbits, k, cls, random, np.uint64(seed), outs=(gene, expr, mask), threads=threads, first=True)
     return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
 
 
 def dense(indptr: Any, indices: Any, values: Any, n_genes: int, *, dtype: Any = None, divisors: Any = None,
-          log1p: bool = False, genes: Any = None, backend: str | None = None) -> np.ndarray:
+          log1p: bool = False, genes: Any = None, backend: str | None = None, threads: int | None = None) -> np.ndarray:
     """Dense ``(cells, n_genes)`` matrix (``(cells, len(genes))`` with a subset) of
     ``dtype`` (default: the values' dtype, or the compute dtype when preprocessing)."""
     b = _Batch(indptr, indices, values, n_genes, divisors, log1p, genes, backend)
@@ -158,7 +175,7 @@ def dense(indptr: Any, indices: Any, values: Any, n_genes: int, *, dtype: Any = 
             return _dense_raw(b, dtype)
         return vectorised.dense(b.entries(), width, b.colmap, dtype)
     out = buffers.empty((b.n, width), dtype)
-    b.run(_compiled().dense, out)
+    b.run(_compiled().dense, outs=(out,), threads=threads)
     return out
 
 
@@ -206,7 +223,7 @@ def _median_classes(med: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def rank(indptr: Any, indices: Any, values: Any, n_genes: int, medians: Any, *, max_genes: int | None = None,
          add_cls: bool = True, divisors: Any = None, log1p: bool = False, genes: Any = None,
-         backend: str | None = None) -> dict[str, np.ndarray]:
+         backend: str | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
     """Rank-value token batch (see the module docstring)."""
     common.check_sizes(max_genes)
     med = _check_medians(medians, int(n_genes))
@@ -226,13 +243,13 @@ def rank(indptr: Any, indices: Any, values: Any, n_genes: int, medians: Any, *, 
     k = b.width(max_genes, keep)
     gene, mask = _token_arrays(b.n, k + cls, None)
     cls_of, cmed = _median_classes(med)
-    b.run(_compiled().rank, med, cls_of, cmed, k, cls, gene, mask)
+    b.run(_compiled().rank, med, cls_of, cmed, k, cls, outs=(gene, mask), threads=threads)
     return {"gene_indices": gene, "attention_mask": mask}
 
 
 def binned(indptr: Any, indices: Any, values: Any, n_genes: int, *, n_bins: int = 51, max_genes: int | None = None,
            add_cls: bool = True, truncation: str = "top", seed: int = 0, divisors: Any = None, log1p: bool = False,
-           genes: Any = None, backend: str | None = None) -> dict[str, np.ndarray]:
+           genes: Any = None, backend: str | None = None, threads: int | None = None) -> dict[str, np.ndarray]:
     """Binned token batch (see the module docstring)."""
     common.check_sizes(max_genes, truncation)
     if isinstance(n_bins, bool) or int(n_bins) < 2:
@@ -246,12 +263,12 @@ def binned(indptr: Any, indices: Any, values: Any, n_genes: int, *, n_bins: int 
     k = b.width(max_genes)
     gene, expr, mask = _token_arrays(b.n, k + cls, np.int64)
     qs = np.linspace(0, 1, int(n_bins) - 1)
-    b.run(_compiled().binned, qs, k, cls, random, np.uint64(seed), gene, expr, mask)
+    b.run(_compiled().binned, qs, k, cls, random, np.uint64(seed), outs=(gene, expr, mask), threads=threads, first=True)
     return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
 
 
 def preprocess(indptr: Any, values: Any, divisors: Any = None, log1p: bool = False,
-               backend: str | None = None) -> np.ndarray:
+               backend: str | None = None, threads: int | None = None) -> np.ndarray:
     """The values of a CSR batch's entries ``[indptr[0], indptr[-1])`` preprocessed, in the
     compute dtype (float64 for float64 values, else float32): ``value / divisors[cell]``,
     then ``log1p`` - :class:`~scmf_loader.preprocess.PreprocessingPipeline`'s numbers
@@ -274,7 +291,16 @@ def preprocess(indptr: Any, values: Any, divisors: Any = None, log1p: bool = Fal
         return vectorised.entries(indptr, np.zeros(len(values), np.int32), values, div, bool(log1p), f32, None).values
     out = buffers.empty(int(indptr[-1] - indptr[0]) if n else 0, np.float32 if f32 else np.float64)
     d64 = _EMPTY_F64 if div is None else div.astype(np.float64)
-    code, where = _compiled().preprocess(indptr, values, d64, bool(log1p), f32, out)
-    if code:
-        raise common.kernel_error(int(code), int(where), indptr, np.zeros(0, np.int32), len(values), 1)
+    ranges = _threads.parts(indptr, _threads.resolve_threads(threads))
+    base = int(indptr[0]) if n else 0
+    lo = [max(0, min(int(indptr[c0]) - base, len(out))) for c0, _ in ranges]  # a malformed indptr: the kernel says so
+
+    def part(c0: int, c1: int) -> tuple[int, int]:
+        i = lo[ranges.index((c0, c1))]
+        return _compiled().preprocess(indptr[c0 : c1 + 1], values, d64[c0:c1] if len(d64) else d64, bool(log1p), f32,
+                                      out[i:])
+
+    for (c0, _), (code, where) in zip(ranges, _threads.run_parts(part, ranges), strict=True):
+        if code:
+            raise common.kernel_error(int(code), int(where) + c0, indptr, np.zeros(0, np.int32), len(values), 1)
     return out

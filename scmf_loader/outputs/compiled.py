@@ -244,9 +244,10 @@ def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, pl
 
 
 @njit(nogil=True, cache=True)
-def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
+def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, cls, random, seed, first, gene, expr, mask):  # noqa: ANN001, ANN201
     """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding.
-    ``vbits``: the float32 values' bits when nothing transforms them (else empty)."""
+    ``vbits``: the float32 values' bits when nothing transforms them (else empty); ``first``:
+    the batch's index of cell 0 here (random truncation hashes the batch's cell index)."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
@@ -275,7 +276,7 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, 
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
             n = e - s
         elif direct:
-            if not _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, c, k, random, seed,
+            if not _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, stamp, first + c, k, random, seed,
                                sv, keys, skeys, counts, gr, er, cls):
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
             n = k
@@ -285,7 +286,7 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, 
                 return BAD_INDEX, -1 - m
             n = min(m, k)
             if m > k:
-                _keep_top(sv, sp, m, k, c, random, seed, keys, skeys, counts, keep)
+                _keep_top(sv, sp, m, k, first + c, random, seed, keys, skeys, counts, keep)
             else:
                 keep[:m] = True
             w, last = cls, cls + n
@@ -404,8 +405,9 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, cls
 
 
 @njit(nogil=True, cache=True)
-def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls, random, seed, gene, expr, mask):  # noqa: ANN001, ANN201
-    """Binned tokens: padded layout with per-cell quantile bins as ``expression``."""
+def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls, random, seed, first, gene, expr, mask):  # noqa: ANN001, ANN201
+    """Binned tokens: padded layout with per-cell quantile bins as ``expression`` (``first``: as
+    in :func:`padded`)."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
@@ -433,7 +435,7 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls
         keep[:m] = True
         if m > k:
             if random:
-                _order(sv, sp, m, c, True, seed, keys, order, skeys, counts)
+                _order(sv, sp, m, first + c, True, seed, keys, order, skeys, counts)
             _keep_first(order, m, k, keep)
         if cls:
             gene[c, 0], expr[c, 0], mask[c, 0] = _CLS, 0, True

@@ -1,0 +1,116 @@
+"""Threads for the compiled output kernels: a batch's cells cut into parts of about equal
+non-zeros, each part run by the same ``nogil`` kernel on its own thread, writing its own rows.
+
+How many threads (``threads`` of every output function, else :func:`set_threads`, else
+``$SCMF_OUTPUT_THREADS``, else the default): by default ``min(2, usable CPUs)`` in the
+main thread of the main process, and 1 anywhere else - in a DataLoader worker process, a
+forked child, or a thread other than the main one (loader worker threads) - so that workers
+that already run in parallel do not oversubscribe the cores. A batch too small to pay for
+the hand-off (under :data:`MIN_PART_ENTRIES` non-zeros per part) runs in the calling thread.
+
+The pool is created on first use; a forked child never reuses its parent's (its threads do
+not exist there) and creates its own if it is asked for more than one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from scmf_loader.errors import ConfigurationError
+
+__all__ = ["MIN_PART_ENTRIES", "parts", "resolve_threads", "run_parts", "set_threads"]
+
+MIN_PART_ENTRIES = 32_768
+_IMPORT_PID = os.getpid()
+_setting: list[int | None] = [None]
+_pool: dict[str, Any] = {"pid": None, "size": 0, "executor": None}
+_lock = threading.Lock()
+
+
+def set_threads(threads: int | None) -> None:
+    """The number of threads the output kernels use when a call does not say (``None``:
+    back to ``$SCMF_OUTPUT_THREADS`` or the default)."""
+    _setting[0] = None if threads is None else _checked(threads)
+
+
+def _checked(threads: Any) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ConfigurationError(f"threads must be an integer >= 1, got {threads!r}")
+    return int(threads)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _in_worker() -> bool:
+    """True in a DataLoader worker process, a forked child or a thread other than the main one."""
+    if os.getpid() != _IMPORT_PID or threading.current_thread() is not threading.main_thread():
+        return True
+    import torch.utils.data
+
+    return torch.utils.data.get_worker_info() is not None
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``threads``, else the :func:`set_threads` setting, else ``$SCMF_OUTPUT_THREADS``, else
+    ``min(2, usable CPUs)`` in the main thread of the main process and 1 elsewhere."""
+    if threads is not None:
+        return _checked(threads)
+    if _setting[0] is not None:
+        return _setting[0]
+    env = os.environ.get("SCMF_OUTPUT_THREADS")
+    if env:
+        try:
+            return _checked(int(env))
+        except ValueError:
+            raise ConfigurationError(f"$SCMF_OUTPUT_THREADS must be an integer >= 1, got {env!r}") from None
+    return 1 if _in_worker() else min(2, _usable_cpus())
+
+
+def parts(indptr: np.ndarray, threads: int) -> list[tuple[int, int]]:
+    """Cell ranges ``[c0, c1)`` of about equal non-zeros, at most ``threads`` of them and each
+    with at least :data:`MIN_PART_ENTRIES` non-zeros (one range when that leaves one)."""
+    n = len(indptr) - 1
+    nnz = int(indptr[-1] - indptr[0]) if n > 0 else 0
+    k = max(1, min(threads, n, nnz // MIN_PART_ENTRIES))
+    if k == 1:
+        return [(0, n)]
+    targets = indptr[0] + (np.arange(1, k, dtype=np.int64) * nnz) // k
+    cuts = np.clip(np.searchsorted(indptr, targets), 1, n - 1)  # a malformed indptr: the kernels say so
+    bounds = [0, *sorted({int(c) for c in cuts}), n]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    with _lock:
+        if _pool["pid"] != os.getpid() or _pool["size"] < size:
+            old = _pool["executor"] if _pool["pid"] == os.getpid() else None
+            _pool.update(pid=os.getpid(), size=size,
+                         executor=ThreadPoolExecutor(max_workers=size, thread_name_prefix="scmf-outputs"))
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool["executor"]
+
+
+def run_parts(fn: Callable[[int, int], Any], ranges: Sequence[tuple[int, int]]) -> list[Any]:
+    """``[fn(c0, c1) for (c0, c1) in ranges]``, the first in the calling thread and the others
+    in the pool at the same time (errors are raised once every part has finished)."""
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    ex = _executor(len(ranges) - 1)
+    futures = [ex.submit(fn, a, b) for a, b in ranges[1:]]
+    try:
+        first = fn(*ranges[0])
+    finally:
+        rest = [f.result() for f in futures]
+    return [first, *rest]
