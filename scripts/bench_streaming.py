@@ -12,7 +12,15 @@ epoch read by a consumer that reads every value and index once (``bench_loader.t
 - raw: a plain recursive ``s3fs`` download of the same shards through the same proxy (the
   ceiling any cold reader has here);
 - memory: peak RssAnon (``/proc/self/status``, sampled every 20 ms) of a cold streaming epoch
-  at both dataset sizes (the S3 server and proxy run in the parent, not counted).
+  at both dataset sizes (the S3 server and proxy run in the parent, not counted);
+- server_probe: the loopback server's own throughput on one 32 MB object, read whole or as
+  4 or 8 parallel ranged GETs, straight and through the proxy, with the CPU milliseconds per
+  MB of the client and of the server (+ proxy) threads;
+- shard_requests: where one shard's download goes (listing, its two large CSR files, its
+  small files concurrently and one by one, the whole shard in one ``fs.get``).
+
+Every epoch step also reports its CPU seconds (``time.process_time``), and the load average
+is recorded at the start and the end: other processes on a shared machine move wall times.
 
     python scripts/bench_streaming.py --out bench-out/streaming.json
 """
@@ -92,6 +100,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         seconds = time.perf_counter() - t
         return {"cells": spec["n_cells"], "seconds": seconds, "cells_per_s": spec["n_cells"] / seconds,
                 "peak_rss_anon_mb": 0.0}
+    if spec["mode"] == "probe":
+        return probe_child(spec)
+    if spec["mode"] == "requests":
+        return requests_child(spec)
     if spec["mode"] == "local":
         it: Any = CellDataLoader(CellDataset(spec["path"]), batch_size=256, num_workers=0, seed=1, drop_last=False)
     else:
@@ -106,17 +118,91 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             break
     mem = PeakRssAnon()
     cells = 0
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for batch in it:
         touch(batch.values.numpy(), batch.indices.numpy())
         cells += len(batch)
-    seconds = time.perf_counter() - t
-    return {"cells": cells, "seconds": seconds, "cells_per_s": cells / seconds, "peak_rss_anon_mb": mem.stop()}
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return {"cells": cells, "seconds": seconds, "cells_per_s": cells / seconds, "cpu_seconds": cpu,
+            "peak_rss_anon_mb": mem.stop()}
+
+
+def probe_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """GET one object ``spec["reps"]`` times, split into ``spec["ranges"]`` ranged GETs run
+    in parallel (s3fs ``cat_ranges``): wall seconds and this client's CPU seconds."""
+    import s3fs
+    from s3_fixtures import storage_options
+
+    fs = s3fs.S3FileSystem(**storage_options(spec["endpoint"]))
+    path = spec["url"][len("s3://"):]
+    size = len(fs.cat_file(path))  # (also opens the connection)
+    k = spec["ranges"]
+    bounds = [(size * j // k, size * (j + 1) // k) for j in range(k)]
+    t, cpu = time.perf_counter(), time.process_time()
+    for _ in range(spec["reps"]):
+        got = fs.cat_ranges([path] * k, [a for a, _ in bounds], [b for _, b in bounds])
+        if sum(len(g) for g in got) != size:
+            raise RuntimeError(f"{spec}: got {[len(g) if isinstance(g, bytes) else repr(g)[:300] for g in got]} of {size}")
+    return {"seconds": time.perf_counter() - t, "client_cpu_s": time.process_time() - cpu,
+            "bytes": size * spec["reps"]}
+
+
+def requests_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Where one shard's download time goes: seconds (best of 3) to list it, to GET its two
+    large CSR files, its small files (zarr metadata, obs, var) concurrently and one by one,
+    and the whole shard as the streaming cache fetches it (one ``fs.get``)."""
+    import s3fs
+    from s3_fixtures import storage_options
+
+    fs = s3fs.S3FileSystem(**storage_options(spec["endpoint"]))
+    root = spec["url"][len("s3://"):] + "/shards/000000.zarr"
+    files = sorted(fs.find(root))
+    big = [p for p in files if p.endswith(("X/data/c/0", "X/indices/c/0"))]
+    small = [p for p in files if p not in big]
+    tmp = Path(spec["cache"]) / "requests"
+    out: dict[str, Any] = {"files": len(files), "large_MB": round(sum(fs.size(p) for p in big) / 1e6, 1)}
+
+    def best(name: str, fn: Any, reps: int = 3) -> None:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = round(min(times), 3)
+
+    best("list_s", lambda: fs.find(root))
+    best("large_files_s", lambda: fs.cat(big))
+    best("small_files_concurrent_s", lambda: fs.cat(small))
+    best("small_files_one_by_one_s", lambda: [fs.cat_file(p) for p in small], 1)
+    best("whole_shard_get_s", lambda: fs.get(files, [str(tmp / str(i)) for i in range(len(files))]))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def probe(server: Any, proxy: Any, bucket: str, mb: int, reps: int) -> dict[str, Any]:
+    """The loopback server's own throughput: one ``mb`` MB object read whole or as 4 or 8
+    parallel ranged GETs, straight and through the latency proxy; with the CPU seconds per
+    MB of the client (child process) and of the server (+ proxy) threads (this process)."""
+    url = f"s3://{bucket}/probe.bin"
+    server.put(url, os.urandom(mb << 20))
+    out = {}
+    for name, endpoint in (("direct", server.endpoint), ("proxy", proxy.endpoint)):
+        for k in (1, 4, 8):
+            cpu = time.process_time()
+            r = run_child({"mode": "probe", "endpoint": endpoint, "url": url, "ranges": k, "reps": reps})
+            server_cpu = time.process_time() - cpu
+            mbytes = r["bytes"] / 1e6
+            out[f"{name}_{k}"] = {"MB_per_s": round(mbytes / r["seconds"], 1),
+                                  "server_cpu_ms_per_MB": round(1e3 * server_cpu / mbytes, 2),
+                                  "client_cpu_ms_per_MB": round(1e3 * r["client_cpu_s"] / mbytes, 2)}
+    return out
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True,
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False,
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode != 0:
+        raise RuntimeError(f"step {spec['mode']} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -179,10 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     res["raw_download_no_proxy"] = median_of({**small, "mode": "raw", "n_cells": args.cells[0]}, 1, fresh)
     for n, url in zip(args.cells, urls, strict=True):
         res[f"memory_{n}"] = median_of({**small, "url": url, "mode": "stream"}, 1, fresh)
+    res["server_probe"] = probe(server, proxy, bucket, 32, 2)
+    res["shard_requests"] = {name: run_child({**small, "mode": "requests", "endpoint": endpoint})
+                             for name, endpoint in (("direct", server.endpoint), ("proxy", proxy.endpoint))}
     res["load_end"] = os.getloadavg()
     proxy.stop()
     server.stop()
     res["warm_vs_local"] = res["warm"]["median_cells_per_s"] / res["local"]["median_cells_per_s"]
+    res["warm_vs_local_cpu"] = (res["warm"]["cells"] / res["warm"]["cpu_seconds"]) / (
+        res["local"]["cells"] / res["local"]["cpu_seconds"])
     for depth in (2, 8):
         cold = res[f"cold_prefetch_{depth}"]["median_cells_per_s"]
         res[f"cold_{depth}_vs_warm"] = cold / res["warm"]["median_cells_per_s"]
