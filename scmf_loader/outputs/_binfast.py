@@ -83,12 +83,29 @@ def _hist_edges(hist, xs, top, a, qs, edges) -> None:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
+def _histogram(src, top, hist) -> None:  # noqa: ANN001
+    """``hist[:top + 1]``: how often each count occurs in ``src`` (whole counts ``<= top``);
+    ``hist`` holds four histograms (``len(hist) // 4`` each), one per quarter of the row, so
+    that four chains of counter updates run at once (a count repeats: one chain would wait on
+    the same counter), summed at the end."""
+    n, stride = len(src), len(hist) // 4
+    for j in range(4):
+        hist[j * stride : j * stride + top + 1] = 0
+    q = n // 4
+    for i in range(q):
+        for j in range(4):
+            hist[np.uint32(j * stride + np.int32(src[j * q + i]))] += 1
+    for i in range(4 * q, n):
+        hist[np.uint32(3 * stride + np.int32(src[i]))] += 1
+    for i in range(top + 1):
+        hist[i] += hist[stride + i] + hist[2 * stride + i] + hist[3 * stride + i]
+
+
+@njit(nogil=True, cache=True)
 def _count_bins(src, top, d, has_div, log1p, qs, hist, xs, bins, edges) -> bool:  # noqa: ANN001
     """``bins[i]``: the bin of count ``i`` of the row (0 for 0); False when the preprocessing
     is not strictly increasing over the counts present (the caller sorts instead)."""
-    hist[: top + 1] = 0
-    for j in range(len(src)):
-        hist[np.uint32(np.int32(src[j]))] += 1
+    _histogram(src, top, hist)
     last = 0.0
     for i in range(top + 1):
         xs[i] = _compute(i, d, has_div, log1p, True)
@@ -106,6 +123,54 @@ def _count_bins(src, top, d, has_div, log1p, qs, hist, xs, bins, edges) -> bool:
             j += 1
         bins[i] = j
     return True
+
+
+@njit(nogil=True, cache=True)
+def _tie_end(src, t, ties) -> int:  # noqa: ANN001
+    """The position after the ``ties``-th count equal to ``t`` (0 when ``ties`` is 0); blocks of
+    128 are counted whole (vectorised) until the one holding it."""
+    if ties == 0:
+        return 0
+    seen, start, m = 0, 0, len(src)
+    while start < m:
+        blk = src[start : start + 128]
+        n = 0
+        for i in range(len(blk)):
+            n += np.int32(blk[i]) == t
+        if seen + n >= ties:
+            break
+        seen += n
+        start += 128
+    for i in range(start, m):
+        seen += np.int32(src[i]) == t
+        if seen == ties:
+            return i + 1
+    return m
+
+
+@njit(nogil=True, cache=True)
+def _keep_write(genes, src, bins, lo, gw, ew) -> int:  # noqa: ANN001
+    """Entries whose count is ``>= lo`` written in order from 0, branch-free (a dropped entry
+    is overwritten by the next kept one; the last entry must be kept): the count written."""
+    w = 0
+    for j in range(len(genes)):
+        i = np.int32(src[j])
+        gw[w], ew[w] = genes[j], bins[np.uint32(i)]
+        w += i >= lo
+    return w
+
+
+@njit(nogil=True, cache=True)
+def _write_top(genes, src, bins, t, ties, gw, ew) -> None:  # noqa: ANN001
+    """The ``len(gw)`` kept entries of a truncated count row (counts above ``t``, and the first
+    ``ties`` equal to ``t``) in position order: two branch-free compactions."""
+    cut = _tie_end(src, t, ties)
+    w = _keep_write(genes[:cut], src[:cut], bins, t, gw, ew) if cut else 0
+    end = len(src)
+    while end > cut and np.int32(src[end - 1]) <= t:  # past the last kept entry: nothing to write
+        end -= 1
+    if end > cut:
+        _keep_write(genes[cut:end], src[cut:end], bins, t + 1, gw[w:], ew[w:])
 
 
 @njit(nogil=True, cache=True)
@@ -133,15 +198,7 @@ def binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, qs, k, cls,
             below += hist[t]
             t += 1
         ties = hist[t] - (drop - below)  # of count t, the first `ties` stay
-        genes, gw, ew = indices[s:e], gr[cls:], er[cls:]
-        w, seen = 0, 0
-        for j in range(m):
-            i = np.int32(src[j])
-            gw[w], ew[w] = genes[j], bins[np.uint32(i)]
-            w += (i > t) | ((i == t) & (seen < ties))
-            seen += i == t
-            if w == k:
-                break
+        _write_top(indices[s:e], src, bins, t, ties, gr[cls : cls + k], er[cls : cls + k])
         n = k
     mr[: cls + n] = True
     gr[cls + n :] = _PAD

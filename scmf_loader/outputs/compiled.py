@@ -414,7 +414,7 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
     asc, dig, keep = np.empty(longest, np.float64), np.empty(longest, np.int64), np.empty(longest, np.bool_)
     edges = np.empty(len(qs), np.float64)
-    hist, xs, bins = np.empty(TABLE + 1, np.int64), np.empty(TABLE, np.float64), np.empty(TABLE, np.int64)
+    hist, xs, bins = np.empty(4 * (TABLE + 1), np.int64), np.empty(TABLE, np.float64), np.empty(TABLE, np.int64)
     fast = f32 and len(colmap) == 0 and not random
     has_div = len(div) > 0
     for c in range(len(indptr) - 1):
