@@ -16,7 +16,6 @@ per-batch bookkeeping.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from scmf_loader.batch import TRUNCATIONS, CSRBatch
+from scmf_loader._loader_options import (
+    OUTPUTS,
+    WORKER_TYPES,
+    auto_threads,
+    check_worker_options,
+    checked_options,
+    fusable,
+    resolve_worker_type,
+)
+from scmf_loader.batch import CSRBatch
 from scmf_loader.dataset import CellDataset, range_of
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.readahead import DEFAULT_DEPTH, ReadAhead
@@ -41,8 +49,6 @@ from scmf_loader.transport import (
 
 __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 
-OUTPUTS = ("csr", "padded", "dense", "rank", "binned")
-WORKER_TYPES = ("auto", "process", "thread")
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ class _Fetcher(torch.utils.data.Dataset):
                  truncation: str, seed: int, rank: int, n_bins: int = 51, *,
                  transform: Callable[[Any], Any] | None = None, flags: RingFlags | None = None) -> None:
         self.dataset = dataset
-        self.raw, self.pipeline = _fusable(dataset)
+        self.raw, self.pipeline = fusable(dataset)
         self.transform = transform
         self.flags = flags
         self._ring: WorkerRing | None = None  # made in the worker process
@@ -200,60 +206,6 @@ class _Fetcher(torch.utils.data.Dataset):
         out["cell_ids"] = batch.cell_ids
         out["obs"] = batch.obs
         return out
-
-
-def _fusable(dataset: Any) -> tuple[Any, Any]:
-    """``(the dataset without its pipeline, the pipeline)`` when the dataset's per-batch
-    preprocessing is a :class:`~scmf_loader.preprocess.PreprocessingPipeline` the output
-    kernels fuse (normalise, log1p: each value read and written once); else ``(None, None)``."""
-    pipe = getattr(dataset, "preprocessing", None)
-    if type(dataset) is not CellDataset or pipe is None or not hasattr(pipe, "divisors_for"):
-        return None, None
-    if not getattr(pipe, "transforms_values", False):
-        return None, None
-    raw = copy.copy(dataset)  # shares the store and caches; only the pipeline differs
-    raw.preprocessing = None
-    return raw, pipe
-
-
-def _checked_options(dataset: Any, output: str, n_bins: int, truncation: str,
-                     max_genes: int | None, num_workers: int) -> int | None:
-    """Validate the loader's output options; the effective ``max_genes``."""
-    if output not in OUTPUTS:
-        raise ConfigurationError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if output == "binned" and (isinstance(n_bins, bool) or n_bins < 2):
-        raise ConfigurationError(f"n_bins must be >= 2, got {n_bins!r}")
-    if output == "rank":
-        dataset.gene_nonzero_median  # noqa: B018 -- raises now, naming the fix, for a dataset without it
-    if truncation not in TRUNCATIONS:
-        raise ConfigurationError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    max_genes = dataset.max_genes if max_genes is None else max_genes
-    if max_genes is not None and (isinstance(max_genes, bool) or max_genes < 1):
-        raise ConfigurationError(f"max_genes must be >= 1 or None, got {max_genes!r}")
-    if num_workers < 0:
-        raise ConfigurationError(f"num_workers must be >= 0, got {num_workers}")
-    return max_genes
-
-
-def _check_worker_options(transform: Any, read_ahead: int, worker_type: str) -> None:
-    if transform is not None and not callable(transform):
-        raise ConfigurationError(f"transform must be callable, got {type(transform).__name__}")
-    if isinstance(read_ahead, bool) or read_ahead < 0:
-        raise ConfigurationError(f"read_ahead must be a number of batches >= 0, got {read_ahead!r}")
-    if worker_type not in WORKER_TYPES:
-        raise ConfigurationError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
-
-
-def _worker_type(worker_type: str, dataset: Any, output: str, transform: Any) -> str:
-    """``"auto"`` resolved: threads for CSR batches of a dataset directory with no transform
-    and at most a fused pipeline (a gather is a ``memcpy`` releasing the GIL; a process's
-    hand-over costs more), processes otherwise (a transform may hold the GIL)."""
-    if worker_type != "auto":
-        return worker_type
-    pipe = getattr(dataset, "preprocessing", None)
-    fused = pipe is None or _fusable(dataset)[1] is not None
-    directory = type(dataset) is CellDataset and getattr(dataset, "store", None) is not None
-    return "thread" if output == "csr" and transform is None and fused and directory else "process"
 
 
 def _sampler_for(dataset: Any, sampler: BatchSampler | None, batch_size: int, shuffle: bool,
@@ -347,20 +299,17 @@ class CellDataLoader:
         read_ahead: int = DEFAULT_DEPTH,
         worker_type: str = "auto",
     ) -> None:
-        max_genes = _checked_options(dataset, output, n_bins, truncation, max_genes, num_workers)
+        max_genes = checked_options(dataset, output, n_bins, truncation, max_genes, num_workers)
         sampler = _sampler_for(dataset, sampler, batch_size, shuffle, block_size, drop_last,
                                {"seed": seed, "rank": rank, "world_size": world_size})
-        self.dataset = dataset
-        self.sampler = sampler
-        self.output = output
+        self.dataset, self.sampler, self.output = dataset, sampler, output
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
-        _check_worker_options(transform, read_ahead, worker_type)
+        check_worker_options(transform, read_ahead, worker_type)
         self.read_ahead = int(read_ahead)
-        self.worker_type = worker_type = _worker_type(worker_type, dataset, output, transform)
-        self._threads = num_workers if worker_type == "thread" else 0
-        num_workers = 0 if self._threads else num_workers
-        self._epoch = 0
-        self._done = 0
+        self.worker_type = chosen = resolve_worker_type(worker_type, dataset, output, transform)
+        self._threads = (num_workers if worker_type == "thread" else auto_threads(num_workers)) if chosen == "thread" else 0
+        num_workers = 0 if chosen == "thread" else num_workers
+        self._epoch, self._done = 0, 0
         self._resume: int | None = None
         self._requests = _Requests(sampler)
         extra: dict[str, Any] = {}
@@ -409,22 +358,7 @@ class CellDataLoader:
         self._requests.epoch, self._requests.start = epoch, start
         self._requests.tag = tag = self._requests.tag % (1 << 30) + 1
         self._done = start
-        if self._threads:  # worker threads: the output kernels release the GIL
-            items: Iterator[Any] = threaded(self._fetcher.read, self._requests.all(), self._threads)
-        elif self._loader.num_workers == 0:
-            # in-process: the DataLoader would only add its per-batch bookkeeping (~0.1 ms)
-            items = (self._fetcher[r] for r in self._requests)
-        else:
-            # zero-copy batches cost nothing to build: this process makes them itself, and
-            # workers only see the others (gathers across blocks or shards)
-            direct = self._fetcher.zero_copy_possible()
-            self._requests.skip = self._fetcher._zero_copy if direct else None
-            self._warm_kernels()
-            items = iter(self._loader)  # an earlier, unfinished iteration is drained here
-            if self._ring is not None:
-                self._ring.forget_stale(tag)
-            if direct:
-                items = self._merged(items)
+        items = self._items(tag)
         ahead = self._read_ahead(epoch, start, tag)
         try:
             for item in items:
@@ -439,6 +373,24 @@ class CellDataLoader:
             if ahead is not None:
                 ahead.stop()
         self._epoch, self._done = epoch + 1, 0
+
+    def _items(self, tag: int) -> Iterator[Any]:
+        """This iteration's batches, as read here, by worker threads or by worker processes.
+        Zero-copy batches cost nothing to build: this process makes them itself whatever the
+        workers, which only see the others (gathers across blocks or shards)."""
+        direct = self._fetcher.zero_copy_possible()
+        self._requests.skip = self._fetcher._zero_copy if direct and (self._threads or self._loader.num_workers) else None
+        if self._threads:  # worker threads: the output kernels release the GIL
+            items: Iterator[Any] = threaded(self._fetcher.read, iter(self._requests), self._threads)
+        elif self._loader.num_workers == 0:
+            # in-process: the DataLoader would only add its per-batch bookkeeping (~0.1 ms)
+            return (self._fetcher[r] for r in self._requests)
+        else:
+            self._warm_kernels()
+            items = iter(self._loader)  # an earlier, unfinished iteration is drained here
+            if self._ring is not None:
+                self._ring.forget_stale(tag)
+        return self._merged(items) if direct else items
 
     def _read_ahead(self, epoch: int, start: int, tag: int) -> ReadAhead | None:
         """Read-ahead threads for this iteration (:mod:`scmf_loader.readahead`), or None."""

@@ -4,6 +4,7 @@ scmf_loader.readahead, CellDataLoader)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from pathlib import Path
@@ -225,6 +226,9 @@ def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
     assert CellDataLoader(ds, num_workers=2, transform=lambda b: b).worker_type == "process"
     assert CellDataLoader(CellDataset(loader_dataset, preprocessing=lambda b: b), num_workers=2).worker_type == "process"
     assert CellDataLoader(ds, num_workers=2, worker_type="process").worker_type == "process"
+    cores = len(os.sched_getaffinity(0))
+    assert CellDataLoader(ds, num_workers=64)._threads == max(1, min(64, cores - 1))  # one core for the caller
+    assert CellDataLoader(ds, num_workers=64, worker_type="thread")._threads == 64  # as asked
 
 
 @pytest.mark.parametrize("output", ["csr", "padded", "binned"])
