@@ -14,7 +14,7 @@ from scmf_loader.errors import ConfigurationError
 OUTPUTS = ("csr", "padded", "dense", "rank", "binned")
 WORKER_TYPES = ("auto", "process", "thread")
 
-__all__ = ["OUTPUTS", "WORKER_TYPES", "auto_threads", "check_worker_options", "checked_options", "fusable",
+__all__ = ["OUTPUTS", "THREAD_OUTPUTS", "WORKER_TYPES", "auto_threads", "check_worker_options", "checked_options", "fusable",
            "resolve_worker_type"]
 
 
@@ -60,20 +60,30 @@ def check_worker_options(transform: Any, read_ahead: int, worker_type: str) -> N
         raise ConfigurationError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
 
 
-def resolve_worker_type(worker_type: str, dataset: Any, output: str, transform: Any) -> str:
-    """``"auto"`` resolved: threads for CSR batches of a dataset directory with no transform
-    and at most a fused pipeline (a gather is a ``memcpy`` releasing the GIL; a process's
-    hand-over costs more), processes otherwise (a transform may hold the GIL)."""
+#: outputs ``"auto"`` builds in worker threads: CSR gathers (a ``memcpy`` releasing the GIL)
+#: and the compiled kernels (numba, ``nogil``); dense batches (20 MB each at 20k genes) go
+#: to processes, whose reused ring slots beat the loader's 64 MB buffer pool at that size
+THREAD_OUTPUTS = ("csr", "padded", "rank", "binned")
+
+
+def resolve_worker_type(worker_type: str, dataset: Any, output: str, transform: Any, pinned: bool = False) -> str:
+    """``"auto"`` resolved: threads (no hand-over at all) for :data:`THREAD_OUTPUTS` of a
+    dataset directory with no transform (a transform may hold the GIL), at most a fused
+    pipeline applied, and no pinning (worker processes write into page-locked slots);
+    processes otherwise. Measured: docs/benchmarks.md, issue 11 items 2-4."""
     if worker_type != "auto":
         return worker_type
     pipe = getattr(dataset, "preprocessing", None)
     fused = pipe is None or fusable(dataset)[1] is not None
     directory = type(dataset) is CellDataset and getattr(dataset, "store", None) is not None
-    return "thread" if output == "csr" and transform is None and fused and directory else "process"
+    ok = output in THREAD_OUTPUTS and transform is None and fused and directory and not pinned
+    return "thread" if ok else "process"
 
 
-def auto_threads(num_workers: int) -> int:
-    """Threads ``"auto"`` runs: at most one per core but the caller's (a memory-bound gather
-    thread more than that only competes with the others and with the caller)."""
+def auto_threads(num_workers: int, output: str) -> int:
+    """Threads ``"auto"`` runs: for CSR gathers (memory-bound), at most one per core but
+    the caller's (more only compete with each other and the caller); else ``num_workers``."""
+    if output != "csr":
+        return num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(num_workers, max(1, cores - 1))

@@ -263,9 +263,10 @@ class CellDataLoader:
     ``worker_type="thread"`` runs the ``num_workers`` workers as threads of this process
     (no hand-over at all; the output kernels and torch ops release the GIL, pure-Python
     transforms do not); ``"process"`` as DataLoader worker processes; ``"auto"`` (the
-    default) threads for ``output="csr"`` of a dataset directory with no ``transform`` and
-    no preprocessing other than its recorded pipeline (gathers are a ``memcpy``, cheaper
-    than any hand-over), processes otherwise; :attr:`worker_type` holds the choice.
+    default) threads for csr, padded, rank and binned output of a dataset directory with no
+    ``transform``, no preprocessing but its recorded pipeline and no pinning, processes
+    otherwise (:func:`~scmf_loader._loader_options.resolve_worker_type`; csr gathers use
+    at most one thread per core but the caller's); :attr:`worker_type` holds the choice.
     ``read_ahead``: batches that background threads keep ahead of the reader, mapping and
     checking the next shard and asking the kernel for the next batches' pages
     (:mod:`scmf_loader.readahead`; 0 turns it off).
@@ -306,8 +307,9 @@ class CellDataLoader:
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         check_worker_options(transform, read_ahead, worker_type)
         self.read_ahead = int(read_ahead)
-        self.worker_type = chosen = resolve_worker_type(worker_type, dataset, output, transform)
-        self._threads = (num_workers if worker_type == "thread" else auto_threads(num_workers)) if chosen == "thread" else 0
+        self.worker_type = chosen = resolve_worker_type(worker_type, dataset, output, transform, self.pin_memory)
+        auto = worker_type != "thread"
+        self._threads = (auto_threads(num_workers, output) if auto else num_workers) if chosen == "thread" else 0
         num_workers = 0 if chosen == "thread" else num_workers
         self._epoch, self._done = 0, 0
         self._resume: int | None = None

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from scmf_loader import CellDataLoader, CellDataset, CSRBatch, transport
+from scmf_loader._loader_options import resolve_worker_type
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.readahead import ReadAhead, runs_of
 from scmf_loader.transport import LoaderRing, Packed, RingFlags, Slotted, WorkerRing, build, flatten
@@ -74,7 +75,7 @@ def test_workers_through_the_ring_equal_one_process(ds: CellDataset, output: str
                           "drop_last": False, "truncation": "random" if output == "padded" else "top"}
     one = CellDataLoader(ds, num_workers=0, **kw)
     refs = [[_clone(b) for b in one] for _ in range(2)]
-    loader = _Counting(ds, num_workers=2, worker_type="process", **kw)  # csr would default to threads
+    loader = _Counting(ds, num_workers=2, worker_type="process", **kw)  # most outputs default to threads
     for ref in refs:  # persistent workers: the second epoch reuses the slots
         got = [_clone(b) for b in loader]
         assert len(got) == len(ref)
@@ -88,7 +89,7 @@ def test_workers_through_the_ring_equal_one_process(ds: CellDataset, output: str
 def test_batches_kept_by_the_caller_are_never_overwritten(ds: CellDataset) -> None:
     kw: dict[str, Any] = {"batch_size": 30, "seed": 5, "output": "padded", "max_genes": 12, "block_size": 10}
     ref = [_clone(b) for b in CellDataLoader(ds, num_workers=0, **kw)]
-    loader = _Counting(ds, num_workers=2, slots_per_worker=2, **kw)
+    loader = _Counting(ds, num_workers=2, slots_per_worker=2, worker_type="process", **kw)
     kept = list(loader)  # every batch held: the ring runs dry and falls back, never reuses a held slot
     assert all(_equal(a, b) for a, b in zip(kept, ref, strict=True))
     assert loader.counts["Packed"] > 0
@@ -99,7 +100,7 @@ def test_batches_kept_by_the_caller_are_never_overwritten(ds: CellDataset) -> No
 
 def test_slots_come_back_after_an_iteration_stopped_early(ds: CellDataset) -> None:
     kw: dict[str, Any] = {"batch_size": 20, "seed": 1, "output": "padded", "max_genes": 8, "block_size": 5}
-    loader = _Counting(ds, num_workers=1, **kw)
+    loader = _Counting(ds, num_workers=1, worker_type="process", **kw)
     for _ in range(4):
         for i, _b in enumerate(loader):
             if i == 2:
@@ -222,7 +223,11 @@ def test_transform_outputs_viewing_the_map_cross_as_references(ds: CellDataset, 
 def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
     """Threads for csr gathers of a dataset directory, processes for everything else."""
     assert CellDataLoader(ds, num_workers=2).worker_type == "thread"
-    assert CellDataLoader(ds, num_workers=2, output="padded", max_genes=8).worker_type == "process"
+    for output in ("padded", "rank", "binned"):
+        assert CellDataLoader(ds, num_workers=2, output=output, max_genes=8).worker_type == "thread"
+    assert CellDataLoader(ds, num_workers=2, output="padded", max_genes=8)._threads == 2  # compute: every thread
+    assert CellDataLoader(ds, num_workers=2, output="dense").worker_type == "process"
+    assert resolve_worker_type("auto", ds, "padded", None, pinned=True) == "process"  # page-locked slots
     assert CellDataLoader(ds, num_workers=2, transform=lambda b: b).worker_type == "process"
     assert CellDataLoader(CellDataset(loader_dataset, preprocessing=lambda b: b), num_workers=2).worker_type == "process"
     assert CellDataLoader(ds, num_workers=2, worker_type="process").worker_type == "process"
@@ -231,7 +236,7 @@ def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
     assert CellDataLoader(ds, num_workers=64, worker_type="thread")._threads == 64  # as asked
 
 
-@pytest.mark.parametrize("output", ["csr", "padded", "binned"])
+@pytest.mark.parametrize("output", ["csr", "padded", "rank", "binned"])
 def test_thread_workers_equal_one_process_and_resume(ds: CellDataset, output: str) -> None:
     kw: dict[str, Any] = {"batch_size": 30, "seed": 7, "output": output, "max_genes": 12, "block_size": 10,
                           "drop_last": False}
