@@ -97,6 +97,7 @@ def align_rows_with_totals(
     ``reuse`` puts the result's arrays in per-thread scratch buffers (valid until the next
     reusing call on this thread: for a task that writes the result out before returning)."""
     from scmf_shards.kernels import align_csr
+    from scmf_shards.scratch import csr_view
 
     n_rows = matrix.shape[0]
     n_cols = int(alignment.vocab_ids[-1]) + 1
@@ -108,7 +109,7 @@ def align_rows_with_totals(
         presorted=alignment.is_identity_order,
         out_dtype=None if dtype is None else np.dtype(dtype), row_order=row_order, reuse=reuse,
     )
-    out = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
+    out = csr_view(data, indices, indptr, (n_rows, n_cols))  # scratch views stay views
     out.has_sorted_indices = True
     out.has_canonical_format = True
     return out, totals

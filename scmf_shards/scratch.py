@@ -11,10 +11,11 @@ beyond their task.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 
-__all__ = ["release", "release_all", "scratch"]
+__all__ = ["csr_view", "release", "release_all", "scratch"]
 
 _local = threading.local()
 
@@ -45,3 +46,22 @@ def release(*prefixes: str) -> None:
 def release_all() -> None:
     """Drop this thread's buffers (e.g. at the end of a conversion run in-process)."""
     _local.pool = {}
+
+
+def csr_view(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> Any:
+    """A scipy CSR matrix over ``data`` and ``indices`` as they are (no copy): scipy's own
+    constructor copies any array that is a view of a much larger buffer (``prune``), which
+    every scratch buffer view is, so the reuse would be lost. ``indptr`` is cast to the
+    index dtype (a small copy) so that scipy's compiled routines accept the pair."""
+    import scipy.sparse as sp
+
+    indptr = np.asarray(indptr)
+    if indices.dtype != np.int32 or indptr.dtype != np.int32:
+        indices = indices.astype(np.int64, copy=False) if indices.dtype != np.int32 else indices
+        if indices.dtype == np.int32 and (indptr.size == 0 or int(indptr[-1]) <= np.iinfo(np.int32).max):
+            indptr = indptr.astype(np.int32)
+        else:
+            indices, indptr = indices.astype(np.int64, copy=False), indptr.astype(np.int64, copy=False)
+    m = sp.csr_matrix(shape, dtype=data.dtype)
+    m.data, m.indices, m.indptr = data, indices, indptr
+    return m

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scmf_loader.errors import InvalidInputError, ScmfError
+from scmf_shards.scratch import csr_view
 from scmf_shards.sources.anndata_frames import Frame
 from scmf_shards.sources.base import (
     RowChunk,
@@ -240,18 +241,18 @@ class AnnDataSource:
     def read_rows(self, start: int, stop: int, obs_columns: Sequence[str] = (),
                   reuse: bool = False) -> RowChunk:
         """Rows ``[start, stop)`` as a CSR matrix over the source genes (``indices`` int32,
-        ``indptr`` int64), with cell ids and obs. (``reuse`` is accepted for the source
-        protocol: anndata allocates the arrays it reads.)"""
+        ``indptr`` int64), with cell ids and obs. ``reuse``: the matrix may live in this
+        thread's scratch buffers (valid until its next reusing read), see :meth:`_direct_rows`."""
         if not 0 <= start <= stop <= self.n_cells:
             raise ValueError(f"row range [{start}, {stop}) outside [0, {self.n_cells})")
         with open_root(self.path, self.zarr) as root:
-            matrix = self._rows(root, start, stop)
+            matrix = self._rows(root, start, stop, reuse)
             obs = Frame(root, "obs", self.path)
             cell_ids = obs.rows(None, start, stop)
             values = {c: obs.rows(c, start, stop) for c in obs_columns}
         return RowChunk(start=start, stop=stop, matrix=matrix, cell_ids=cell_ids, obs=values)
 
-    def _rows(self, root: Any, start: int, stop: int) -> sp.csr_matrix:
+    def _rows(self, root: Any, start: int, stop: int, reuse: bool = False) -> sp.csr_matrix:
         where = f"'{self._x_key}' rows [{start}, {stop})"
         try:
             if self.layout == "dense":
@@ -259,9 +260,11 @@ class AnnDataSource:
             elif self.layout == "csc":
                 m = self._csc_copy().rows(start, stop)
             else:
-                from anndata.io import sparse_dataset
+                m = self._direct_rows(root, start, stop, reuse)
+                if m is None:
+                    from anndata.io import sparse_dataset
 
-                m = sparse_dataset(root[self._x_key], should_cache_indptr=False)[start:stop]
+                    m = sparse_dataset(root[self._x_key], should_cache_indptr=False)[start:stop]
         except ScmfError:
             raise
         except Exception as exc:
@@ -273,7 +276,30 @@ class AnnDataSource:
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.n_genes):
             raise self._fail(f"'{self._x_key}/indices' holds a column outside [0, {self.n_genes})")
         indices = indices.astype(np.int32, copy=False)
-        return sp.csr_matrix((m.data, indices, indptr), shape=(stop - start, self.n_genes), copy=False)
+        return csr_view(m.data, indices, indptr, (stop - start, self.n_genes))
+
+    def _direct_rows(self, root: Any, start: int, stop: int, reuse: bool) -> sp.csr_matrix | None:
+        """Rows ``[start, stop)`` of a CSR matrix in a local ``.h5ad``, read without anndata's
+        fresh arrays: where the file stores ``indices`` and ``data`` contiguously and
+        unfiltered, as read-only memory maps of just those rows' bytes (no copy, no fresh
+        memory: read from the page cache; unmapped when the chunk is dropped); otherwise,
+        with ``reuse``, read by h5py into this thread's scratch buffers (no fresh pages to
+        zero per chunk). None where neither applies (anndata reads those)."""
+        if self.zarr or self.layout != "csr" or is_url(self.path):
+            return None
+        node = root[self._x_key]
+        mapped = all(_plain_dataset(node[k]) for k in ("indptr", "indices", "data"))
+        if not mapped and not reuse:
+            return None
+        indptr = np.asarray(node["indptr"][start : stop + 1], dtype=np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        if not 0 <= lo <= hi <= node["data"].shape[0] or node["indices"].shape != node["data"].shape:
+            raise self._fail(f"'{self._x_key}/indptr' is malformed near rows [{start}, {stop})")
+        if mapped:
+            indices, data = (_map_range(local_path(self.path), node[k], lo, hi) for k in ("indices", "data"))
+        else:
+            indices, data = (_read_range(node[k], lo, hi, f"h5ad.{k}") for k in ("indices", "data"))
+        return csr_view(data, indices, indptr - lo, (stop - start, self.n_genes))
 
     def _csc_copy(self) -> Any:
         from scmf_shards.sources.csc import CsrCopy, process_copy, transpose_csc
@@ -287,3 +313,28 @@ class AnnDataSource:
 
             directory = process_copy((self.path, self._x_key), make)
         return CsrCopy(directory, self.n_genes)
+
+
+def _plain_dataset(ds: Any) -> bool:
+    """Whether an HDF5 dataset is 1-d, contiguous, unfiltered and little-endian: its bytes lie
+    in the file as they are in memory."""
+    return (len(ds.shape) == 1 and ds.chunks is None and ds.id.get_offset() is not None
+            and ds.id.get_create_plist().get_nfilters() == 0 and ds.dtype.byteorder in "<=|")
+
+
+def _map_range(path: str, ds: Any, lo: int, hi: int) -> np.ndarray:
+    """Items ``[lo, hi)`` of a plain dataset (:func:`_plain_dataset`), memory-mapped read-only."""
+    if hi == lo:
+        return np.zeros(0, dtype=ds.dtype)
+    return np.asarray(np.memmap(path, dtype=ds.dtype, mode="r", offset=ds.id.get_offset() + lo * ds.dtype.itemsize,
+                                shape=(hi - lo,)))
+
+
+def _read_range(ds: Any, lo: int, hi: int, role: str) -> np.ndarray:
+    """Items ``[lo, hi)`` of an HDF5 dataset, read into this thread's scratch buffer ``role``."""
+    from scmf_shards.scratch import scratch
+
+    out = scratch(role, hi - lo, ds.dtype)
+    if hi > lo:
+        ds.read_direct(out, np.s_[lo:hi])
+    return out
