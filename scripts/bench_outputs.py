@@ -14,12 +14,16 @@ interleaved, median of ``--reps``, in one process with a warm page cache:
   ``CellDataset`` applies) and ``PreprocessingPipeline.apply_batch`` (numpy, for reference),
   each value then read as in the CSR epoch.
 
-Rates are cells per second of CPU time (``time.thread_time``: on a shared machine, wall
-time mostly measures the neighbours) and of wall time; ratios to the CSR epoch are paired
-per repetition. Slow measures (``dense``, the numpy kernels) run on the first
-``--slow-batches`` batches only. The rank medians are the dataset's stored
-``var/nonzero_median`` (for a dataset converted before they were stored: the per-gene
-non-zero medians of the first 20,000 cells).
+Each compiled measure runs with ``--threads`` kernel threads (``SCMF_OUTPUT_THREADS``; the
+batch's cells split across threads). Rates are cells per second of CPU time
+(``time.process_time``: every thread of the process; on a shared machine, wall time mostly
+measures the neighbours) and of wall time; ratios to the CSR epoch are paired per
+repetition, for both. With one thread the CPU-time ratio is the kernel's cost; with two the
+wall-time ratio is what a free second core buys. Slow measures (``dense``, the numpy
+kernels) run on the first ``--slow-batches`` batches only. The rank medians are the
+dataset's stored ``var/nonzero_median`` (for a dataset converted before they were stored:
+the per-gene non-zero medians of the first 20,000 cells). ``--norm`` takes the fused
+pipeline from an unbaked preprocessed conversion of the same data.
 
     python scripts/bench_outputs.py --out bench-out/outputs.json [--cells 20000]
 """
@@ -72,7 +76,8 @@ def nonzero_medians(ds: Any, n_cells: int) -> np.ndarray:
     return med
 
 
-def tasks_for(batches: list[Any], slow: int, max_genes: int, med: np.ndarray, pipe: Any) -> dict[str, tuple[Callable[[], None], int]]:
+def tasks_for(batches: list[Any], slow: int, max_genes: int, med: np.ndarray, pipe: Any,
+              threads: list[int]) -> dict[str, tuple[Callable[[], None], int]]:
     """name -> (one epoch over its batches, cells in it)."""
 
     def epoch(fn: Callable[[Any], Any], n_batches: int | None = None) -> tuple[Callable[[], None], int]:
@@ -84,9 +89,10 @@ def tasks_for(batches: list[Any], slow: int, max_genes: int, med: np.ndarray, pi
 
         return run, sum(len(b) for b in chosen)
 
-    def on(backend: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def on(backend: str, fn: Callable[[Any], Any], n_threads: int = 1) -> Callable[[Any], Any]:
         def call(b: Any) -> Any:
             os.environ["SCMF_OUTPUT_BACKEND"] = backend
+            os.environ["SCMF_OUTPUT_THREADS"] = str(n_threads)
             return fn(b)
 
         return call
@@ -101,13 +107,13 @@ def tasks_for(batches: list[Any], slow: int, max_genes: int, med: np.ndarray, pi
         "binned+preprocessing": lambda b: b.to_binned(51, max_genes, preprocessing=pipe),
         "dense": lambda b: b.to_dense(),
     }
-    for backend in ("numba", "numpy"):
+    fused_csr = lambda b: touch(b.preprocessed(pipe).values.numpy(), b.indices.numpy())  # noqa: E731
+    outputs["csr+preprocessing (fused)"] = fused_csr
+    for t in threads:
         for name, fn in outputs.items():
-            few = slow if (backend == "numpy" or name == "dense") else None
-            tasks[f"{name}[{backend}]"] = epoch(on(backend, fn), few)
-    for backend in ("numba", "numpy"):
-        fused = on(backend, lambda b: touch(b.preprocessed(pipe).values.numpy(), b.indices.numpy()))
-        tasks[f"csr+preprocessing (fused)[{backend}]"] = epoch(fused, slow if backend == "numpy" else None)
+            tasks[f"{name}[numba t{t}]"] = epoch(on("numba", fn, t), slow if name == "dense" else None)
+    for name, fn in outputs.items():
+        tasks[f"{name}[numpy]"] = epoch(on("numpy", fn), slow)
     tasks["csr+preprocessing (apply_batch)"] = epoch(lambda b: touch(pipe.apply_batch(b).values.numpy(), b.indices.numpy()))
     return tasks
 
@@ -124,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-genes", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--slow-batches", type=int, default=24, help="batches for dense and the numpy kernels")
+    p.add_argument("--norm", help="the same data converted with --normalize ... --no-bake: its recorded pipeline is the "
+                   "one fused (default: library size to 1e4, log1p)")
+    p.add_argument("--threads", default="1,2", help="kernel threads to measure, comma-separated")
     args = p.parse_args(argv)
 
     from scmf_loader import CellDataLoader, CellDataset
@@ -142,32 +151,42 @@ def main(argv: list[str] | None = None) -> int:
     except ScmfError:
         med = nonzero_medians(ds, 20_000)
     pipe = PreprocessingPipeline(normalize="library_size", target_sum=1e4, log1p=True)
-    tasks = tasks_for(batches, args.slow_batches, args.max_genes, med, pipe)
+    if args.norm:
+        pipe = CellDataset(args.norm).preprocessing
+    threads = [int(t) for t in args.threads.split(",")]
+    tasks = tasks_for(batches, args.slow_batches, args.max_genes, med, pipe, threads)
     for run, _ in tasks.values():  # compile, fault pages in, warm the buffers
         run()
+    load_start = os.getloadavg()
     cpu: dict[str, list[float]] = {k: [] for k in tasks}
     wall: dict[str, list[float]] = {k: [] for k in tasks}
     for _ in range(args.reps):  # interleaved: a busy machine slows every measure alike
         for name, (run, _) in tasks.items():
-            c, w = time.thread_time(), time.perf_counter()
+            c, w = time.process_time(), time.perf_counter()
             run()
-            cpu[name].append(time.thread_time() - c)
+            cpu[name].append(time.process_time() - c)
             wall[name].append(time.perf_counter() - w)
     cells = {k: n for k, (_, n) in tasks.items()}
     rate = {k: cells[k] / statistics.median(v) for k, v in cpu.items()}
     rate_wall = {k: cells[k] / statistics.median(v) for k, v in wall.items()}
-    ref = cpu["csr_read_epoch"]
-    ratio = {k: statistics.median((cells[k] / t) / (cells["csr_read_epoch"] / r) for t, r in zip(v, ref, strict=True))
-             for k, v in cpu.items()}
+    def paired(times: dict[str, list[float]]) -> dict[str, float]:
+        ref = times["csr_read_epoch"]
+        return {k: statistics.median((cells[k] / t) / (cells["csr_read_epoch"] / r) for t, r in zip(v, ref, strict=True))
+                for k, v in times.items()}
+
+    ratio, ratio_wall = paired(cpu), paired(wall)
+    load_end = os.getloadavg()
     res = {"cells": args.cells, "genes": args.genes, "batch_size": args.batch, "max_genes": args.max_genes,
-           "reps": args.reps, "nnz_per_cell": ds.store.manifest.nnz / len(ds), "load_average": os.getloadavg(),
+           "reps": args.reps, "nnz_per_cell": ds.store.manifest.nnz / len(ds), "load_average_start": load_start,
+           "load_average_end": load_end, "pipeline": repr(pipe),
            "cells_per_s_cpu_time": rate, "cells_per_s_wall_time": rate_wall, "ratio_to_csr_epoch_cpu": ratio,
+           "ratio_to_csr_epoch_wall": ratio_wall,
            "raw_seconds": {"cpu": cpu, "wall": wall, "cells": cells}}
-    print(f"\n{args.cells:,} cells x {args.genes:,} genes, {res['nnz_per_cell']:.0f} nnz/cell, batch {args.batch}, "
-          f"median of {args.reps}, load average {res['load_average'][0]:.1f}")
-    print(f"{'measure (one process)':40s} {'cells/s cpu':>12s} {'vs CSR':>7s} {'cells/s wall':>13s}")
+    print(f"\n{len(ds):,} cells x {ds.n_genes:,} genes, {res['nnz_per_cell']:.0f} nnz/cell, batch {args.batch}, "
+          f"median of {args.reps}, load average {load_start} -> {load_end}")
+    print(f"{'measure (one process)':44s} {'cells/s cpu':>12s} {'vs CSR':>7s} {'cells/s wall':>13s} {'vs CSR':>7s}")
     for k in tasks:
-        print(f"{k:40s} {rate[k]:12,.0f} {ratio[k]:7.2f} {rate_wall[k]:13,.0f}")
+        print(f"{k:44s} {rate[k]:12,.0f} {ratio[k]:7.2f} {rate_wall[k]:13,.0f} {ratio_wall[k]:7.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")

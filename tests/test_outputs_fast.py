@@ -213,3 +213,23 @@ def test_threads_default_to_one_off_the_main_thread() -> None:
         assert _threads.resolve_threads(None) == 3
     finally:
         outputs.set_threads(None)
+
+
+def test_rank_median_classes_follow_the_medians() -> None:
+    """The count path ranks by (median class, count) pairs: classes are recomputed when the
+    medians change (even in place), and more distinct medians than it takes use the general path."""
+    from scmf_loader.outputs import _median_classes
+    from scmf_loader.outputs._rankfast import MAX_CLASSES
+
+    ip, idx, v = _counts(14)
+    med = np.random.default_rng(15).choice([1.0, 2.0, 4.0], G).astype(np.float32)
+    for _ in range(2):  # the second round: the medians changed in place, same array
+        got = outputs.rank(ip, idx, v, G, med, max_genes=120, add_cls=False, backend="numba")
+        for i, r in enumerate(_rank_reference(ip, idx, v, med, 120)):
+            np.testing.assert_array_equal(got["gene_indices"][i, : len(r)], r)
+        assert len(_median_classes(med)[1]) == len(np.unique(med[(med > 0) & np.isfinite(med)]))
+        med[::3] = 1.5
+    many = (1 + np.arange(G) % (MAX_CLASSES + 1)).astype(np.float32)  # one class too many: general path
+    assert len(_median_classes(many)[1]) == 0
+    _equal(outputs.rank(ip, idx, v, G, many, max_genes=120, backend="numba"),
+           outputs.rank(ip, idx, v, G, many, max_genes=120, backend="numpy"), "rank, many medians")
