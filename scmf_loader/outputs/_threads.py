@@ -2,10 +2,12 @@
 non-zeros, each part run by the same ``nogil`` kernel on its own thread, writing its own rows.
 
 How many threads (``threads`` of every output function, else :func:`set_threads`, else
-``$SCMF_OUTPUT_THREADS``, else the default): by default ``min(2, usable CPUs)`` in the
-main thread of the main process, and 1 anywhere else - in a DataLoader worker process, a
+``$SCMF_OUTPUT_THREADS``, else the default): by default 2 in the main thread of the main
+process when at least two CPUs are usable and one is spare (1-minute load average below
+the CPU count minus one half), and 1 anywhere else - in a DataLoader worker process, a
 forked child, or a thread other than the main one (loader worker threads) - so that workers
-that already run in parallel do not oversubscribe the cores. A batch too small to pay for
+that already run in parallel do not oversubscribe the cores. On a machine whose cores are
+busy, the second thread waits for a core and the batch is slower than with one. A batch too small to pay for
 the hand-off (under :data:`MIN_PART_ENTRIES` non-zeros per part) runs in the calling thread.
 
 The pool is created on first use; a forked child never reuses its parent's (its threads do
@@ -63,7 +65,7 @@ def _in_worker() -> bool:
 
 def resolve_threads(threads: int | None) -> int:
     """``threads``, else the :func:`set_threads` setting, else ``$SCMF_OUTPUT_THREADS``, else
-    ``min(2, usable CPUs)`` in the main thread of the main process and 1 elsewhere."""
+    2 in the main thread of the main process when a core is spare, and 1 elsewhere."""
     if threads is not None:
         return _checked(threads)
     if _setting[0] is not None:
@@ -74,7 +76,22 @@ def resolve_threads(threads: int | None) -> int:
             return _checked(int(env))
         except ValueError:
             raise ConfigurationError(f"$SCMF_OUTPUT_THREADS must be an integer >= 1, got {env!r}") from None
-    return 1 if _in_worker() else min(2, _usable_cpus())
+    if _in_worker():
+        return 1
+    cpus = _usable_cpus()
+    if cpus < 2 or _busy(cpus):
+        return 1
+    return 2
+
+
+def _busy(cpus: int) -> bool:
+    """No core to spare: the 1-minute load average (this process included) is within half a
+    core of the CPU count. A second kernel thread then waits for a core and the batch takes
+    longer (measured: docs/benchmarks.md)."""
+    try:
+        return os.getloadavg()[0] > cpus - 0.5
+    except OSError:  # not available: assume a spare core
+        return False
 
 
 def parts(indptr: np.ndarray, threads: int) -> list[tuple[int, int]]:
