@@ -197,17 +197,27 @@ def test_threads_give_the_same_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
         outputs.padded(ip, idx, v, G, threads=0)
 
 
-def test_threads_default_to_one_off_the_main_thread() -> None:
+def test_threads_default_to_one_off_the_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
     import threading
 
     from scmf_loader.outputs import _threads
+
+    monkeypatch.delenv("SCMF_OUTPUT_THREADS", raising=False)
+    monkeypatch.setattr(_threads, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert _threads.resolve_threads(None) == 2  # a spare core
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.8, 0.3, 0.3))
+    assert _threads.resolve_threads(None) == 1  # busy cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
 
     seen = []
     t = threading.Thread(target=lambda: seen.append(_threads.resolve_threads(None)))
     t.start()
     t.join()
     assert seen == [1]
-    assert _threads.resolve_threads(None) >= 1
+    monkeypatch.setenv("SCMF_OUTPUT_THREADS", "4")
+    assert _threads.resolve_threads(None) == 4
     outputs.set_threads(3)
     try:
         assert _threads.resolve_threads(None) == 3
