@@ -29,6 +29,7 @@ from scmf_loader.streaming import StreamingCellDataset
 from scmf_shards import faults
 from scmf_shards.cli import main
 from scmf_shards.convert import convert_h5ad
+from scmf_shards.options import default_workers
 from scmf_shards.upload import UPLOAD_MARKER, staging_dir
 from scmf_shards.upload_stream import RECORDS_DIR, ShardStreamer, in_flight
 
@@ -168,7 +169,7 @@ def test_convert_to_s3_is_the_local_dataset_manifest_last(
     assert objects[0].endswith("/vocab.json")
     assert objects[-1].endswith("/manifest.json")
     assert sum(p.endswith("/manifest.json") for p in objects) == 1
-    assert puts.shards() == [s.path for s in local.shards]
+    assert sorted(puts.shards()) == [s.path for s in local.shards]  # each once (gather threads: any order)
     assert puts.paths[0].endswith(UPLOAD_MARKER)  # the unfinished-upload marker goes first
     assert not any(tmp_path.glob("scmf-staging-*/*")), "the staging directory is removed"
     assert SECRET.encode() not in stored["manifest.json"]
@@ -388,12 +389,12 @@ def test_killed_conversion_resumes_against_the_bucket(
         assert "not a complete scmf dataset" in err
     staging = staging_dir(url, read_manifest(reference).dataset_id, scratch)
     staged = [p.name for p in (staging / "shards").glob("*.zarr")] if (staging / "shards").is_dir() else []
-    assert len(staged) <= in_flight(1)
+    assert len(staged) <= in_flight(default_workers())
     if not keep_staging:
         shutil.rmtree(staging, ignore_errors=True)
     puts = Puts(monkeypatch)
     rerun = _labels([*args, "--output", url])
-    assert puts.shards() == [s for s in expected if s not in intact]  # only the missing shards
+    assert sorted(puts.shards()) == [s for s in expected if s not in intact]  # only the missing shards
     if label != "upload:manifest":
         assert puts.data_objects()[-1].endswith("/manifest.json")
     if not keep_staging:  # recorded shards are not even gathered again
@@ -419,8 +420,8 @@ def memory_url() -> Iterator[str]:
 
 def test_staging_holds_only_the_shards_in_flight(sources: list[Path], tmp_path: Path, memory_url: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """11 shards: whenever a shard is handed to the uploader, staging holds at most
-    in_flight(workers) shards; each shard is stored before the conversion ends, verified."""
+    """11 shards, 2 gather threads: whenever a shard is handed to the uploader, staging holds
+    at most in_flight(2) = 5 shards; every shard is stored, verified."""
     from scmf_shards.upload import verify_url
 
     seen: list[int] = []
@@ -431,9 +432,9 @@ def test_staging_holds_only_the_shards_in_flight(sources: list[Path], tmp_path: 
         original(self, shard, entry)
 
     monkeypatch.setattr(ShardStreamer, "on_shard", counting)
-    manifest = convert_h5ad(sources, memory_url, scratch_dir=str(tmp_path), **{**OPTS, "shard_size": 100})
+    manifest = convert_h5ad(sources, memory_url, scratch_dir=str(tmp_path), **{**OPTS, "shard_size": 100, "workers": 2})
     assert len(manifest.shards) == len(seen) == 11
-    assert max(seen) <= in_flight(1) < 11
+    assert max(seen) <= in_flight(2) < 11
     assert verify_url(memory_url) == ([], 11)
     assert not any(tmp_path.glob("scmf-staging-*/*"))
 
