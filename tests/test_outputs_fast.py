@@ -243,3 +243,15 @@ def test_rank_median_classes_follow_the_medians() -> None:
     assert len(_median_classes(many)[1]) == 0
     _equal(outputs.rank(ip, idx, v, G, many, max_genes=120, backend="numba"),
            outputs.rank(ip, idx, v, G, many, max_genes=120, backend="numpy"), "rank, many medians")
+
+
+def test_padded_fused_cut_on_counts_only_when_the_preprocessing_increases() -> None:
+    """Long rows of raw counts are cut on their counts when the preprocessing keeps their
+    order strictly; a divisor that flattens the values (inf: every value 0) goes the general way."""
+    ip, idx, v = _counts(16)
+    div = np.random.default_rng(17).uniform(0.3, 3, len(ip) - 1).astype(np.float32)
+    div[2], div[4] = np.inf, 1e30
+    for k in (5, 100):
+        kw = {"max_genes": k, "divisors": div, "log1p": True}
+        _equal(outputs.padded(ip, idx, v, G, backend="numba", **kw), outputs.padded(ip, idx, v, G, backend="numpy", **kw),
+               f"padded fused k={k}")

@@ -152,8 +152,8 @@ def padded(indptr: Any, indices: Any, values: Any, n_genes: int, *, max_genes: i
         return vectorised.padded(ent, k, cls, random, seed)
     k = b.width(max_genes)
     gene, expr, mask = _token_arrays(b.n, k + cls, np.float32)
-    plain = b.values.dtype == np.float32 and b.divisors is None and not b.log1p and b.values.flags.c_contiguous
-    vbits = b.values.view(np.int32) if plain else _EMPTY_BITS
+    bits = b.values.dtype == np.float32 and b.values.flags.c_contiguous
+    vbits = b.values.view(np.int32) if bits else _EMPTY_BITS
     b.run(_compiled().padded, vbits, k, cls, random, np.uint64(seed), outs=(gene, expr, mask), threads=threads, first=True)
     return {"gene_indices": gene, "expression": expr, "attention_mask": mask}
 

@@ -90,11 +90,18 @@ def _tie_end(bits, m, t, ties) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def _compact(genes, src, bits, t, gr, er) -> int:  # noqa: ANN001
+def _compact(genes, src, bits, t, lut, gr, er) -> int:  # noqa: ANN001
     """Entries with ``bits > t`` (``>= t`` for ``t`` one above the threshold) written in order
     into ``gr``/``er`` from 0, branch-free (a dropped entry is overwritten by the next kept
-    one): the count written. Indices that start at 0 and only grow: no wraparound checks."""
+    one): the count written. Indices that start at 0 and only grow: no wraparound checks.
+    The value written is ``src[i]``, or ``lut[src[i]]`` when ``lut`` is not empty (``src``
+    then holds whole counts below ``len(lut)``)."""
     w = 0
+    if len(lut):
+        for i in range(len(genes)):
+            gr[w], er[w] = genes[i], lut[np.uint32(np.int32(src[i]))]
+            w += bits[i] > t
+        return w
     for i in range(len(genes)):
         gr[w], er[w] = genes[i], src[i]
         w += bits[i] > t
@@ -102,25 +109,49 @@ def _compact(genes, src, bits, t, gr, er) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def write_kept(indices, s, src, bits, m, t, keep_ties, below, gr, er, w) -> None:  # noqa: ANN001
-    """Entries ``i`` of the row (gene ``indices[s + i]``, value ``src[i]``, float32 bits
-    ``bits[i]``) that :func:`cutoff` keeps, into ``gr``/``er`` from ``w``, in position order.
-    ``below``: how many lie below ``t`` (none: the part before the last kept tie is copied
-    whole)."""
+def write_kept(indices, s, src, bits, m, t, keep_ties, below, lut, gr, er, w) -> None:  # noqa: ANN001
+    """Entries ``i`` of the row (gene ``indices[s + i]``, value ``src[i]`` - or ``lut[src[i]]``,
+    see :func:`_compact` - float32 bits ``bits[i]``) that :func:`cutoff` keeps, into
+    ``gr``/``er`` from ``w``, in position order. ``below``: how many lie below ``t`` (none:
+    the part before the last kept tie is copied whole)."""
     genes = indices[s : s + m]
     cut = _tie_end(bits, m, t, keep_ties)
     if below:  # before the last kept tie only values below t go
-        w += _compact(genes[:cut], src[:cut], bits[:cut], t - 1, gr[w:], er[w:])
+        w += _compact(genes[:cut], src[:cut], bits[:cut], t - 1, lut, gr[w:], er[w:])
     else:
         gw, ew = gr[w : w + cut], er[w : w + cut]
         for i in range(cut):
-            gw[i], ew[i] = genes[i], src[i]
+            gw[i] = genes[i]
+        if len(lut):
+            for i in range(cut):
+                ew[i] = lut[np.uint32(np.int32(src[i]))]
+        else:
+            for i in range(cut):
+                ew[i] = src[i]
         w += cut
     end = m
     while end > cut and bits[end - 1] <= t:  # past the last kept entry: nothing to write
         end -= 1
     # every value <= t goes; the last write is a kept entry (in bounds)
-    _compact(genes[cut:end], src[cut:end], bits[cut:end], t, gr[w:], er[w:])
+    _compact(genes[cut:end], src[cut:end], bits[cut:end], t, lut, gr[w:], er[w:])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def increasing_lut(src, d, has_div, log1p, lut) -> int:  # noqa: ANN001
+    """For a row of small whole counts (below ``len(lut)``) whose preprocessing (float32) is
+    strictly increasing over ``0 .. the largest``: ``lut[c]`` = count ``c`` preprocessed, and
+    the largest count; else -1. The row's order, ties included, is then its counts' order."""
+    top = _small_counts(src, len(lut))
+    if top < 0:
+        return -1
+    prev = -np.inf
+    for c in range(top + 1):
+        x = _compute(c, d, has_div, log1p, True)
+        if not x > prev:
+            return -1
+        lut[c] = np.float32(x)
+        prev = x
+    return top
 
 
 @njit(nogil=True, cache=True)

@@ -23,6 +23,7 @@ from scmf_loader.outputs._fast import (
     cutoff,
     descending_keys,
     genes_ok,
+    increasing_lut,
     rank_ratios,
     sort_asc,
     transform_row,
@@ -210,18 +211,22 @@ def _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, st
 
 
 @njit(nogil=True, cache=True)
-def _cut_write(indices, s, src, bits, m, k, gr, er, w) -> bool:  # noqa: ANN001
-    """The ``k`` top values of a longer row written from ``w``; False: not a case for :func:`cutoff`."""
+def _cut_write(indices, s, src, bits, m, k, lut, gr, er, w) -> bool:  # noqa: ANN001
+    """The ``k`` top values of a longer row written from ``w`` (through ``lut``: see
+    :func:`_fast.write_kept`); False: not a case for :func:`cutoff`."""
     t, ties, below, ok = cutoff(bits, m, m - k)
     if ok:
-        write_kept(indices, s, src, bits, m, t, ties, below, gr, er, w)
+        write_kept(indices, s, src, bits, m, t, ties, below, lut, gr, er, w)
     return ok
 
 
 @njit(nogil=True, cache=True)
-def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, stamp, tag, row, gr, er, w) -> int:  # noqa: ANN001
+def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, stamp, tag, row, lut, gr, er, w) -> int:  # noqa: ANN001
     """A cell without subset or random truncation, float32 compute dtype: the genes kept
-    (``-1`` a bad gene id, ``-2`` a truncation :func:`_fast.cutoff` leaves to the caller)."""
+    (``-1`` a bad gene id, ``-2`` a truncation :func:`_fast.cutoff` leaves to the caller).
+    ``vbits``: the float32 values' bits (empty for other dtypes); a longer row of raw counts
+    whose preprocessing is strictly increasing is cut on its counts' bits and only its kept
+    entries are preprocessed (``lut``), else the whole row is preprocessed first."""
     m = e - s
     if m <= k:
         if not copy_genes(indices, s, e, n_genes, gr, w):
@@ -236,17 +241,19 @@ def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, pl
     if not genes_ok(indices, s, e, n_genes):
         return -1
     if plain:
-        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, gr, er, w)
+        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut[:0], gr, er, w)
+    elif len(vbits) and increasing_lut(values[s:e], d, has_div, log1p, lut) >= 0:
+        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut, gr, er, w)
     else:
         transform_row(values, s, e, d, has_div, log1p, True, table, stamp, tag, row, 0)
-        ok = _cut_write(indices, s, row[:m], row.view(np.int32)[:m], m, k, gr, er, w)
+        ok = _cut_write(indices, s, row[:m], row.view(np.int32)[:m], m, k, lut[:0], gr, er, w)
     return k if ok else -2
 
 
 @njit(nogil=True, cache=True)
 def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, cls, random, seed, first, gene, expr, mask):  # noqa: ANN001, ANN201
     """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding.
-    ``vbits``: the float32 values' bits when nothing transforms them (else empty); ``first``:
+    ``vbits``: the float32 values' bits (else empty); ``first``:
     the batch's index of cell 0 here (random truncation hashes the batch's cell index)."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
@@ -254,7 +261,8 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, 
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
     keep = np.empty(longest, np.bool_)
     table, tstamp, row = np.empty(TABLE, np.float64), np.zeros(TABLE, np.int64), np.empty(longest, np.float32)
-    plain = len(vbits) > 0
+    plain = len(vbits) > 0 and not (len(div) > 0 or log1p)
+    lut = np.empty(TABLE, np.float32)
     has_div, direct = len(div) > 0, len(colmap) == 0
     fast = direct and f32 and not random
     for c in range(len(indptr) - 1):
@@ -266,7 +274,7 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, 
         n = -2
         if fast:
             n = _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, tstamp, c + 1,
-                             row, gr, er, cls)
+                             row, lut, gr, er, cls)
             if n == -1:
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
         if n >= 0:
