@@ -11,6 +11,7 @@ row (its sum over *all* source genes) comes from the same pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from numba import njit
 from scmf_loader.errors import InvalidInputError
 from scmf_shards.scratch import scratch
 
-__all__ = ["align_csr", "copy_rows", "fill_rows", "value_range"]
+__all__ = ["align_csr", "block_bounds", "copy_rows", "fill_rows", "value_range", "warm_up"]
 
 _INSERTION_MAX = 32  # rows this short are insertion-sorted
 
@@ -187,32 +188,40 @@ def copy_rows(
 
 
 @njit(cache=True, nogil=True)
-def _fill_rows(sources, piece, start, length, row, buf):  # pragma: no cover - compiled
-    n = piece.size
-    w = 0
-    while row < n:
-        m = length[row]
-        if w + m > buf.size:
-            break
-        src = sources[piece[row]]
-        a = start[row]
-        for j in range(m):
-            buf[w + j] = src[a + j]
-        w += m
-        row += 1
-    return row, w
+def _copy_segments(src, starts, lengths, dest, out):  # pragma: no cover - compiled
+    for k in range(starts.size):
+        a = starts[k]
+        d = dest[k]
+        for j in range(lengths[k]):
+            out[d + j] = src[a + j]
 
 
-def fill_rows(sources: Any, piece: np.ndarray, start: np.ndarray, length: np.ndarray, row: int,
-              buf: np.ndarray) -> tuple[int, int]:
-    """Copy rows ``row, row + 1, ...`` (row ``k``: items ``[start[k], start[k] + length[k])``
-    of ``sources[piece[k]]``, a numba typed list of 1-d arrays of ``buf``'s dtype) into ``buf``
-    back to back, as many whole rows as fit. Returns ``(next row, items written)``; ``buf``
-    must hold the longest row: a call that writes nothing before the last row raises."""
-    nxt, w = _fill_rows(sources, piece, start, length, row, buf)
-    if w == 0 and nxt < piece.size and length[nxt] > 0:
-        raise InvalidInputError(f"fill_rows: a row of {int(length[nxt])} items does not fit a buffer of {buf.size}")
-    return nxt, w
+def block_bounds(indptr: np.ndarray, block: int) -> np.ndarray:
+    """Row boundaries ``b[0] = 0 < b[1] < ... < b[-1] = n`` splitting CSR rows (``indptr``,
+    ``n + 1`` offsets) into blocks of whole rows, each holding fewer than twice ``block`` plus
+    the longest row's items, every block at least one row."""
+    n = indptr.size - 1
+    marks = np.searchsorted(indptr, np.arange(0, int(indptr[-1]) + 1, max(int(block), 1)), side="right") - 1
+    return np.unique(np.concatenate([[0], np.clip(marks, 0, n), [n]])).astype(np.int64)
+
+
+def fill_rows(sources: Sequence[np.ndarray], by_source: Sequence[np.ndarray], start: np.ndarray,
+              indptr: np.ndarray, r0: int, r1: int, buf: np.ndarray) -> int:
+    """Copy rows ``[r0, r1)`` of a CSR array being gathered into ``buf`` back to back, and
+    return how many items that is. Row ``k`` holds items ``[start[k], start[k] + indptr[k + 1]
+    - indptr[k])`` of ``sources[s]`` for the ``s`` whose ``by_source[s]`` (ascending) lists
+    ``k``. ``buf`` must hold ``indptr[r1] - indptr[r0]`` items. One compiled call per source
+    (no typed container: numba's typed List costs ~1.5 s of compiling per process)."""
+    base = int(indptr[r0])
+    n = int(indptr[r1]) - base
+    if n > buf.size:
+        raise InvalidInputError(f"fill_rows: rows [{r0}, {r1}) hold {n} items, more than the buffer's {buf.size}")
+    for src, rows in zip(sources, by_source, strict=True):
+        lo, hi = np.searchsorted(rows, (r0, r1))
+        if hi > lo:
+            sel = rows[lo:hi]
+            _copy_segments(src, start[sel], indptr[sel + 1] - indptr[sel], indptr[sel] - base, buf)
+    return n
 
 
 @njit(cache=True, nogil=True)
@@ -238,3 +247,20 @@ def value_range(data: np.ndarray) -> tuple[bool, Any, Any]:
         return True, data.min(), data.max()
     finite, lo, hi = _value_range(data)
     return bool(finite), lo, hi
+
+
+def warm_up() -> None:
+    """Load the kernels of a default conversion (float32 values in and out) on tiny inputs, so
+    that their first real call does not pay it (numba's on-disk cache, ~0.5 s; a first run
+    compiles them once, as the conversion itself would)."""
+    from scmf_shards.medians import chunk_histogram
+
+    indptr = np.array([0, 1], dtype=np.int64)
+    indices = np.zeros(1, dtype=np.int32)
+    data = np.ones(1, dtype=np.float32)
+    value_range(data)
+    align_csr(indptr, indices, data, np.zeros(1, dtype=np.int32), True, out_dtype=np.float32)
+    chunk_histogram(indices, data, 1)
+    rows = np.zeros(1, dtype=np.int64)
+    for values in (data, indices):
+        fill_rows([values], [rows], rows, indptr, 0, 1, np.empty(1, values.dtype))

@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from scmf_loader.errors import InvalidInputError
-from scmf_shards.kernels import fill_rows
+from scmf_shards.kernels import block_bounds, fill_rows
 from scmf_shards.sources.anndata_source import AnnDataSource, _plain_dataset
 
 
@@ -78,22 +78,29 @@ def test_malformed_indptr_is_one_clear_error(tmp_path: Path) -> None:
         AnnDataSource(path).read_rows(250, 300, reuse=True)
 
 
-def test_fill_rows_blocks_equal_a_plain_gather() -> None:
-    from numba.typed import List
-
-    rng = np.random.default_rng(1)
+@pytest.mark.parametrize("block", [1, 14, 15, 64, 10_000])
+def test_fill_rows_blocks_equal_a_plain_gather(block: int) -> None:
+    rng = np.random.default_rng(block)
     sources = [rng.random(n).astype(np.float32) for n in (500, 20, 300)]
     piece = rng.integers(0, 3, 200)
     length = rng.integers(0, 15, 200)
+    length[7] = 40  # a row longer than some blocks
+    sources[piece[7]] = np.concatenate([sources[piece[7]], rng.random(40).astype(np.float32)])
     start = np.array([rng.integers(0, sources[p].size - n + 1) for p, n in zip(piece, length, strict=True)])
     expected = np.concatenate([sources[p][s : s + n] for p, s, n in zip(piece, start, length, strict=True)])
-    typed = List(sources)
-    for block in (14, 15, 64, 10_000):
-        buf = np.empty(block, np.float32)
-        out, row = [], 0
-        while row < piece.size:
-            row, w = fill_rows(typed, piece, start, length, row, buf)
-            out.append(buf[:w].copy())
-        np.testing.assert_array_equal(np.concatenate(out), expected)
-    with pytest.raises(InvalidInputError, match="does not fit"):
-        fill_rows(typed, piece, start, np.full(200, 20), 0, np.empty(14, np.float32))
+    indptr = np.concatenate([[0], np.cumsum(length)])
+    by_source = [np.flatnonzero(piece == k) for k in range(3)]
+    bounds = block_bounds(indptr, block)
+    assert bounds[0] == 0
+    assert bounds[-1] == piece.size
+    assert (np.diff(bounds) > 0).all()
+    sizes = indptr[bounds[1:]] - indptr[bounds[:-1]]
+    assert sizes.max() < 2 * block + length.max()
+    buf = np.empty(2 * block + length.max(), np.float32)
+    out = []
+    for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
+        w = fill_rows(sources, by_source, start, indptr, int(r0), int(r1), buf)
+        out.append(buf[:w].copy())
+    np.testing.assert_array_equal(np.concatenate(out), expected)
+    with pytest.raises(InvalidInputError, match="more than the buffer"):
+        fill_rows(sources, by_source, start, indptr, 0, piece.size, np.empty(3, np.float32))

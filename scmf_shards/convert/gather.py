@@ -25,7 +25,7 @@ from scmf_loader.format.writer import ARRAY_CHECKSUM
 from scmf_loader.vocab import GeneVocab
 from scmf_shards import faults
 from scmf_shards.convert.workspace import Workspace, bucket_path
-from scmf_shards.kernels import copy_rows, fill_rows
+from scmf_shards.kernels import block_bounds, copy_rows, fill_rows
 from scmf_shards.medians import VAR_COLUMN, load_medians
 from scmf_shards.plan import shard_permutation
 from scmf_shards.scratch import release as scratch_release
@@ -197,9 +197,9 @@ def _gather_csr(task: GatherTask, pieces: Sequence[BucketPiece],
     return data, indices, indptr
 
 
-#: items per block of a streamed shard array (1 MiB of int32/float32: stays in cache between
-#: the gather that fills it, its checksum and the write that copies it to the page cache)
-STREAM_BLOCK = 1 << 18
+#: items per block of a streamed shard array (4 MiB of int32/float32: cached between the gather
+#: that fills it, its checksum and the write that copies it to the page cache)
+STREAM_BLOCK = 1 << 20
 
 
 def _streamed_csr(task: GatherTask, pieces: Sequence[BucketPiece],
@@ -208,23 +208,22 @@ def _streamed_csr(task: GatherTask, pieces: Sequence[BucketPiece],
     :class:`StreamedArray`: when the writer asks, the rows are copied in shard order into a
     small block buffer, hashed and written, block by block (the same bytes as
     :func:`_gather_csr`, without a shard-sized copy)."""
-    from numba.typed import List
-
     starts = np.concatenate([p.starts for p in pieces])[perm]
     length = (np.concatenate([p.stops for p in pieces])[perm] - starts).astype(np.int64)
     piece = np.concatenate([np.full(len(p.starts), k, dtype=np.int64) for k, p in enumerate(pieces)])[perm]
+    by_piece = [np.flatnonzero(piece == k) for k in range(len(pieces))]
     indptr = np.zeros(len(starts) + 1, dtype=np.int64)
     np.cumsum(length, out=indptr[1:])
-    block = max(STREAM_BLOCK, int(length.max(initial=0)))
+    bounds = block_bounds(indptr, STREAM_BLOCK)
+    size = 2 * STREAM_BLOCK + int(length.max(initial=0))  # holds any block (block_bounds)
 
     def stream(name: str, dtype: np.dtype) -> StreamedArray:
         def write(f: Any) -> str:
-            sources = List([np.asarray(getattr(p.held, name)) for p in pieces])
-            buf = scratch(f"gather.block.{name}", block, dtype)
+            sources = [np.asarray(getattr(p.held, name)) for p in pieces]
+            buf = scratch(f"gather.block.{name}", size, dtype)
             h = hasher(ARRAY_CHECKSUM)
-            row = 0
-            while row < len(piece):
-                row, w = fill_rows(sources, piece, starts, length, row, buf)
+            for r0, r1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                w = fill_rows(sources, by_piece, starts, indptr, r0, r1, buf)
                 view = memoryview(buf[:w]).cast("B")
                 h.update(view)
                 f.write(view)
