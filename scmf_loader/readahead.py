@@ -129,9 +129,17 @@ class ReadAhead:
                 with self._moved:
                     self._entered += 1
                     self._moved.notify_all()
-            if self.populate or not self._cached.get(shard, False):  # a cached shard costs nothing
+            if self.populate or not self._verdict(shard):  # a cached shard costs nothing
                 for s, lo, hi in runs_of(request.ids, self.offsets):
                     self.store.advise(s, lo, hi, self.populate)
+
+    def _verdict(self, shard: int) -> bool:
+        """Whether ``shard`` is wholly in the page cache, once the shard thread has asked
+        (it does so as soon as the advise thread enters the shard)."""
+        with self._moved:
+            while shard not in self._cached and not self._stopped.is_set():
+                self._moved.wait()
+        return self._cached.get(shard, False)
 
     def _prepare(self, requests: Iterator[Any]) -> None:
         for k, shard in enumerate(self._shards(requests)):
@@ -140,7 +148,13 @@ class ReadAhead:
                     self._moved.wait()
             if self._stopped.is_set():
                 return
-            if hasattr(self.store, "will_need"):
+            cached = False
+            try:
+                cached = self.store.resident(shard, check=False) >= 1.0  # mincore only: no pass over it
+            finally:  # the advise thread waits for this verdict
+                with self._moved:
+                    self._cached[shard] = cached
+                    self._moved.notify_all()
+            if not cached and hasattr(self.store, "will_need"):
                 self.store.will_need(shard)  # the whole shard, read in file order, in the background
             self.store.prepare(shard)
-            self._cached[shard] = self.store.resident(shard) >= 1.0

@@ -267,10 +267,17 @@ class DatasetStore:
             finally:
                 os.close(fd)
 
-    def resident(self, shard: int) -> float:
+    def resident(self, shard: int, check: bool = True) -> float:
         """Share of ``shard``'s ``indices`` and ``data`` pages in the page cache (``mincore``;
-        1.0 where that cannot be asked). Maps the shard if needed."""
-        maps = self.csr(shard)
+        1.0 where that cannot be asked). Maps the shard if needed; with ``check=False`` a
+        shard not yet mapped is mapped just for the question (not checked, not kept)."""
+        with self._lock:
+            maps = self._maps.get(shard)
+        if maps is None and not check:
+            entry = self.manifest.shards[shard]
+            maps = map_csr(self.shard_dir(shard), entry, self.manifest.dtype)
+        elif maps is None:
+            maps = self.csr(shard)
         n = maps.indices.nbytes + maps.data.nbytes
         if not n:
             return 1.0

@@ -63,6 +63,19 @@ def epoch(loader: Any) -> tuple[float, float]:
     return time.perf_counter() - w, time.process_time() - c
 
 
+def tree_cpu() -> float:
+    """CPU seconds of this process (all its threads) and its live child processes."""
+    import contextlib
+
+    import psutil
+
+    kids = 0.0
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
+            kids += sum(child.cpu_times()[:2])
+    return time.process_time() + kids
+
+
 def _stats(n: int, times: list[float]) -> dict[str, Any]:
     return {"best": n / min(times), "median": n / statistics.median(times), "seconds": times}
 
@@ -99,10 +112,14 @@ def bench_workers(path: Path, reps: int, outputs: list[str], workers: tuple[str,
         for ld in loaders.values():
             epoch(ld)  # worker start-up and first touches out of the way
         times: dict[str, list[float]] = {w: [] for w in loaders}
+        cpu: dict[str, list[float]] = {w: [] for w in loaders}
         for _ in range(reps * (3 if name.startswith("csr") else 1)):  # cheap epochs: more of them
             for w, ld in loaders.items():
+                c = tree_cpu()
                 times[w].append(epoch(ld)[0])
-        out[name] = {w: {**_stats(len(ds), t), "worker_type": kinds[w]} for w, t in times.items()}
+                cpu[w].append(tree_cpu() - c)
+        out[name] = {w: {**_stats(len(ds), t), "worker_type": kinds[w], "cpu_seconds": cpu[w]}
+                     for w, t in times.items()}
         del loaders
         print(name, {w: f"{v['best']:,.0f}" for w, v in out[name].items()}, flush=True)
     return out
@@ -309,6 +326,16 @@ def markdown(res: dict[str, Any]) -> str:
             cells = [f"{_k(per[w]['best'])} ({_k(per[w]['median'])})" if w in per else "" for w in ws]
             r = [f"{per[w]['best'] / per['0']['best']:.2f}" if w in per else "" for w in ws[1:]]
             lines.append(f"| {name} | {kind} | " + " | ".join(cells + r) + " |")
+        lines.append("")
+        lines += ["CPU seconds of the whole process tree (loader, worker threads and processes) per epoch, median, "
+                  "relative to `0` (what the hand-over costs, whatever the load):", "",
+                  "| output | " + " | ".join(f"{w} / 0" for w in ws[1:]) + " |", "| --- |" + " ---: |" * (len(ws) - 1)]
+        for name, per in rows:
+            if "cpu_seconds" not in per.get("0", {}):
+                continue
+            base = statistics.median(per["0"]["cpu_seconds"])
+            r = [f"{statistics.median(per[w]['cpu_seconds']) / base:.2f}" if w in per else "" for w in ws[1:]]
+            lines.append(f"| {name} | " + " | ".join(r) + " |")
         lines.append("")
     if "memory" in res:
         lines += ["| 2 worker processes | peak Pss_Anon MB (tree) | peak Pss_Shmem MB (slots) | RssAnon sum MB |",
