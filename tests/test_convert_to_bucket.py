@@ -442,9 +442,13 @@ def test_staging_holds_only_the_shards_in_flight(sources: list[Path], tmp_path: 
 def test_an_upload_error_stops_the_conversion(sources: list[Path], tmp_path: Path, memory_url: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The store refuses the second shard: one error naming the URL, the conversion stops
-    (not every shard is written), no manifest is stored; the re-run finishes."""
+    (not every shard is written), no manifest is stored. The first shard was recorded; one
+    byte of it flipped in the store, the re-run does not trust the record: it puts that
+    shard again (with the missing ones), and the result verifies."""
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
+
+    from scmf_shards.upload import verify_url
 
     original = MemoryFileSystem.put_file
     gathered: list[int] = []
@@ -456,7 +460,7 @@ def test_an_upload_error_stops_the_conversion(sources: list[Path], tmp_path: Pat
 
     monkeypatch.setattr(MemoryFileSystem, "put_file", refusing)
     monkeypatch.setattr(ShardStreamer, "on_shard", _recording(ShardStreamer.on_shard, gathered))
-    opts = {**OPTS, "shard_size": 100}
+    opts = {**OPTS, "shard_size": 100, "workers": 1}
     with pytest.raises(OutputNotWritableError) as info:
         convert_h5ad(sources, memory_url, scratch_dir=str(tmp_path), **opts)
     message = str(info.value)
@@ -467,9 +471,17 @@ def test_an_upload_error_stops_the_conversion(sources: list[Path], tmp_path: Pat
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     assert "manifest.json" not in names
     assert UPLOAD_MARKER in names
+    assert fs.ls(f"{root}/{RECORDS_DIR}", detail=False) == [f"{root}/{RECORDS_DIR}/000000.json"]
+    key = f"{root}/shards/000000.zarr/X/data/c/0"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(key, bytes(data))
     monkeypatch.setattr(MemoryFileSystem, "put_file", original)
+    puts = Puts(monkeypatch)
     manifest = convert_h5ad(sources, memory_url, scratch_dir=str(tmp_path), **opts)
     assert len(manifest.shards) == 11
+    assert sorted(puts.shards()) == [s.path for s in manifest.shards]  # shard 0 again, despite its record
+    assert verify_url(memory_url) == ([], 11)
     assert fs.isfile(f"{root}/manifest.json")
     assert not fs.exists(f"{root}/{UPLOAD_MARKER}")
     assert not fs.exists(f"{root}/{RECORDS_DIR}")
