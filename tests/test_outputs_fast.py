@@ -255,3 +255,37 @@ def test_padded_fused_cut_on_counts_only_when_the_preprocessing_increases() -> N
         kw = {"max_genes": k, "divisors": div, "log1p": True}
         _equal(outputs.padded(ip, idx, v, G, backend="numba", **kw), outputs.padded(ip, idx, v, G, backend="numpy", **kw),
                f"padded fused k={k}")
+
+
+def test_threads_work_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked child does not reuse the parent's pool (its threads do not exist there): it
+    defaults to one thread and builds its own pool when asked for more."""
+    import os
+    import select
+    import signal
+
+    from scmf_loader.outputs import _threads
+
+    monkeypatch.setattr(_threads, "MIN_PART_ENTRIES", 64)
+    ip, idx, v = _counts(18, n=60)
+    ref = {k: a.copy() for k, a in outputs.padded(ip, idx, v, G, max_genes=100, threads=1).items()}
+    outputs.padded(ip, idx, v, G, max_genes=100, threads=2)  # the parent's pool exists
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report 1 for success, 0 for a wrong answer; never return into pytest
+        ok = 0
+        try:
+            default = _threads.resolve_threads(None)
+            got = outputs.padded(ip, idx, v, G, max_genes=100, threads=2)
+            ok = int(default == 1 and all(np.array_equal(got[k], ref[k]) for k in ref))
+        finally:
+            os.write(w, bytes([ok]))
+            os._exit(0)
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 120)
+    if not ready:  # a hung child (a pool thread that does not exist): end it, fail
+        os.kill(pid, signal.SIGKILL)
+    answer = os.read(r, 1) if ready else b""
+    os.waitpid(pid, 0)
+    os.close(r)
+    assert answer == b"\x01"
