@@ -155,6 +155,8 @@ class ReadAhead:
                 with self._moved:
                     self._cached[shard] = cached
                     self._moved.notify_all()
-            if not cached and hasattr(self.store, "will_need"):
+            if cached:  # its check on the reader's path costs no more than here (measured): the
+                continue  # two memory-bound passes at once only contend on a busy machine
+            if hasattr(self.store, "will_need"):
                 self.store.will_need(shard)  # the whole shard, read in file order, in the background
-            self.store.prepare(shard)
+            self.store.prepare(shard)  # mapped and checked while its pages arrive

@@ -371,6 +371,7 @@ def test_read_ahead_skips_cached_shards_and_stops() -> None:
     ahead.stop()
     ahead.join(5)
     assert store.advised == []  # residency is known before the first batch of a shard is advised
+    assert store.prepared == []  # a cached shard is checked on the reader's path, not twice at once
     assert not any(t.is_alive() for t in ahead._threads)
 
 
