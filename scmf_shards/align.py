@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -89,13 +90,15 @@ def align_rows_with_totals(
     dtype: np.dtype | str | None = None,
     row_order: np.ndarray | None = None,
     reuse: bool = False,
+    allocate: Any = None,
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """:func:`align_rows` plus each row's total over *all* its source genes (float64, the
     library size before alignment), from the same compiled pass
     (:mod:`scmf_shards.kernels`); ``dtype`` casts the values on the way; ``row_order``
     reorders the rows in the same pass (output row ``i`` is input row ``row_order[i]``);
     ``reuse`` puts the result's arrays in per-thread scratch buffers (valid until the next
-    reusing call on this thread: for a task that writes the result out before returning)."""
+    reusing call on this thread: for a task that writes the result out before returning);
+    otherwise ``allocate(n, dtype)`` may provide them (:func:`scmf_shards.kernels.align_csr`)."""
     from scmf_shards.kernels import align_csr
     from scmf_shards.scratch import csr_view
 
@@ -108,6 +111,7 @@ def align_rows_with_totals(
         matrix.indptr, matrix.indices, matrix.data, column_map(alignment),
         presorted=alignment.is_identity_order,
         out_dtype=None if dtype is None else np.dtype(dtype), row_order=row_order, reuse=reuse,
+        allocate=allocate,
     )
     out = csr_view(data, indices, indptr, (n_rows, n_cols))  # scratch views stay views
     out.has_sorted_indices = True

@@ -11,7 +11,7 @@ row (its sum over *all* source genes) comes from the same pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,7 @@ def align_csr(
     out_dtype: np.dtype | None = None,
     row_order: np.ndarray | None = None,
     reuse: bool = False,
+    allocate: Callable[[int, np.dtype], np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a CSR matrix (canonical: sorted, no duplicates) restricted to the columns with
     ``cmap[col] >= 0`` and renumbered to ``cmap[col]``, explicit zeros dropped.
@@ -121,7 +122,8 @@ def align_csr(
     columns, kept or not. ``row_order`` (a permutation of the rows) emits output row ``i``
     from input row ``row_order[i]``, so a reordering costs no separate pass. ``reuse``
     returns ``indices`` and ``data`` in this thread's scratch buffers
-    (:mod:`scmf_shards.scratch`), valid until the next reusing call."""
+    (:mod:`scmf_shards.scratch`), valid until the next reusing call; otherwise they come
+    from ``allocate(n, dtype)`` when it gives an array (e.g. :meth:`scmf_shards.arena.Arena.take`)."""
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     indices = np.ascontiguousarray(indices)
     data = np.ascontiguousarray(data)
@@ -139,8 +141,12 @@ def align_csr(
         out_indices = scratch("align.indices", data.size + 1, np.int32)
         out_data = scratch("align.data", data.size + 1, out_dtype)
     else:
-        out_indices = np.empty(data.size + 1, dtype=np.int32)
-        out_data = np.empty(data.size + 1, dtype=out_dtype)
+        out_indices = allocate(data.size + 1, np.dtype(np.int32)) if allocate is not None else None
+        if out_indices is None:
+            out_indices = np.empty(data.size + 1, dtype=np.int32)
+        out_data = allocate(data.size + 1, out_dtype) if allocate is not None else None
+        if out_data is None:
+            out_data = np.empty(data.size + 1, dtype=out_dtype)
     library_size = np.empty(n, dtype=np.float64)
     top = int(cmap.max()) if cmap.size else 0
     n_passes = max(1, (max(top, 1).bit_length() + 7) // 8)

@@ -13,11 +13,9 @@ gather tasks read them there: one write of the data instead of two, the same byt
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -41,11 +39,13 @@ from scmf_loader.format import (
 from scmf_loader.vocab import GeneVocab, resolve_vocab
 from scmf_shards import faults
 from scmf_shards.align import GeneAlignment, StoredAlignment, build_alignment, store_alignment
+from scmf_shards.arena import Arena
 from scmf_shards.convert.derived import derive_obs_columns, perturbation_manifest
 from scmf_shards.convert.diskspace import OutputGuard, estimate_bytes
 from scmf_shards.convert.gather import CELL_STATS, GatherTask, reusable_shard, run_gather
 from scmf_shards.convert.output import locked, prepare_output, remove_partial_shards
 from scmf_shards.convert.scatter import ScatterTask, run_scatter, scatter_to_memory
+from scmf_shards.convert.startup import gc_frozen, one_pass, speculative_arena, warm_up
 from scmf_shards.convert.workspace import Workspace, bucket_path
 from scmf_shards.executor import TaskRunner
 from scmf_shards.medians import NonzeroHistogram, merge_histograms, save_medians
@@ -59,8 +59,6 @@ from scmf_shards.sources.base import is_url, local_path
 
 __all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "created_by", "resolve_vocab"]
 
-#: memory a one-pass conversion may hold beyond its data and per-thread buffers (:func:`one_pass`)
-ONE_PASS_MARGIN = 128 << 20
 #: the manifest's ``preprocessing`` of a dataset that stores raw values (docs/format.md)
 RAW_PREPROCESSING = {"normalize": None, "log1p": False, "hvg": None}
 
@@ -144,6 +142,8 @@ class _Run:
     #: ``stored_shard(shard_index)``: the entry dict of a shard already stored intact where the
     #: dataset goes (an upload target's bucket, a resumed run), whose gather is skipped; or None
     stored_shard: Callable[[int], dict[str, Any] | None] | None = None
+    #: memory for a one-pass run's held rows, faulted in while the sources are checksummed
+    arena: Arena | None = None
 
 
 @dataclass
@@ -156,17 +156,9 @@ class _Plan:
     buckets: Path
 
 
-def _warm_up() -> None:
-    """Import the shard writer's libraries and load the compiled kernels (numba's on-disk
-    cache) ahead of their first use: ~1-2 s of a conversion's start, overlapped with the
-    sources' checksums. Nothing depends on it: a failure here shows up again where it matters."""
-    with contextlib.suppress(Exception):
-        import zarr  # noqa: F401
-        from anndata.experimental import write_dispatched  # noqa: F401
-
-        from scmf_shards.kernels import warm_up
-
-        warm_up()
+def _local_files(sources: Sequence[Any]) -> bool:
+    """Whether every source is a local file or store (read concurrently without sharing)."""
+    return all(getattr(s, "kind", "") != "census" and not is_url(str(getattr(s, "path", ""))) for s in sources)
 
 
 def _fingerprint(source: Any) -> dict[str, Any]:
@@ -182,22 +174,6 @@ def _categories(sources: Sequence[Any], names: list[str], columns: Sequence[str]
             values.update(v for v in s.obs_values(col) if v is not None)
         categories[col] = sorted(values)
     return categories
-
-
-@contextlib.contextmanager
-def _gc_frozen() -> Iterator[None]:
-    """Everything allocated before the conversion (imported modules: millions of objects)
-    moved out of the cyclic garbage collector's sight while it runs, and young collections
-    made rarer: its collections, triggered by the conversion's own allocations (obs frames,
-    anndata's writer), took ~5% of the CPU time. Restored afterwards."""
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(threshold[0], 50_000), *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
 
 
 def convert_sources(
@@ -225,12 +201,16 @@ def convert_sources(
                   for s in sources]
     check_preprocessing(options.preprocessing, sources, alignments)
     names = _source_names([s.path for s in sources])
-    with TaskRunner(options.workers, options.scheduler, options.quiet) as runner, _gc_frozen(), \
+    with TaskRunner(options.workers, options.scheduler, options.quiet) as runner, gc_frozen(), \
             ThreadPoolExecutor(2, thread_name_prefix="scmf-background") as background:
         # the sources' checksums (a full read of each) run while this thread reads obs, and
         # the writer's libraries and the compiled kernels load meanwhile
         pending = background.submit(runner.map, _fingerprint, list(sources), "checksum sources")
-        background.submit(_warm_up)
+        if not _local_files(sources):  # fsspec's memory:// hands every reader one shared file
+            pending.result()          # object, Census reads share contexts: one at a time there
+        background.submit(warm_up)
+        estimate = estimate_bytes(sources, options.dtype)
+        arena = speculative_arena(out, target is None, sources, estimate, options, runner)
         categories = _categories(sources, names, options.obs_columns)
         fingerprints = pending.result()
         definition = {
@@ -239,13 +219,16 @@ def convert_sources(
             "options": options.definition(),
         }
         dataset_id = compute_dataset_id(definition)
-        estimate = estimate_bytes(sources, options.dtype)
         run = _Run(out, Workspace.at(out), names, list(sources), alignments, vocab, categories,
-                   fingerprints, dataset_id, options, runner, estimate)
-        if target is not None:  # into a staging directory, then uploaded
-            return target.run(dataset_id, lambda d, on_shard=None, stored_shard=None: _write(
-                replace(run, out=d, ws=Workspace.at(d), on_shard=on_shard, stored_shard=stored_shard)))
-        return _write(run)
+                   fingerprints, dataset_id, options, runner, estimate, arena=arena)
+        try:
+            if target is not None:  # into a staging directory, then uploaded
+                return target.run(dataset_id, lambda d, on_shard=None, stored_shard=None: _write(
+                    replace(run, out=d, ws=Workspace.at(d), on_shard=on_shard, stored_shard=stored_shard)))
+            return _write(run)
+        finally:
+            if arena is not None:
+                arena.stop()  # its pages need touching no more, whether used or not
 
 
 def _write(run: _Run) -> Manifest:
@@ -275,7 +258,7 @@ def _execute(run: _Run) -> Manifest:
     memory = None
     if _all_shards_done(run, plan):  # a re-run after the last gather: nothing to read
         memory = {}
-    elif not resumed and one_pass(run.estimate, plan, run.options, run.runner):  # fits in memory
+    elif not resumed and one_pass(run.estimate, plan.sizes, run.options, run.runner):  # fits in memory
         memory = _scatter_to_memory(run, plan, stored, prep)
     else:  # through buckets; a re-run of a killed conversion too, so every attempt keeps its work
         _scatter(run, plan, stored, prep)
@@ -310,21 +293,6 @@ def _plan(run: _Run) -> _Plan:
     run.vocab.save(ws.vocab)
     faults.fault_point("driver:vocab")
     return _Plan(chunks, sizes, table, buckets)
-
-
-def one_pass(estimate: int, plan: _Plan, options: ConvertOptions, runner: TaskRunner) -> bool:
-    """Whether a conversion goes in one pass (every chunk's aligned rows held in memory,
-    shards gathered from there) rather than through scratch buckets: when its tasks run in
-    this process and what it holds at its peak fits ``options.memory_limit``: the shuffled
-    data (``estimate`` bytes, sampled from the inputs) plus, per thread, one read chunk
-    (read and aligned: twice its share of the data) and one shard being gathered, plus
-    :data:`ONE_PASS_MARGIN` (obs frames, allocator slack: measured ~70 MB, tests/test_convert_memory.py)."""
-    if not runner.in_process:
-        return False
-    n_cells = int(plan.sizes.sum())
-    per_cell = estimate / max(n_cells, 1)
-    per_thread = per_cell * (2 * options.chunk_size + int(plan.sizes.max(initial=0)))
-    return estimate + runner.threads * per_thread + ONE_PASS_MARGIN <= options.memory_limit_bytes
 
 
 def _resumed(run: _Run) -> bool:
@@ -370,8 +338,10 @@ def _scatter(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -
 
 
 def _scatter_to_memory(run: _Run, plan: _Plan, stored: list[StoredAlignment], prep: Any) -> dict[int, Any]:
-    """One-pass conversions: every read chunk aligned and held in memory, by chunk index."""
-    held = run.runner.map(scatter_to_memory, _scatter_tasks(run, plan, stored, prep), desc="read and align")
+    """One-pass conversions: every read chunk aligned and held in memory (in the run's arena
+    while it lasts), by chunk index."""
+    tasks = [replace(t, arena=run.arena) for t in _scatter_tasks(run, plan, stored, prep)]
+    held = run.runner.map(scatter_to_memory, tasks, desc="read and align")
     return {c.index: h for c, h in zip(plan.chunks, held, strict=True)}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class ScatterTask:
     allow_negative: bool = False  # data stated as normalised, no log1p (see scmf_shards.values)
     n_genes: int = 0  # vocabulary size: the length of the chunk's non-zero histogram
     histogram_path: str = ""  # where the chunk's non-zero histogram goes (Workspace.histogram)
+    #: one-pass conversions: where the held arrays come from (scmf_shards.arena.Arena, in-process)
+    arena: Any = field(default=None, repr=False, compare=False)
 
     @property
     def where(self) -> str:
@@ -113,9 +115,12 @@ def _read_and_align(task: ScatterTask, reuse: bool = True) -> _Bucket:
     alignment = task.alignment.load()
     dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
     order = np.argsort(dest, kind="stable")  # rows grouped by destination shard
+    arena = task.arena if not reuse and task.transform is None else None
     aligned, library_size = align_rows_with_totals(
         raw, alignment, dtype=task.dtype if task.transform is None else None, row_order=order,
-        reuse=reuse)  # scratch buffers: written out before this task returns
+        reuse=reuse, allocate=arena.take if arena is not None else None)  # reuse: scratch buffers,
+    if arena is not None:                                                # written out before return
+        arena.give_back(aligned.data, aligned.nnz)  # the dropped genes' slack, when last taken
     if rows.library_size is not None:  # the source knows totals over genes it did not return
         library_size = np.asarray(rows.library_size, dtype=np.float64)[order]
     extra_stats: dict[str, np.ndarray] = {}
