@@ -104,3 +104,17 @@ def test_fill_rows_blocks_equal_a_plain_gather(block: int) -> None:
     np.testing.assert_array_equal(np.concatenate(out), expected)
     with pytest.raises(InvalidInputError, match="more than the buffer"):
         fill_rows(sources, by_source, start, indptr, 0, piece.size, np.empty(3, np.float32))
+
+
+def test_prefetched_checksum_is_the_files_and_a_changed_file_is_read_again(tmp_path: Path) -> None:
+    import hashlib
+
+    from scmf_shards.sources import base
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"a" * 100_000)
+    base.prefetch_fingerprints([str(f), "memory://not/local.h5ad", str(tmp_path)])
+    assert base.source_fingerprint(str(f)) == (100_000, hashlib.sha256(b"a" * 100_000).hexdigest())
+    base.prefetch_fingerprints([str(f)])
+    f.write_bytes(b"b" * 50)  # changed after the prefetch started: not its result
+    assert base.source_fingerprint(str(f)) == (50, hashlib.sha256(b"b" * 50).hexdigest())

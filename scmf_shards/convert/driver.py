@@ -55,7 +55,7 @@ from scmf_shards.preprocess.config import allows_negative, check_preprocessing
 from scmf_shards.preprocess.stats import fit_preprocessing
 from scmf_shards.scratch import release_all as scratch_release_all
 from scmf_shards.sources import open_sources, prepare_sources
-from scmf_shards.sources.base import is_url, local_path
+from scmf_shards.sources.base import is_url, local_path, prefetch_fingerprints
 
 __all__ = ["RAW_PREPROCESSING", "convert_h5ad", "convert_sources", "created_by", "resolve_vocab"]
 
@@ -105,6 +105,7 @@ def convert_h5ad(
     elif kwargs:
         raise TypeError("pass either options or keyword arguments, not both")
     paths = [os.fspath(p) for p in inputs]
+    prefetch_fingerprints(paths)  # the checksums' reads start while the inputs are opened
     try:
         sources = open_sources(paths, options.matrix, options.gene_column,
                                allow_negative=allows_negative(options.preprocessing))
