@@ -38,6 +38,9 @@ __all__ = ["DEFAULT_DEPTH", "ReadAhead", "runs_of"]
 
 #: batches the advise thread keeps ahead of the reader
 DEFAULT_DEPTH = 8
+#: pages per array whose residency decides whether a shard is in the page cache (an evicted
+#: shard loses most of its pages, and a page the sample missed is only read on demand)
+_SAMPLES = 256
 
 
 def runs_of(ids: np.ndarray | tuple[int, int], offsets: np.ndarray) -> list[tuple[int, int, int]]:
@@ -70,7 +73,9 @@ class ReadAhead:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self._offsets = self.offsets.tolist()
         self.populate = populate
-        self._room = threading.Semaphore(max(int(depth), 1))
+        self.depth = max(int(depth), 1)
+        self._consumed = 0  # batches the reader took (it only ever increments this)
+        self._wake_at: int | None = None  # the advise thread waits until _consumed reaches it
         self._stopped = threading.Event()
         self._entered = 0  # distinct shards the advise thread has entered so far
         self._cached: dict[int, bool] = {}  # shard -> wholly in the page cache (shard thread)
@@ -83,13 +88,17 @@ class ReadAhead:
             t.start()
 
     def consumed(self) -> None:
-        """The reader took one batch: the advise thread may go one further."""
-        self._room.release()
+        """The reader took one batch: the advise thread may go one further. An integer
+        increment unless the advise thread waits (no wake-up per batch of a cached shard)."""
+        self._consumed += 1
+        wake = self._wake_at
+        if wake is not None and self._consumed >= wake:
+            with self._moved:
+                self._moved.notify_all()
 
     def stop(self) -> None:
         """End both threads (they exit at their next step)."""
         self._stopped.set()
-        self._room.release()
         with self._moved:
             self._moved.notify_all()
 
@@ -119,8 +128,8 @@ class ReadAhead:
 
     def _advise(self, requests: Iterator[Any]) -> None:
         last = -1
-        for request in requests:
-            self._room.acquire()
+        for i, request in enumerate(requests):
+            self._pace(i)  # the shard thread, which follows this one, must not run far ahead either
             if self._stopped.is_set():
                 return
             shard = self._first_shard(request.ids)
@@ -132,6 +141,18 @@ class ReadAhead:
             if self.populate or not self._verdict(shard):  # a cached shard costs nothing
                 for s, lo, hi in runs_of(request.ids, self.offsets):
                     self.store.advise(s, lo, hi, self.populate)
+
+    def _pace(self, i: int) -> None:
+        """Wait until request ``i`` is less than ``depth`` batches ahead of the reader; once
+        waiting, until it is half a depth closer (one wake-up per ``depth // 2`` batches,
+        not one per batch: each costs the reader a GIL hand-over)."""
+        if i < self._consumed + self.depth:
+            return
+        with self._moved:
+            self._wake_at = i - self.depth + 1 + self.depth // 2
+            while self._consumed < self._wake_at and not self._stopped.is_set():
+                self._moved.wait(0.05)  # bounded: a wake-up racing the flag is at worst late
+            self._wake_at = None
 
     def _verdict(self, shard: int) -> bool:
         """Whether ``shard`` is wholly in the page cache, once the shard thread has asked
@@ -150,7 +171,7 @@ class ReadAhead:
                 return
             cached = False
             try:
-                cached = self.store.resident(shard, check=False) >= 1.0  # mincore only: no pass over it
+                cached = self.store.resident(shard, check=False, samples=_SAMPLES) >= 1.0  # no pass over it
             finally:  # the advise thread waits for this verdict
                 with self._moved:
                     self._cached[shard] = cached

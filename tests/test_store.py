@@ -370,3 +370,22 @@ def test_plain_reader_leaves_the_rest_to_zarr(tmp_path: Path, loader_dataset: Pa
     assert read_plain_array(f) is None
     codes = zarr.open_group(str(shard), mode="r")["obs"]["cell_type"]["codes"][...]
     np.testing.assert_array_equal(read_plain_array(shard / "obs" / "cell_type" / "codes"), codes)
+
+
+def test_sampled_residency_sees_evicted_pages(tmp_path: Path) -> None:
+    from scmf_loader.store import _resident_fraction
+
+    f = tmp_path / "big"
+    f.write_bytes(b"\1" * (4096 * 4000))
+    a = np.memmap(f, dtype=np.uint8, mode="r")  # never touched: mincore reports the page cache
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        while os.read(fd, 1 << 20):  # read: every page cached
+            pass
+        assert _resident_fraction(a, samples=64) == _resident_fraction(a) == 1.0
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean, unmapped pages: dropped
+    finally:
+        os.close(fd)
+    assert _resident_fraction(a, samples=64) < 1.0
+    assert _resident_fraction(a) < 1.0

@@ -331,7 +331,7 @@ class _Recorder:
         with self.lock:
             self.prepared.append(shard)
 
-    def resident(self, shard: int, check: bool = True) -> float:
+    def resident(self, shard: int, check: bool = True, samples: int | None = None) -> float:
         return 1.0 if self.cached else 0.0
 
     def advise(self, shard: int, start: int, stop: int, populate: bool = False) -> None:
@@ -382,6 +382,7 @@ def test_loader_with_read_ahead_on_a_real_store(ds: CellDataset) -> None:
     store = CellDataset(ds.store.path).store
     assert 0.0 <= store.resident(1, check=False) <= 1.0
     assert store._maps == {}  # asked without mapping (or checking) the shard for good
+    assert store.resident(1, samples=2) == store.resident(1) == 1.0  # read just above: cached
     store.advise(0, 0, 5, populate=True)  # madvise on real maps: no error
     assert 0.0 <= store.resident(0) <= 1.0
 
