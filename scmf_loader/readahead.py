@@ -6,14 +6,16 @@ of every first touch; an epoch whose pages are not in the page cache waits on th
 batch by batch, in reads no larger than the kernel's fault read-around. :class:`ReadAhead`
 walks the very requests the reader will ask for, ahead of it:
 
-* a *shard* thread asks the kernel for the next shard of the sequence whole
-  (:meth:`~scmf_loader.store.DatasetStore.will_need`: ``posix_fadvise(WILLNEED)``, large
-  reads in file order, whatever order the batches take), maps and checks it
-  (:meth:`~scmf_loader.store.DatasetStore.prepare`) while the reader is still in the current
-  one, so only the first shard's check is on the reader's path, and asks whether the
-  shard's pages are all in the page cache (``mincore``);
-* an *advise* thread keeps up to ``depth`` batches ahead of the reader and, for a shard not
-  wholly cached, hands each batch's byte ranges to
+* a *shard* thread first asks whether the next shard of the sequence is in the page cache
+  (``mincore`` on 256 sampled pages per array). If not, it asks the kernel for the shard
+  whole (:meth:`~scmf_loader.store.DatasetStore.will_need`: ``posix_fadvise(WILLNEED)``,
+  large reads in file order, whatever order the batches take) and maps and checks it
+  (:meth:`~scmf_loader.store.DatasetStore.prepare`) while the reader is still in the
+  current one. A cached shard is left to the reader: its check costs no more on the
+  reader's path, and two memory-bound passes at once only contend (measured,
+  docs/benchmarks.md);
+* an *advise* thread keeps up to ``depth`` batches ahead of the reader (woken once per
+  ``depth // 2`` batches) and, for a shard not wholly cached, hands each batch's byte ranges to
   :meth:`~scmf_loader.store.DatasetStore.advise` (``MADV_WILLNEED``: the kernel reads them
   from disk in the background, in large requests, while the reader works on earlier ones;
   with ``populate``, also ``MADV_POPULATE_READ``: the pages mapped into this process).
