@@ -61,9 +61,8 @@ def check_worker_options(transform: Any, read_ahead: int, worker_type: str) -> N
 
 
 #: outputs ``"auto"`` builds in worker threads: CSR gathers (a ``memcpy`` releasing the GIL)
-#: and the compiled kernels (numba, ``nogil``); dense batches (20 MB each at 20k genes) go
-#: to processes, whose reused ring slots beat the loader's 64 MB buffer pool at that size
-THREAD_OUTPUTS = ("csr", "padded", "rank", "binned")
+#: and the compiled kernels (numba, ``nogil``): every output (measured: docs/benchmarks.md)
+THREAD_OUTPUTS = ("csr", "padded", "dense", "rank", "binned")
 
 
 def resolve_worker_type(worker_type: str, dataset: Any, output: str, transform: Any, pinned: bool = False) -> str:

@@ -263,9 +263,8 @@ class CellDataLoader:
     ``worker_type="thread"`` runs the ``num_workers`` workers as threads of this process
     (no hand-over at all; the output kernels and torch ops release the GIL, pure-Python
     transforms do not); ``"process"`` as DataLoader worker processes; ``"auto"`` (the
-    default) threads for csr, padded, rank and binned output of a dataset directory with no
-    ``transform``, no preprocessing but its recorded pipeline and no pinning, processes
-    otherwise (:func:`~scmf_loader._loader_options.resolve_worker_type`; csr gathers use
+    default) threads for every output of a dataset directory with no ``transform``, no
+    preprocessing but its recorded pipeline and no pinning, processes otherwise (:func:`~scmf_loader._loader_options.resolve_worker_type`; csr gathers use
     at most one thread per core but the caller's); :attr:`worker_type` holds the choice.
     ``read_ahead``: batches that background threads keep ahead of the reader, mapping and
     checking the next shard and asking the kernel for the next batches' pages

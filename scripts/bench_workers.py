@@ -338,7 +338,7 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(r) + " |")
         lines.append("")
     if "memory" in res:
-        lines += ["| 2 workers, default `worker_type` (padded: threads, dense: processes) | peak Pss_Anon MB (tree) | peak Pss_Shmem MB (slots) | RssAnon sum MB |",
+        lines += ["| 2 workers, default `worker_type` (threads) | peak Pss_Anon MB (tree) | peak Pss_Shmem MB (slots) | RssAnon sum MB |",
                   "| --- | ---: | ---: | ---: |"]
         for name, v in res["memory"].items():
             lines.append(f"| {name} | {v['pss_anon_mb']:.0f} | {v['pss_shmem_mb']:.0f} | {v['rss_anon_mb']:.0f} |")

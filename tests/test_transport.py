@@ -223,10 +223,9 @@ def test_transform_outputs_viewing_the_map_cross_as_references(ds: CellDataset, 
 def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
     """Threads for csr gathers of a dataset directory, processes for everything else."""
     assert CellDataLoader(ds, num_workers=2).worker_type == "thread"
-    for output in ("padded", "rank", "binned"):
+    for output in ("padded", "dense", "rank", "binned"):
         assert CellDataLoader(ds, num_workers=2, output=output, max_genes=8).worker_type == "thread"
     assert CellDataLoader(ds, num_workers=2, output="padded", max_genes=8)._threads == 2  # compute: every thread
-    assert CellDataLoader(ds, num_workers=2, output="dense").worker_type == "process"
     assert resolve_worker_type("auto", ds, "padded", None, pinned=True) == "process"  # page-locked slots
     assert CellDataLoader(ds, num_workers=2, transform=lambda b: b).worker_type == "process"
     assert CellDataLoader(CellDataset(loader_dataset, preprocessing=lambda b: b), num_workers=2).worker_type == "process"
@@ -236,7 +235,7 @@ def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
     assert CellDataLoader(ds, num_workers=64, worker_type="thread")._threads == 64  # as asked
 
 
-@pytest.mark.parametrize("output", ["csr", "padded", "rank", "binned"])
+@pytest.mark.parametrize("output", ["csr", "padded", "dense", "rank", "binned"])
 def test_thread_workers_equal_one_process_and_resume(ds: CellDataset, output: str) -> None:
     kw: dict[str, Any] = {"batch_size": 30, "seed": 7, "output": output, "max_genes": 12, "block_size": 10,
                           "drop_last": False}
