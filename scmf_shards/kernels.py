@@ -1,6 +1,6 @@
 """The converter's hot loops, compiled with numba: aligning CSR rows to the vocabulary
-(:func:`align_csr`), copying row segments into a shard (:func:`copy_rows`) and filling a
-block buffer with a shard's rows, one block at a time (:func:`fill_rows`).
+(:func:`align_csr`) and filling a block buffer with a shard's rows, one block at a time
+(:func:`fill_rows`, :func:`block_bounds`), plus one-pass value checks (:func:`value_range`).
 
 For every row the kept entries (column in the vocabulary, value non-zero) are renumbered to
 vocabulary ids and sorted by a per-row LSD radix sort (8-bit digits, two passes for
@@ -20,7 +20,7 @@ from numba import njit
 from scmf_loader.errors import InvalidInputError
 from scmf_shards.scratch import scratch
 
-__all__ = ["align_csr", "block_bounds", "copy_rows", "fill_rows", "value_range", "warm_up"]
+__all__ = ["align_csr", "block_bounds", "fill_rows", "value_range", "warm_up"]
 
 _INSERTION_MAX = 32  # rows this short are insertion-sorted
 
@@ -153,44 +153,6 @@ def align_csr(
     nnz = _align(indptr, indices, data, cmap, order, out_indptr, out_indices, out_data, library_size,
                  n_passes, presorted)
     return out_indptr, out_indices[:nnz], out_data[:nnz], library_size
-
-
-@njit(cache=True, nogil=True)
-def _copy_rows(src_data, src_indices, starts, stops, dest, out_data, out_indices):  # pragma: no cover
-    for k in range(starts.size):
-        a = starts[k]
-        d = dest[k]
-        for j in range(stops[k] - a):
-            out_data[d + j] = src_data[a + j]
-            out_indices[d + j] = src_indices[a + j]
-
-
-def copy_rows(
-    src_data: np.ndarray,
-    src_indices: np.ndarray,
-    starts: np.ndarray,
-    stops: np.ndarray,
-    dest: np.ndarray,
-    out_data: np.ndarray,
-    out_indices: np.ndarray,
-) -> None:
-    """Copy the segments ``[starts[k], stops[k])`` of ``src_data``/``src_indices`` (e.g.
-    memory maps of a bucket) to ``out_*[dest[k] : dest[k] + stops[k] - starts[k]]``: the
-    gather of a shard's rows, one compiled loop instead of two numpy slices per row."""
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    stops = np.ascontiguousarray(stops, dtype=np.int64)
-    dest = np.ascontiguousarray(dest, dtype=np.int64)
-    if not (starts.shape == stops.shape == dest.shape):
-        raise InvalidInputError("copy_rows: starts, stops and dest must have the same length")
-    if starts.size and (
-        int((stops - starts).min()) < 0
-        or int(stops.max()) > min(src_data.size, src_indices.size)
-        or int(starts.min()) < 0
-        or int(dest.min()) < 0
-        or int((dest + stops - starts).max()) > min(out_data.size, out_indices.size)
-    ):
-        raise InvalidInputError("copy_rows: a row segment lies outside its source or destination array")
-    _copy_rows(src_data, src_indices, starts, stops, dest, out_data, out_indices)
 
 
 @njit(cache=True, nogil=True)

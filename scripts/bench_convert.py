@@ -111,7 +111,8 @@ def profile(src: Path, work: Path) -> list[dict[str, Any]]:
     stages = {
         "checksum input (sha256, background thread)": ("_fingerprint",), "scatter: read rows": ("read_rows",),
         "scatter: check values": ("check_values",), "scatter: align (numba)": ("align_csr",),
-        "gather: copy rows (numba)": ("copy_rows",), "gather: write shard files": ("write_shard_files",),
+        "gather: rows into blocks (numba)": ("fill_rows",),
+        "gather: write shard files (incl. the streamed gather)": ("write_shard_files",),
         "gather: xxh3_128 of shard arrays": ("array_checksum",), "gather: other-files digest": ("other_files_digest",),
     }
     rows = [{"stage": "total (wall)", "seconds": round(wall, 2)}]

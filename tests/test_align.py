@@ -15,7 +15,7 @@ from scmf_loader.align import build_alignment, column_map
 from scmf_loader.errors import InvalidInputError, VocabularyError
 from scmf_loader.vocab import SPECIAL_TOKENS, GeneVocab
 from scmf_shards.align import GeneAlignment, align_rows, align_rows_with_totals
-from scmf_shards.kernels import align_csr, copy_rows
+from scmf_shards.kernels import align_csr
 
 
 def _reference(m: sp.csr_matrix, cmap: np.ndarray) -> sp.csr_matrix:
@@ -104,27 +104,6 @@ def test_align_rows_in_a_given_order() -> None:
     np.testing.assert_array_equal(totals, np.asarray(m.sum(axis=1, dtype=np.float64)).ravel()[order])
     with pytest.raises(InvalidInputError, match="row_order"):
         align_csr(m.indptr, m.indices, m.data, cmap, False, row_order=order[:-1])
-
-
-def test_copy_rows_matches_slices_and_checks_bounds() -> None:
-    rng = np.random.default_rng(3)
-    src_d = rng.random(100).astype(np.float32)
-    src_i = rng.integers(0, 1000, 100).astype(np.int32)
-    starts = np.array([0, 10, 40, 40, 90])
-    stops = np.array([5, 10, 55, 41, 100])
-    lengths = stops - starts
-    dest = np.array([lengths[k + 1 :].sum() for k in range(len(lengths))])  # reversed placement
-    out_d = np.zeros(lengths.sum(), np.float32)
-    out_i = np.zeros(lengths.sum(), np.int32)
-    copy_rows(src_d, src_i, starts, stops, dest, out_d, out_i)
-    exp_d = np.concatenate([src_d[a:b] for a, b in zip(starts[::-1], stops[::-1], strict=True)])
-    exp_i = np.concatenate([src_i[a:b] for a, b in zip(starts[::-1], stops[::-1], strict=True)])
-    np.testing.assert_array_equal(out_d, exp_d)
-    np.testing.assert_array_equal(out_i, exp_i)
-    with pytest.raises(InvalidInputError, match="outside"):
-        copy_rows(src_d, src_i, np.array([95]), np.array([101]), np.array([0]), out_d, out_i)
-    with pytest.raises(InvalidInputError, match="outside"):
-        copy_rows(src_d, src_i, np.array([0]), np.array([5]), np.array([out_d.size - 2]), out_d, out_i)
 
 
 # ---- build_alignment ------------------------------------------------------------------------

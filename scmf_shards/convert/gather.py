@@ -1,8 +1,9 @@
 """The gather stage: one task per shard collects its rows from every bucket (bucket files of
 a two-stage conversion, or the :class:`~scmf_shards.convert.scatter.MemoryBucket` of a
 one-pass one), applies the in-shard permutation, writes the shard (temporary name, then
-rename) and its completion record. Memory: the shard once; no bucket file stays open,
-however many chunks."""
+rename) and its completion record. The CSR arrays are streamed to their files block by block
+from where the rows lie (:func:`_streamed_csr`). Memory: small per-cell arrays and 4 MiB blocks;
+a bucket file is mapped only over this shard's stretch of it, while the shard is written."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from scmf_loader.format.writer import ARRAY_CHECKSUM
 from scmf_loader.vocab import GeneVocab
 from scmf_shards import faults
 from scmf_shards.convert.workspace import Workspace, bucket_path
-from scmf_shards.kernels import block_bounds, copy_rows, fill_rows
+from scmf_shards.kernels import block_bounds, fill_rows
 from scmf_shards.medians import VAR_COLUMN, load_medians
 from scmf_shards.plan import shard_permutation
 from scmf_shards.scratch import release as scratch_release
@@ -102,10 +103,7 @@ def run_gather(task: GatherTask) -> dict[str, Any]:
         return done
     pieces = collect_pieces(task, ws)
     perm = shard_permutation(sum(len(p.starts) for p in pieces), task.seed, task.shard, task.shuffle)
-    if pieces and all(p.held is not None for p in pieces):  # one pass: rows streamed to the files
-        data, indices, indptr = _streamed_csr(task, pieces, perm)
-    else:
-        data, indices, indptr = _gather_csr(task, pieces, perm)
+    data, indices, indptr = _streamed_csr(task, pieces, perm)  # from held chunks or mapped buckets
     cells, codes, numeric = _gather_obs(task, pieces, perm)
     content = ShardContent(
         data=data, indices=indices, indptr=indptr, n_genes=task.n_genes, cell_ids=cells,
@@ -169,34 +167,6 @@ def _held_piece(held: Any, shard: int, source: int, extra_names: list[str]) -> B
     )
 
 
-def _gather_csr(task: GatherTask, pieces: Sequence[BucketPiece],
-                perm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The shard's CSR arrays (data and indices in this thread's scratch buffers)."""
-    starts = np.concatenate([p.starts for p in pieces]) if pieces else np.zeros(0, np.int64)
-    stops = np.concatenate([p.stops for p in pieces]) if pieces else np.zeros(0, np.int64)
-    n = len(starts)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum((stops - starts)[perm], out=indptr[1:])
-    nnz = int(indptr[-1])
-    data = scratch("gather.data", nnz, task.dtype)  # reused across this thread's shards
-    indices = scratch("gather.indices", nnz, np.int32)
-    inverse = np.empty(n, dtype=np.int64)
-    inverse[perm] = np.arange(n, dtype=np.int64)
-    dest = indptr[inverse]  # where each gathered row starts in the shard
-    row = 0
-    for p in pieces:  # this shard's rows are one contiguous stretch of each bucket: read it
-        lo, hi = int(p.starts[0]), int(p.stops[-1])  # with one pread each (no map, no page faults)
-        if p.held is not None:
-            data_seg, indices_seg = p.held.data[lo:hi], p.held.indices[lo:hi]
-        else:
-            data_seg = _npy_segment(p.bucket / "data.npy", lo, hi, "gather.seg_data")
-            indices_seg = _npy_segment(p.bucket / "indices.npy", lo, hi, "gather.seg_indices")
-        copy_rows(data_seg, indices_seg, p.starts - lo, p.stops - lo, dest[row : row + len(p.starts)],
-                  data, indices)
-        row += len(p.starts)
-    return data, indices, indptr
-
-
 #: items per block of a streamed shard array (4 MiB of int32/float32: cached between the gather
 #: that fills it, its checksum and the write that copies it to the page cache)
 STREAM_BLOCK = 1 << 20
@@ -204,12 +174,18 @@ STREAM_BLOCK = 1 << 20
 
 def _streamed_csr(task: GatherTask, pieces: Sequence[BucketPiece],
                   perm: np.ndarray) -> tuple[StreamedArray, StreamedArray, np.ndarray]:
-    """The shard's CSR arrays from buckets held in memory, ``data`` and ``indices`` as
-    :class:`StreamedArray`: when the writer asks, the rows are copied in shard order into a
-    small block buffer, hashed and written, block by block (the same bytes as
-    :func:`_gather_csr`, without a shard-sized copy)."""
-    starts = np.concatenate([p.starts for p in pieces])[perm]
-    length = (np.concatenate([p.stops for p in pieces])[perm] - starts).astype(np.int64)
+    """The shard's CSR arrays, ``data`` and ``indices`` as :class:`StreamedArray`: when the
+    writer asks, the rows are copied in shard order from the buckets (held in memory, or bucket
+    files memory-mapped read-only: only this shard's stretch of each is touched, from the page
+    cache) into a small block buffer, hashed and written, block by block: no shard-sized copy."""
+    if not pieces:  # a shard with no rows (only an empty input makes one)
+        return (StreamedArray(np.dtype(task.dtype), 0, lambda f: ""), StreamedArray(np.dtype(np.int32), 0, lambda f: ""),
+                np.zeros(1, dtype=np.int64))
+    # a bucket file is mapped from this shard's first row on (_bucket_array): starts relative to it
+    base = [0 if p.held is not None else int(p.starts[0]) for p in pieces]
+    starts = np.concatenate([np.asarray(p.starts) - b for p, b in zip(pieces, base, strict=True)])[perm]
+    length = (np.concatenate([np.asarray(p.stops) - b for p, b in zip(pieces, base, strict=True)])[perm]
+              - starts).astype(np.int64)
     piece = np.concatenate([np.full(len(p.starts), k, dtype=np.int64) for k, p in enumerate(pieces)])[perm]
     by_piece = [np.flatnonzero(piece == k) for k in range(len(pieces))]
     indptr = np.zeros(len(starts) + 1, dtype=np.int64)
@@ -219,7 +195,7 @@ def _streamed_csr(task: GatherTask, pieces: Sequence[BucketPiece],
 
     def stream(name: str, dtype: np.dtype) -> StreamedArray:
         def write(f: Any) -> str:
-            sources = [np.asarray(getattr(p.held, name)) for p in pieces]
+            sources = [_bucket_array(p, name) for p in pieces]
             buf = scratch(f"gather.block.{name}", size, dtype)
             h = hasher(ARRAY_CHECKSUM)
             for r0, r1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
@@ -232,6 +208,29 @@ def _streamed_csr(task: GatherTask, pieces: Sequence[BucketPiece],
         return StreamedArray(np.dtype(dtype), int(indptr[-1]), write)
 
     return stream("data", np.dtype(task.dtype)), stream("indices", np.dtype(np.int32)), indptr
+
+
+def _bucket_array(piece: BucketPiece, name: str) -> np.ndarray:
+    """A held bucket's whole ``data`` or ``indices`` array, or the stretch of a bucket file that
+    holds this shard's rows (items ``[starts[0], stops[-1])``: one contiguous stretch per
+    bucket) memory-mapped read-only, so that the pages the gather touches, and the process's
+    resident memory, stay within this shard's bytes."""
+    if piece.held is not None:
+        return np.asarray(getattr(piece.held, name))
+    path = piece.bucket / f"{name}.npy"
+    lo, hi = int(piece.starts[0]), int(piece.stops[-1])
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+    if len(shape) != 1 or not 0 <= lo <= hi <= shape[0]:
+        raise ScmfError(f"{path}: expected a 1-d array holding items [{lo}, {hi}), found shape {shape}")
+    if hi == lo:
+        return np.zeros(0, dtype=dtype)
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset + lo * dtype.itemsize, shape=(hi - lo,)))
 
 
 def _gather_obs(task: GatherTask, pieces: Sequence[BucketPiece], perm: np.ndarray
@@ -261,25 +260,6 @@ def _shard_chunks(ws: Workspace, shard: int) -> tuple[np.ndarray, np.ndarray]:
     if plan is None or "chunk_sources" not in plan:
         raise ScmfError(f"{ws.plan}: missing or unreadable; re-run the conversion")
     return chunks, np.asarray(plan["chunk_sources"], dtype=np.int64)[chunks]
-
-
-def _npy_segment(path: Path, start: int, stop: int, role: str) -> np.ndarray:
-    """Items ``[start, stop)`` of a 1-d ``.npy`` file, read into this thread's scratch buffer
-    ``role`` (valid until the next read with that role)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        if len(shape) != 1 or not 0 <= start <= stop <= shape[0]:
-            raise ScmfError(f"{path}: expected a 1-d array holding items [{start}, {stop}), found shape {shape}")
-        out = scratch(role, stop - start, dtype)
-        f.seek(f.tell() + start * dtype.itemsize)
-        n = f.readinto(memoryview(out).cast("B"))
-    if n != out.nbytes:
-        raise ScmfError(f"{path}: truncated (read {n} of {out.nbytes} bytes)")
-    return out
 
 
 def _rows(path: Path, start: int, stop: int) -> np.ndarray:
