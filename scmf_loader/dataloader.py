@@ -382,7 +382,10 @@ class CellDataLoader:
         direct = self._fetcher.zero_copy_possible()
         self._requests.skip = self._fetcher._zero_copy if direct and (self._threads or self._loader.num_workers) else None
         if self._threads:  # worker threads: the output kernels release the GIL
-            items: Iterator[Any] = threaded(self._fetcher.read, iter(self._requests), self._threads)
+            from scmf_loader.outputs._threads import worker_thread_default
+
+            items: Iterator[Any] = threaded(self._fetcher.read, iter(self._requests), self._threads,
+                                            initializer=worker_thread_default, initargs=(self._threads,))
         elif self._loader.num_workers == 0:
             # in-process: the DataLoader would only add its per-batch bookkeeping (~0.1 ms)
             return (self._fetcher[r] for r in self._requests)

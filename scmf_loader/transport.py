@@ -322,13 +322,15 @@ class WorkerRing:
 
 
 # ---- threads ----------------------------------------------------------------------------
-def threaded(fetch: Callable[[Any], Any], requests: Iterable[Any], threads: int, depth: int | None = None) -> Iterator[Any]:
-    """``fetch(request)`` for every request, on ``threads`` threads, at most ``depth``
-    (default ``2 * threads``) ahead of the caller; results in request order."""
+def threaded(fetch: Callable[[Any], Any], requests: Iterable[Any], threads: int, depth: int | None = None,
+             initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = ()) -> Iterator[Any]:
+    """``fetch(request)`` for every request, on ``threads`` threads (each running
+    ``initializer(*initargs)`` first), at most ``depth`` (default ``2 * threads``) ahead of the
+    caller; results in request order."""
     from concurrent.futures import ThreadPoolExecutor
 
     depth = max(1, depth or 2 * threads)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="scmf-worker")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="scmf-worker", initializer=initializer, initargs=initargs)
     pending: deque[Any] = deque()
     todo = iter(requests)
     try:

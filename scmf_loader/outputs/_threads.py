@@ -5,8 +5,9 @@ How many threads (``threads`` of every output function, else :func:`set_threads`
 ``$SCMF_OUTPUT_THREADS``, else the default): by default 2 in the main thread of the main
 process when at least two CPUs are usable and one is spare (1-minute load average below
 the CPU count minus one half), and 1 anywhere else - in a DataLoader worker process, a
-forked child, or a thread other than the main one (loader worker threads) - so that workers
-that already run in parallel do not oversubscribe the cores. On a machine whose cores are
+forked child, or a thread other than the main one - so that workers that already run in
+parallel do not oversubscribe the cores; a loader's worker threads get their share of the
+spare cores instead (:func:`worker_thread_default`: 2 for a lone worker thread). On a machine whose cores are
 busy, the second thread waits for a core and the batch is slower than with one. A batch too small to pay for
 the hand-off (under :data:`MIN_PART_ENTRIES` non-zeros per part) runs in the calling thread.
 
@@ -26,13 +27,14 @@ import numpy as np
 
 from scmf_loader.errors import ConfigurationError
 
-__all__ = ["MIN_PART_ENTRIES", "parts", "resolve_threads", "run_parts", "set_threads"]
+__all__ = ["MIN_PART_ENTRIES", "parts", "resolve_threads", "run_parts", "set_threads", "worker_thread_default"]
 
 MIN_PART_ENTRIES = 32_768
 _IMPORT_PID = os.getpid()
 _setting: list[int | None] = [None]
 _pool: dict[str, Any] = {"pid": None, "size": 0, "executor": None}
 _lock = threading.Lock()
+_thread_default = threading.local()  # per loader worker thread: worker_thread_default
 
 
 def set_threads(threads: int | None) -> None:
@@ -76,12 +78,25 @@ def resolve_threads(threads: int | None) -> int:
             return _checked(int(env))
         except ValueError:
             raise ConfigurationError(f"$SCMF_OUTPUT_THREADS must be an integer >= 1, got {env!r}") from None
+    local = getattr(_thread_default, "threads", None)
+    if local is not None:  # a loader worker thread told its share (worker_thread_default)
+        return local
     if _in_worker():
         return 1
     cpus = _usable_cpus()
     if cpus < 2 or _busy(cpus):
         return 1
     return 2
+
+
+def worker_thread_default(n_workers: int) -> None:
+    """Called in each of a loader's ``n_workers`` worker threads as it starts: the default of
+    that thread becomes its share of the spare cores (2 for a lone worker thread on a machine
+    with a spare core, as the idle main thread would have had; 1 when several workers already
+    run in parallel or the cores are busy). Explicit settings still win."""
+    cpus = _usable_cpus()
+    share = cpus // max(1, int(n_workers))
+    _thread_default.threads = 2 if share >= 2 and not _busy(cpus) else 1
 
 
 def _busy(cpus: int) -> bool:
