@@ -37,11 +37,6 @@ class Arena:
         self._thread: threading.Thread | None = None
 
     @property
-    def nbytes(self) -> int:
-        """Size of the arena."""
-        return int(self._buf.nbytes) - _ALIGN
-
-    @property
     def used(self) -> int:
         """Bytes handed out so far (from the first aligned byte)."""
         return self._top - self._base

@@ -141,12 +141,12 @@ def align_csr(
         out_indices = scratch("align.indices", data.size + 1, np.int32)
         out_data = scratch("align.data", data.size + 1, out_dtype)
     else:
-        out_indices = allocate(data.size + 1, np.dtype(np.int32)) if allocate is not None else None
-        if out_indices is None:
-            out_indices = np.empty(data.size + 1, dtype=np.int32)
-        out_data = allocate(data.size + 1, out_dtype) if allocate is not None else None
-        if out_data is None:
-            out_data = np.empty(data.size + 1, dtype=out_dtype)
+        def owned(n: int, dtype: np.dtype) -> np.ndarray:
+            got = allocate(n, dtype) if allocate is not None else None
+            return got if got is not None else np.empty(n, dtype=dtype)
+
+        out_indices = owned(data.size + 1, np.dtype(np.int32))
+        out_data = owned(data.size + 1, out_dtype)
     library_size = np.empty(n, dtype=np.float64)
     top = int(cmap.max()) if cmap.size else 0
     n_passes = max(1, (max(top, 1).bit_length() + 7) // 8)

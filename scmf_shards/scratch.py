@@ -10,12 +10,13 @@ beyond their task.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 import numpy as np
 
-__all__ = ["csr_view", "release", "release_all", "scratch"]
+__all__ = ["csr_view", "map_items", "release", "release_all", "scratch"]
 
 _local = threading.local()
 
@@ -56,12 +57,20 @@ def csr_view(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: t
     import scipy.sparse as sp
 
     indptr = np.asarray(indptr)
-    if indices.dtype != np.int32 or indptr.dtype != np.int32:
-        indices = indices.astype(np.int64, copy=False) if indices.dtype != np.int32 else indices
-        if indices.dtype == np.int32 and (indptr.size == 0 or int(indptr[-1]) <= np.iinfo(np.int32).max):
-            indptr = indptr.astype(np.int32)
-        else:
-            indices, indptr = indices.astype(np.int64, copy=False), indptr.astype(np.int64, copy=False)
+    if indices.dtype == np.int32 and (indptr.size == 0 or int(indptr[-1]) <= np.iinfo(np.int32).max):
+        indptr = indptr.astype(np.int32, copy=False)
+    else:
+        indices, indptr = indices.astype(np.int64, copy=False), indptr.astype(np.int64, copy=False)
     m = sp.csr_matrix(shape, dtype=data.dtype)
     m.data, m.indices, m.indptr = data, indices, indptr
     return m
+
+
+def map_items(path: str | os.PathLike[str], dtype: np.dtype, offset: int, lo: int, hi: int) -> np.ndarray:
+    """Items ``[lo, hi)`` of an array of ``dtype`` stored raw from byte ``offset`` of a file,
+    memory-mapped read-only over just those bytes (read from the page cache, no fresh memory;
+    the pages count in the process's resident memory only while the array lives)."""
+    dtype = np.dtype(dtype)
+    if hi == lo:
+        return np.zeros(0, dtype=dtype)
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset + lo * dtype.itemsize, shape=(hi - lo,)))

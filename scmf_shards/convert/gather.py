@@ -29,8 +29,8 @@ from scmf_shards.convert.workspace import Workspace, bucket_path
 from scmf_shards.kernels import block_bounds, fill_rows
 from scmf_shards.medians import VAR_COLUMN, load_medians
 from scmf_shards.plan import shard_permutation
+from scmf_shards.scratch import map_items, scratch
 from scmf_shards.scratch import release as scratch_release
-from scmf_shards.scratch import scratch
 from scmf_shards.write import ShardContent, StreamedArray, attempt_name, write_shard
 
 __all__ = ["CELL_STATS", "BucketPiece", "GatherTask", "reusable_shard", "run_gather"]
@@ -228,9 +228,7 @@ def _bucket_array(piece: BucketPiece, name: str) -> np.ndarray:
         offset = f.tell()
     if len(shape) != 1 or not 0 <= lo <= hi <= shape[0]:
         raise ScmfError(f"{path}: expected a 1-d array holding items [{lo}, {hi}), found shape {shape}")
-    if hi == lo:
-        return np.zeros(0, dtype=dtype)
-    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=offset + lo * dtype.itemsize, shape=(hi - lo,)))
+    return map_items(path, dtype, offset, lo, hi)
 
 
 def _gather_obs(task: GatherTask, pieces: Sequence[BucketPiece], perm: np.ndarray

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from scmf_loader.errors import InvalidInputError, ScmfError
-from scmf_shards.scratch import csr_view
+from scmf_shards.scratch import csr_view, map_items, scratch
 from scmf_shards.sources.anndata_frames import Frame
 from scmf_shards.sources.base import (
     RowChunk,
@@ -296,7 +296,8 @@ class AnnDataSource:
         if not 0 <= lo <= hi <= node["data"].shape[0] or node["indices"].shape != node["data"].shape:
             raise self._fail(f"'{self._x_key}/indptr' is malformed near rows [{start}, {stop})")
         if mapped:
-            indices, data = (_map_range(local_path(self.path), node[k], lo, hi) for k in ("indices", "data"))
+            indices, data = (map_items(local_path(self.path), node[k].dtype, node[k].id.get_offset(), lo, hi)
+                             for k in ("indices", "data"))
         else:
             indices, data = (_read_range(node[k], lo, hi, f"h5ad.{k}") for k in ("indices", "data"))
         return csr_view(data, indices, indptr - lo, (stop - start, self.n_genes))
@@ -317,23 +318,13 @@ class AnnDataSource:
 
 def _plain_dataset(ds: Any) -> bool:
     """Whether an HDF5 dataset is 1-d, contiguous, unfiltered and little-endian: its bytes lie
-    in the file as they are in memory."""
+    in the file as they are in memory (:func:`~scmf_shards.scratch.map_items` maps them)."""
     return (len(ds.shape) == 1 and ds.chunks is None and ds.id.get_offset() is not None
             and ds.id.get_create_plist().get_nfilters() == 0 and ds.dtype.byteorder in "<=|")
 
 
-def _map_range(path: str, ds: Any, lo: int, hi: int) -> np.ndarray:
-    """Items ``[lo, hi)`` of a plain dataset (:func:`_plain_dataset`), memory-mapped read-only."""
-    if hi == lo:
-        return np.zeros(0, dtype=ds.dtype)
-    return np.asarray(np.memmap(path, dtype=ds.dtype, mode="r", offset=ds.id.get_offset() + lo * ds.dtype.itemsize,
-                                shape=(hi - lo,)))
-
-
 def _read_range(ds: Any, lo: int, hi: int, role: str) -> np.ndarray:
     """Items ``[lo, hi)`` of an HDF5 dataset, read into this thread's scratch buffer ``role``."""
-    from scmf_shards.scratch import scratch
-
     out = scratch(role, hi - lo, ds.dtype)
     if hi > lo:
         ds.read_direct(out, np.s_[lo:hi])

@@ -191,7 +191,7 @@ def prefetch_fingerprints(paths: Sequence[str]) -> None:
     def run() -> None:
         for local, fut in todo:
             try:
-                fut.set_result(_sha256_file(local))
+                fut.set_result(_sha256(local))
             except BaseException as exc:  # noqa: BLE001 - handed to whoever asks
                 fut.set_exception(exc)
 
@@ -199,9 +199,16 @@ def prefetch_fingerprints(paths: Sequence[str]) -> None:
         threading.Thread(target=run, name="scmf-prefetch-checksum", daemon=True).start()
 
 
-def _sha256_file(local: str) -> tuple[int, str]:
+def _sha256(path: str) -> tuple[int, str]:
+    """(size, sha256 hex) of a file (local or fsspec URL), streamed."""
     h = hashlib.sha256()
-    return _hash_stream(open(local, "rb"), h), h.hexdigest()  # noqa: SIM115
+    if is_url(path):
+        import fsspec
+
+        opener: Any = fsspec.open(path, "rb")
+    else:
+        opener = open(local_path(path), "rb")  # noqa: SIM115
+    return _hash_stream(opener, h), h.hexdigest()
 
 
 def source_fingerprint(path: str) -> tuple[int, str]:
@@ -215,14 +222,7 @@ def source_fingerprint(path: str) -> tuple[int, str]:
             size, digest = fut.result()
             if _file_key(local_path(path)) == key:  # unchanged while it was read
                 return size, digest
-    h = hashlib.sha256()
-    if is_url(path):
-        import fsspec
-
-        opener: Any = fsspec.open(path, "rb")
-    else:
-        opener = open(local_path(path), "rb")  # noqa: SIM115
-    return _hash_stream(opener, h), h.hexdigest()
+    return _sha256(path)
 
 
 def tree_fingerprint(path: str) -> tuple[int, str]:
