@@ -125,6 +125,24 @@ def bench_workers(path: Path, reps: int, outputs: list[str], workers: tuple[str,
     return out
 
 
+def _calibrate(run: Any, ms: float, unit: int = 1, seconds: float = 0.3) -> int:
+    """Iterations of ``run(k)`` (k iterations) costing ``ms`` of CPU each call: warmed up
+    first (the first calls of a torch op cost ~10x the later ones), then timed over at
+    least ``seconds`` of CPU, best of 3 (another process may share the core)."""
+    run(10 * unit)
+    k, per = unit, []
+    while True:
+        t = time.process_time()
+        run(k)
+        dt = time.process_time() - t
+        if dt >= seconds / 3:
+            per.append(dt / k)
+            if len(per) == 3:
+                return max(1, round(ms / 1e3 / min(per)))
+        else:
+            k *= 2
+
+
 class BurnTorch:
     """~``ms`` of CPU per batch in torch ops (which release the GIL)."""
 
@@ -132,16 +150,16 @@ class BurnTorch:
         import torch
 
         self.x = torch.rand(1 << 16)
-        t = time.process_time()
-        for _ in range(50):
-            torch.exp(self.x)
-        self.n = max(1, round(ms / 1e3 / ((time.process_time() - t) / 50)))
+        self.n = _calibrate(self._burn, ms)
 
-    def __call__(self, batch: Any) -> Any:
+    def _burn(self, n: int) -> None:
         import torch
 
-        for _ in range(self.n):
+        for _ in range(n):
             torch.exp(self.x)
+
+    def __call__(self, batch: Any) -> Any:
+        self._burn(self.n)
         return batch
 
 
@@ -149,9 +167,7 @@ class BurnPython:
     """~``ms`` of CPU per batch in pure Python (holding the GIL)."""
 
     def __init__(self, ms: float = 3.0) -> None:
-        t = time.process_time()
-        self._spin(100_000)
-        self.n = max(1, round(100_000 * ms / 1e3 / (time.process_time() - t)))
+        self.n = _calibrate(self._spin, ms, unit=1000)
 
     @staticmethod
     def _spin(n: int) -> int:
