@@ -156,6 +156,11 @@ def _convert_sizes(inputs: dict[str, Path], tmp_path: Path, limit: str) -> dict[
              "--shard-size", str(SHARD_SIZE), "--obs-columns", "cell_type", "--workers", "2",
              "--memory-limit", limit, "--quiet"], tmp_path / f"{which}.json")
         n_cells = {"small": SMALL_CELLS, "big": BIG_CELLS}[which]
+        # and what was written is intact (structure, values, checksums): a one-pass run's
+        # page prefaulting once zeroed rows already held while the shards' checksums agreed
+        from scmf_shards.verify import verify_dataset
+
+        assert verify_dataset(ds) == []
         print(f"\n--workers 2 --memory-limit {limit}, {n_cells:,} cells (CSR {csr_bytes(n_cells) / MB:.0f} MB, "
               f"chunk {CHUNK_SIZE}, shard {SHARD_SIZE}): peak RSS {out[which]['peak_mb']:.0f} MB (after imports "
               f"{out[which]['base_mb']:.0f} MB, conversion +{out[which]['added_mb']:.0f} MB), "
