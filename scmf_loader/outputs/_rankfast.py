@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from scmf_loader.outputs._fast import TABLE, _compute, _small_counts, genes_ok
+from scmf_loader.outputs._fast import TABLE, _small_counts, count_value, genes_ok
 
 MAX_CLASSES = 63  # distinct valid medians handled here (one more class: invalid medians)
 _CLS, _PAD = 3, 0
@@ -157,7 +157,7 @@ def _scatter(genes, idx, bucket_of, starts, out) -> None:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def rank_counts(indices, values, s, e, n_genes, cls_of, cmed, d, has_div, log1p, sc, k, cls, gr) -> int:  # noqa: ANN001
+def rank_counts(indices, values, s, e, n_genes, cls_of, cmed, d, has_div, log1p, tab, sc, k, cls, gr) -> int:  # noqa: ANN001
     """One rank row (float32 compute dtype, no subset) when the row holds small whole counts:
     the genes written into ``gr`` after ``cls`` (``-1`` a bad gene id, ``-2`` not this case).
     ``cls_of``: each gene's median class (``len(cmed)`` for an invalid median); ``cmed``:
@@ -167,14 +167,14 @@ def rank_counts(indices, values, s, e, n_genes, cls_of, cmed, d, has_div, log1p,
     m = e - s
     if m == 0:
         return 0
-    top = _small_counts(src, TABLE)
+    top = _small_counts(src, min(TABLE, len(tab)) if log1p else TABLE)
     if top < 0:
         return -2
     if not genes_ok(indices, s, e, n_genes):
         return -1
     w = top + 1
     for c in range(w):
-        table[c] = np.float32(_compute(c, d, has_div, log1p, True))
+        table[c] = np.float32(count_value(c, d, has_div, log1p, True, tab))
     n_classes = len(cmed)
     pairs = (n_classes + 1) * TABLE
     n = _histogram(genes, src, cls_of, w, n_classes, idx, hist, seen, pairs)

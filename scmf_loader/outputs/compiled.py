@@ -20,6 +20,7 @@ from scmf_loader.outputs._fast import (
     TABLE,
     _compute,
     copy_genes,
+    count_index,
     cutoff,
     descending_keys,
     genes_ok,
@@ -221,9 +222,10 @@ def _cut_write(indices, s, src, bits, m, k, lut, gr, er, w) -> bool:  # noqa: AN
 
 
 @njit(nogil=True, cache=True)
-def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, stamp, tag, row, lut, gr, er, w) -> int:  # noqa: ANN001
+def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, tab, ix, row, lut, gr, er, w) -> int:  # noqa: ANN001
     """A cell without subset or random truncation, float32 compute dtype: the genes kept
-    (``-1`` a bad gene id, ``-2`` a truncation :func:`_fast.cutoff` leaves to the caller).
+    (``-1`` a bad gene id, ``-2`` a truncation :func:`_fast.cutoff` leaves to the caller, or
+    with ``log1p`` a row that is not small whole counts: see :func:`_fast.transform_row`).
     ``vbits``: the float32 values' bits (empty for other dtypes); a longer row of raw counts
     whose preprocessing is strictly increasing is cut on its counts' bits and only its kept
     entries are preprocessed (``lut``), else the whole row is preprocessed first."""
@@ -235,32 +237,36 @@ def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, pl
             src, dst = values[s:e], er[w : w + m]
             for j in range(m):
                 dst[j] = src[j]
-        else:
-            transform_row(values, s, e, d, has_div, log1p, True, table, stamp, tag, er, w)
+        elif not transform_row(values, s, e, d, has_div, log1p, True, table, tab, ix, er, w):
+            return -2
         return m
     if not genes_ok(indices, s, e, n_genes):
         return -1
     if plain:
         ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut[:0], gr, er, w)
-    elif len(vbits) and increasing_lut(values[s:e], d, has_div, log1p, lut) >= 0:
+    elif len(vbits) and increasing_lut(values[s:e], d, has_div, log1p, tab, lut) >= 0:
         ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut, gr, er, w)
+    elif not transform_row(values, s, e, d, has_div, log1p, True, table, tab, ix, row, 0):
+        return -2
     else:
-        transform_row(values, s, e, d, has_div, log1p, True, table, stamp, tag, row, 0)
         ok = _cut_write(indices, s, row[:m], row.view(np.int32)[:m], m, k, lut[:0], gr, er, w)
     return k if ok else -2
 
 
 @njit(nogil=True, cache=True)
-def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, cls, random, seed, first, gene, expr, mask):  # noqa: ANN001, ANN201
+def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, vbits, k, cls, random, seed, first, gene, expr,
+           mask, flag):  # noqa: ANN001, ANN201
     """Padded tokens: per row ``<cls>``?, the kept genes in vocabulary order, padding.
     ``vbits``: the float32 values' bits (else empty); ``first``:
-    the batch's index of cell 0 here (random truncation hashes the batch's cell index)."""
+    the batch's index of cell 0 here (random truncation hashes the batch's cell index).
+    ``ltab``/``flag``: see :func:`preprocess` (with ``log1p`` only rows of small whole counts
+    are written here, in the float32 fast path)."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
     keep = np.empty(longest, np.bool_)
-    table, tstamp, row = np.empty(TABLE, np.float64), np.zeros(TABLE, np.int64), np.empty(longest, np.float32)
+    table, ix, row = np.empty(TABLE, np.float32), np.empty(longest, np.int32), np.empty(longest, np.float32)
     plain = len(vbits) > 0 and not (len(div) > 0 or log1p)
     lut = np.empty(TABLE, np.float32)
     has_div, direct = len(div) > 0, len(colmap) == 0
@@ -273,10 +279,14 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, 
         d = div[c] if has_div else 1.0
         n = -2
         if fast:
-            n = _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, tstamp, c + 1,
+            tab = ltab[c] if len(ltab) > 1 else ltab[0]
+            n = _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, plain, table, tab, ix,
                              row, lut, gr, er, cls)
             if n == -1:
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
+        if n < 0 and log1p:
+            flag[c] = 1
+            continue
         if n >= 0:
             pass
         elif direct and e - s <= k:
@@ -311,24 +321,34 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, vbits, k, 
 
 
 @njit(nogil=True, cache=True)
-def dense(indptr, indices, values, n_genes, div, log1p, f32, colmap, out):  # noqa: ANN001, ANN201
-    """Dense rows: zeros, then each kept value at its column (``colmap[gene]`` with a subset)."""
-    bad, _ = _check_indptr(indptr, min(len(indices), len(values)))
+def dense(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, out, flag):  # noqa: ANN001, ANN201
+    """Dense rows: zeros, then each kept value at its column (``colmap[gene]`` with a subset).
+    ``ltab``/``flag``: see :func:`preprocess`."""
+    bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
     memo, stamp = np.empty(_MEMO, np.float64), np.zeros(_MEMO, np.int64)
+    ix = np.empty(longest if log1p else 0, np.int32)
     has_div, has_map, transform = len(div) > 0, len(colmap) > 0, len(div) > 0 or log1p
     for c in range(len(indptr) - 1):
         row = out[c]
+        s, e = indptr[c], indptr[c + 1]
+        if log1p:
+            tab = ltab[c] if len(ltab) > 1 else ltab[0]
+            if count_index(values[s:e], len(tab), ix) < 0:
+                flag[c] = 1
+                continue
         row[:] = 0
         d = div[c] if has_div else 1.0
-        for j in range(indptr[c], indptr[c + 1]):
+        for j in range(s, e):
             g = indices[j]
             if g < 0 or g >= n_genes:
                 return BAD_INDEX, j
             col = colmap[g] if has_map else g
             if col >= 0:
-                if transform:
+                if log1p:
+                    row[col] = tab[ix[j - s]]
+                elif transform:
                     row[col] = _value(values[j], d, has_div, log1p, f32, memo, stamp, c + 1)
                 else:
                     row[col] = values[j]
@@ -351,9 +371,10 @@ def _ratios(sg, sv, m, medians, f32) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, cls_of, cmed, k, cls, gene, mask):  # noqa: ANN001, ANN201
+def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, medians, cls_of, cmed, k, cls, gene, mask, flag):  # noqa: ANN001, ANN201
     """Rank-value tokens: genes by value / median descending (ties: lower gene id). ``cls_of``
-    and ``cmed``: the medians' classes for :func:`_rankfast.rank_counts` (empty: not used)."""
+    and ``cmed``: the medians' classes for :func:`_rankfast.rank_counts` (empty: not used).
+    ``ltab``/``flag``: see :func:`preprocess`."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
@@ -364,7 +385,7 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, cls
     rat, k32, sk32 = np.empty(longest, np.float32), np.empty(longest, np.uint32), np.empty(longest, np.uint32)
     pay, spay = np.empty(longest, np.int32), np.empty(longest, np.int32)
     ucounts = np.empty(COUNTS, np.uint64)
-    table, tstamp = np.empty(TABLE, np.float64), np.zeros(TABLE, np.int64)
+    table, ix = np.empty(TABLE, np.float32), np.empty(longest, np.int32)
     med_ok = True
     for g in range(len(medians)):
         med_ok &= (medians[g] > 0) & (medians[g] < np.inf)
@@ -372,11 +393,12 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, cls
     sc = rank_scratch(longest if by_pairs else 0, len(cmed) if by_pairs else 0)
     for c in range(len(indptr) - 1):
         gr, mr = gene[c], mask[c]
+        tab = ltab[c] if len(ltab) > 1 else ltab[0]
         n = -2
         if by_pairs:
             s, e = indptr[c], indptr[c + 1]
             d = div[c] if has_div else 1.0
-            n = rank_counts(indices, values, s, e, n_genes, cls_of, cmed, d, has_div, log1p, sc, k, cls, gr)
+            n = rank_counts(indices, values, s, e, n_genes, cls_of, cmed, d, has_div, log1p, tab, sc, k, cls, gr)
             if n == -1:
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
         if n >= 0:
@@ -386,14 +408,19 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, cls
             if not genes_ok(indices, s, e, n_genes):
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
             d = div[c] if has_div else 1.0
-            m = rank_ratios(indices, values, s, e, medians, med_ok, d, has_div, log1p, plain, table, tstamp, c + 1, rat,
-                            pay)
+            m = rank_ratios(indices, values, s, e, medians, med_ok, d, has_div, log1p, plain, table, tab, ix, rat, pay)
+            if m < 0:  # log1p of a row that is not small whole counts: numpy's numbers (the caller)
+                flag[c] = 1
+                continue
             descending_keys(rat[:m], k32)
             sort_asc(k32, pay, m, sk32, spay, ucounts)
             n = min(m, k)
             out = gr[cls : cls + n]
             for i in range(n):
                 out[i] = spay[i]
+        elif log1p:
+            flag[c] = 1
+            continue
         else:
             m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, True, sg, sv, sp, memo, stamp)
             if m < 0:
@@ -413,9 +440,10 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, medians, cls
 
 
 @njit(nogil=True, cache=True)
-def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls, random, seed, first, gene, expr, mask):  # noqa: ANN001, ANN201
+def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, qs, k, cls, random, seed, first, gene, expr,
+           mask, flag):  # noqa: ANN001, ANN201
     """Binned tokens: padded layout with per-cell quantile bins as ``expression`` (``first``: as
-    in :func:`padded`)."""
+    in :func:`padded`; ``ltab``/``flag``: see :func:`preprocess`)."""
     bad, longest = _check_indptr(indptr, min(len(indices), len(values)))
     if bad >= 0:
         return BAD_INDPTR, bad
@@ -429,12 +457,16 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls
         if fast:
             s, e = indptr[c], indptr[c + 1]
             d = div[c] if has_div else 1.0
-            n = binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, qs, k, cls, hist, xs, bins, edges,
+            tab = ltab[c] if len(ltab) > 1 else ltab[0]
+            n = binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k, cls, hist, xs, bins, edges,
                               gene[c], expr[c], mask[c])
             if n == -1:
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
             if n >= 0:
                 continue
+        if log1p:
+            flag[c] = 1
+            continue
         m = _load(indptr, indices, values, c, n_genes, div, log1p, f32, colmap, False, sg, sv, sp, memo, stamp)
         if m < 0:
             return BAD_INDEX, -1 - m
@@ -458,17 +490,25 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, qs, k, cls
 
 
 @njit(nogil=True, cache=True)
-def preprocess(indptr, values, div, log1p, f32, out):  # noqa: ANN001, ANN201
+def preprocess(indptr, values, div, log1p, f32, ltab, out, flag):  # noqa: ANN001, ANN201
     """``out[j]``: value ``j`` of ``[indptr[0], indptr[-1])`` divided by its cell's divisor and
-    ``log1p``'d (the compute dtype: ``out``'s), read and written once; ``log1p`` once per
-    distinct small whole count of a cell."""
-    bad, _ = _check_indptr(indptr, len(values))
+    ``log1p``'d (the compute dtype: ``out``'s), read and written once.
+
+    ``log1p`` is numpy's (the compiled ``log1p`` differs from it in the last bit for some
+    inputs): ``ltab`` holds, per cell (one row for all when there are no divisors), the
+    whole counts ``0 .. T-1`` preprocessed by numpy (:func:`scmf_loader.outputs.log_tables`),
+    and a row of such counts is a lookup; any other row is left to the caller, which
+    finds ``flag[c]`` set and computes it with numpy. Without ``log1p`` every row is
+    written here (a division is the same in both)."""
+    bad, longest = _check_indptr(indptr, len(values))
     if bad >= 0:
         return BAD_INDPTR, bad
-    table, tstamp = np.empty(TABLE, np.float64), np.zeros(TABLE, np.int64)
+    table, ix = np.empty(TABLE, out.dtype), np.empty(longest, np.int32)  # the table in out's dtype: no conversions
     has_div, base = len(div) > 0, indptr[0] if len(indptr) else 0
     for c in range(len(indptr) - 1):
         d = div[c] if has_div else 1.0
-        transform_row(values, indptr[c], indptr[c + 1], d, has_div, log1p, f32, table, tstamp, c + 1, out,
-                      indptr[c] - base)
+        tab = ltab[c] if len(ltab) > 1 else ltab[0]
+        if not transform_row(values, indptr[c], indptr[c + 1], d, has_div, log1p, f32, table, tab, ix, out,
+                             indptr[c] - base):
+            flag[c] = 1
     return 0, 0
