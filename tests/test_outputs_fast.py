@@ -289,3 +289,63 @@ def test_threads_work_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -> None
     os.waitpid(pid, 0)
     os.close(r)
     assert answer == b"\x01"
+
+
+def test_log_tables_are_numpys_numbers() -> None:
+    """The kernels look fused counts up in numpy's table: transform_values' numbers for every
+    count (numpy's SIMD log1p and the compiled one differ in the last bit for some inputs)."""
+    div = np.random.default_rng(20).uniform(0.01, 50, 37)
+    for dtype in (np.float32, np.float64):
+        d = div.astype(dtype)
+        tab = outputs.log_tables(d, len(d), dtype == np.float32)
+        assert tab.shape == (37, outputs.LOG_TABLE)
+        assert tab.dtype == dtype
+        counts = np.tile(np.arange(outputs.LOG_TABLE, dtype=dtype), len(d))
+        ip = np.arange(0, len(counts) + 1, outputs.LOG_TABLE)
+        np.testing.assert_array_equal(tab.reshape(-1), transform_values(counts, ip, d, True))
+        one = outputs.log_tables(None, 5, dtype == np.float32)
+        np.testing.assert_array_equal(one[0], np.log1p(np.arange(outputs.LOG_TABLE, dtype=dtype)))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_log1p_rows_the_table_does_not_cover_take_numpys_numbers(monkeypatch: pytest.MonkeyPatch,
+                                                                        threads: int) -> None:
+    """A batch mixing count rows within the log table, count rows above it, fractional rows and
+    a run of such rows at either end: every output equals the numpy backend bit for bit, on
+    one thread and on several (the flagged rows are redone from numpy's values)."""
+    from scmf_loader.outputs import _threads
+
+    monkeypatch.setattr(_threads, "MIN_PART_ENTRIES", 64)
+    ip, idx, v = _counts(21, n=50)
+    v = v.copy()
+    lim = outputs.LOG_TABLE
+    for c in (0, 1, 2, 7, 8, 30, 48, 49):  # empty, single-gene, long; a run of two; the last two
+        if ip[c + 1] > ip[c]:
+            v[ip[c + 1] - 1] = lim + c  # a count just past the table
+    v[ip[12] + 1] = lim - 1  # the largest count the table holds
+    v[ip[20] : ip[21]] += 0.25  # not whole counts
+    v[ip[25]] = 1e6
+    div = np.random.default_rng(22).uniform(0.3, 3, len(ip) - 1).astype(np.float32)
+    med = np.random.default_rng(23).choice([1.0, 2.0, 0.5, 3.0], G).astype(np.float32)
+    calls = {
+        "padded": lambda b: outputs.padded(ip, idx, v, G, max_genes=100, divisors=div, log1p=True, backend=b, threads=threads),
+        "padded_wide": lambda b: outputs.padded(ip, idx, v, G, max_genes=400, divisors=div, log1p=True, backend=b,
+                                                threads=threads),
+        "padded_random": lambda b: outputs.padded(ip, idx, v, G, max_genes=50, truncation="random", seed=9, log1p=True,
+                                                  backend=b, threads=threads),
+        "padded_genes": lambda b: outputs.padded(ip, idx, v, G, max_genes=60, genes=np.arange(0, G, 2), divisors=div,
+                                                 log1p=True, backend=b, threads=threads),
+        "rank": lambda b: outputs.rank(ip, idx, v, G, med, max_genes=100, divisors=div, log1p=True, backend=b,
+                                       threads=threads),
+        "binned": lambda b: outputs.binned(ip, idx, v, G, max_genes=100, divisors=div, log1p=True, backend=b,
+                                           threads=threads),
+        "dense": lambda b: {"x": outputs.dense(ip, idx, v, G, divisors=div, log1p=True, backend=b, threads=threads)},
+        "dense_f64": lambda b: {"x": outputs.dense(ip, idx, v.astype(np.float64), G, divisors=div.astype(np.float64),
+                                                   log1p=True, backend=b, threads=threads)},
+        "preprocess": lambda b: {"x": outputs.preprocess(ip, v, div, True, backend=b, threads=threads)},
+        "preprocess_no_div": lambda b: {"x": outputs.preprocess(ip, v, None, True, backend=b, threads=threads)},
+    }
+    for name, call in calls.items():
+        _equal(call("numba"), call("numpy"), f"{name} threads={threads}")
+    ref = transform_values(v, ip, div, True)
+    np.testing.assert_array_equal(outputs.preprocess(ip, v, div, True, threads=threads), ref)
