@@ -16,6 +16,10 @@ per-batch bookkeeping.
 
 from __future__ import annotations
 
+import inspect
+import sys
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +53,16 @@ from scmf_loader.transport import (
 
 __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 
+#: the GIL switch interval of worker processes (seconds; Python's default is 0.005). A
+#: worker's result leaves through its queue's feeder thread, which needs the GIL while the
+#: worker already runs the next batch: with the default a pure-Python transform kept each
+#: result waiting ~3 ms in the worker (measured: docs/benchmarks.md, issue 11)
+WORKER_SWITCH_INTERVAL = 0.0002
+#: how long a worker process waits before answering a hold (see :class:`_Feed`)
+_HOLD_SECONDS = 0.001
+#: the DataLoader can hand results over as they come (torch >= 2.6); the loader restores
+#: the order itself, so a worker that got less CPU does not stall the others
+_UNORDERED = "in_order" in inspect.signature(torch.utils.data.DataLoader.__init__).parameters
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,38 @@ class _Ref:
     """A worker's answer for a zero-copy batch: the main process builds the views."""
 
     request: _Request
+
+
+@dataclass(frozen=True)
+class _Hold:
+    """What the DataLoader sends a worker while the loader holds too many results that
+    arrived ahead of the one it waits for: the worker answers after :data:`_HOLD_SECONDS`."""
+
+
+_HOLD = _Hold()
+
+
+class _Feed:
+    """The requests of one iteration as the DataLoader takes them (worker processes, results
+    as they come): it records the order they went out in, so that :meth:`CellDataLoader._ordered`
+    can restore it, and sends holds instead while ``pending`` (results that came early) is at
+    ``limit``, so that a stalled worker does not let the others fill memory."""
+
+    def __init__(self, requests: Iterator[_Request], limit: int) -> None:
+        self.requests = requests
+        self.limit = limit
+        self.sent: deque[int] = deque()  # positions sent to workers and not yet handed out, in order
+        self.pending: dict[int, Any] = {}  # results that came before the one awaited
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> _Request | _Hold:
+        if len(self.pending) >= self.limit and self.sent:
+            return _HOLD
+        request = next(self.requests)
+        self.sent.append(request.position)
+        return request
 
 
 def _identity(x: Any) -> Any:
@@ -94,6 +140,8 @@ class _Requests(torch.utils.data.Sampler[_Request]):
         self.start = 0
         self.tag = 1
         self.skip: Callable[[Any], bool] | None = None
+        self.feed_limit = 0  # > 0: iterate as a _Feed holding at most this many early results
+        self.feed: _Feed | None = None
 
     def __len__(self) -> int:
         return len(self.sampler) - self.start
@@ -107,9 +155,13 @@ class _Requests(torch.utils.data.Sampler[_Request]):
         for i, ids in enumerate(self.sampler.batches_or_ranges(epoch, start), start=start):
             yield _Request(epoch, i, ids, tag)
 
-    def __iter__(self) -> Iterator[_Request]:
+    def __iter__(self) -> Iterator[Any]:
         skip = self.skip
-        return self.all() if skip is None else (r for r in self.all() if not skip(r.ids))
+        requests = self.all() if skip is None else (r for r in self.all() if not skip(r.ids))
+        if self.feed_limit:
+            self.feed = _Feed(requests, self.feed_limit)
+            return self.feed
+        return requests
 
 
 class _Fetcher(torch.utils.data.Dataset):
@@ -122,7 +174,9 @@ class _Fetcher(torch.utils.data.Dataset):
         self.raw, self.pipeline = fusable(dataset)
         self.transform = transform
         self.flags = flags
+        self.tagged = False  # worker processes answer (position, result): results come as they are done
         self._ring: WorkerRing | None = None  # made in the worker process
+        self._worker_ready = False
         self.output = output
         self.n_bins = n_bins
         self.max_genes = max_genes
@@ -159,17 +213,27 @@ class _Fetcher(torch.utils.data.Dataset):
         out = self.convert(batch, request, self.pipeline)
         return out if self.transform is None else self.transform(out)
 
-    def __getitem__(self, request: _Request) -> Any:
+    def __getitem__(self, request: _Request | _Hold) -> Any:
         info = torch.utils.data.get_worker_info()
         if info is None:
             return self.read(request)
+        if not self._worker_ready:
+            self._worker_ready = True
+            sys.setswitchinterval(WORKER_SWITCH_INTERVAL)  # results leave through a feeder thread
+        if isinstance(request, _Hold):
+            time.sleep(_HOLD_SECONDS)
+            return None, None
+        out = self._produce(request, info.id)
+        return (request.position, out) if self.tagged else out
+
+    def _produce(self, request: _Request, worker: int) -> Any:
         if self._zero_copy(request.ids):
             return _Ref(request)
         if self.flags is None:
             return Packed(self.read(request))
         if self._ring is None:
             install_arena()
-            self._ring = WorkerRing(self.flags, info.id)
+            self._ring = WorkerRing(self.flags, worker)
         return self._ring.produce(lambda: self.read(request), request.tag, self._mapped())
 
     def _mapped(self) -> Callable[[torch.Tensor], Any] | None:
@@ -318,11 +382,15 @@ class CellDataLoader:
         if num_workers > 0:
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
                      "multiprocessing_context": multiprocessing_context}
+            if _UNORDERED:  # results as they come, put back in order by _ordered
+                extra["in_order"] = False
+                self._requests.feed_limit = (prefetch_factor or 2) * num_workers
             per_worker = (prefetch_factor or 2) + 3 if slots_per_worker is None else int(slots_per_worker)
             flags = RingFlags(num_workers, per_worker) if per_worker > 0 else None  # 0: a segment per batch
             self._ring = LoaderRing(flags, self.pin_memory) if flags is not None else None
         self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins,
                                  transform=transform, flags=flags)
+        self._fetcher.tagged = bool(self._requests.feed_limit)
         # pinning happens here, after a worker's output is unpacked (pinned memory would not
         # survive the trip anyway), so the DataLoader's pinning thread is not used
         self._loader = torch.utils.data.DataLoader(
@@ -394,7 +462,26 @@ class CellDataLoader:
             items = iter(self._loader)  # an earlier, unfinished iteration is drained here
             if self._ring is not None:
                 self._ring.forget_stale(tag)
+            if self._requests.feed is not None:
+                items = self._ordered(items, self._requests.feed)
         return self._merged(items) if direct else items
+
+    @staticmethod
+    def _ordered(results: Iterator[Any], feed: _Feed) -> Iterator[Any]:
+        """Worker results, which come as they are done as ``(position, result)``, in the
+        order the requests went out (``feed.sent``); holds are dropped. A result that comes
+        early waits in ``feed.pending`` (at most ``feed.limit``: then the feed sends holds)."""
+        sent, pending = feed.sent, feed.pending
+        for position, item in results:
+            if position is None:
+                continue
+            if position != sent[0]:
+                pending[position] = item
+                continue
+            sent.popleft()
+            yield item
+            while sent and sent[0] in pending:
+                yield pending.pop(sent.popleft())
 
     def _read_ahead(self, epoch: int, start: int, tag: int) -> ReadAhead | None:
         """Read-ahead threads for this iteration (:mod:`scmf_loader.readahead`), or None."""

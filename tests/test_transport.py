@@ -5,7 +5,9 @@ scmf_loader.readahead, CellDataLoader)."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from scmf_loader import CellDataLoader, CellDataset, CSRBatch, transport
+from scmf_loader import CellDataLoader, CellDataset, CSRBatch, dataloader, transport
 from scmf_loader._loader_options import resolve_worker_type
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.readahead import ReadAhead, runs_of
@@ -218,6 +220,82 @@ def test_transform_outputs_viewing_the_map_cross_as_references(ds: CellDataset, 
             contiguous += 1  # a view of the map in the worker (gathers are built in the slot)
             assert (ds.store.map_ref(values) is not None) == (transform is not _plus_one_in_place)
     assert contiguous > 10
+
+
+class _Uneven:
+    """A picklable transform taking 0-4 ms by batch (``stall``: 0.4 s for the batch whose
+    first cell it is), so that worker processes finish out of order; it returns the cell ids
+    and the worker's GIL switch interval."""
+
+    def __init__(self, stall: int | None = None) -> None:
+        self.stall = stall
+
+    def __call__(self, b: CSRBatch) -> tuple[torch.Tensor, float]:
+        first = int(b.cell_ids[0])
+        time.sleep(0.4 if first == self.stall else (first * 7919 % 5) * 1e-3)
+        return b.cell_ids.clone(), sys.getswitchinterval()
+
+
+def _arrivals(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Records the positions worker results arrive with (None: a hold) and the number of
+    early results the loader holds at each arrival."""
+    seen: list[Any] = []
+    ordered = CellDataLoader._ordered
+
+    def spy(results: Any, feed: Any) -> Any:
+        def tap() -> Any:
+            for position, item in results:
+                seen.append((position, len(feed.pending)))
+                yield position, item
+        return ordered(tap(), feed)
+
+    monkeypatch.setattr(CellDataLoader, "_ordered", staticmethod(spy))
+    return seen
+
+
+@pytest.mark.skipif(not dataloader._UNORDERED, reason="torch without DataLoader(in_order=)")
+def test_worker_results_come_as_done_and_are_handed_out_in_order(ds: CellDataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes hand results over as they finish; the loader restores the order."""
+    seen = _arrivals(monkeypatch)
+    kw: dict[str, Any] = {"batch_size": 16, "seed": 5, "block_size": 4, "drop_last": False}
+    one = CellDataLoader(ds, num_workers=0, **kw)
+    refs = [[b.cell_ids.clone() for b in one] for _ in range(3)]  # epochs 0, 1, 2
+    loader = CellDataLoader(ds, num_workers=3, transform=_Uneven(), **kw)
+    for ref in refs[:2]:  # persistent workers: the second epoch too
+        got = list(loader)
+        assert len(got) == len(ref)
+        for (ids, interval), r in zip(got, ref, strict=True):
+            assert torch.equal(ids, r)
+            assert interval == pytest.approx(dataloader.WORKER_SWITCH_INTERVAL)
+    n = len(refs[0])
+    positions = [p for p, _ in seen if p is not None]
+    assert sorted(positions) == sorted(list(range(n)) * 2)
+    assert positions != sorted(positions[:n]) + sorted(positions[n:])  # some came early
+    # an iteration stopped early (epoch 2), then a full one: the abandoned results are dropped
+    for i, _b in enumerate(loader):
+        if i == 2:
+            break
+    got = [ids for ids, _ in loader]
+    assert len(got) == n
+    assert all(torch.equal(a, b) for a, b in zip(got, refs[2], strict=True))
+
+
+@pytest.mark.skipif(not dataloader._UNORDERED, reason="torch without DataLoader(in_order=)")
+def test_a_stalled_worker_does_not_let_the_others_fill_memory(ds: CellDataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one worker is stuck on a batch, the others run ahead by at most the feed's
+    limit (plus the requests already out), then get holds; the order is kept."""
+    seen = _arrivals(monkeypatch)
+    kw: dict[str, Any] = {"batch_size": 4, "seed": 3, "block_size": 2, "drop_last": False}
+    ref = [b.cell_ids.clone() for b in CellDataLoader(ds, num_workers=0, **kw)]
+    assert len(ref) > 40
+    loader = CellDataLoader(ds, num_workers=2, prefetch_factor=2, transform=_Uneven(stall=int(ref[1][0])), **kw)
+    got = [ids for ids, _ in loader]
+    assert len(got) == len(ref)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    limit = loader._requests.feed_limit
+    assert limit == 4
+    assert max(n for _, n in seen) <= 2 * limit  # the limit, plus the 2 x 2 requests already out
+    assert sum(p is None for p, _ in seen) >= 10  # the free worker waited on holds during the 0.4 s
 
 
 def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
