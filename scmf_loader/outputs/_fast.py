@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from scmf_loader.outputs._simd import lookup
+
 _MAX_ROUNDS = 8
 TABLE = 256  # small whole counts with a per-cell table (log1p, histogram)
 BUCKET_BITS = 9
@@ -264,8 +266,7 @@ def transform_row(values, s, e, d, has_div, log1p, f32, table, tab, ix, out, w) 
             if not log1p:
                 for i in range(top + 1):
                     table[i] = _compute(i, d, has_div, log1p, f32)
-            for j in range(m):
-                dst[j] = lut[np.uint32(ix[j])]
+            lookup(lut, ix, top, dst)
             return True
     else:
         top = _small_counts(src, n)
