@@ -59,7 +59,7 @@ __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 #: result waiting ~3 ms in the worker (measured: docs/benchmarks.md, issue 11)
 WORKER_SWITCH_INTERVAL = 0.0002
 #: how long a worker process waits before answering a hold (see :class:`_Feed`)
-_HOLD_SECONDS = 0.001
+_HOLD_SECONDS = 0.0005
 #: the DataLoader can hand results over as they come (torch >= 2.6); the loader restores
 #: the order itself, so a worker that got less CPU does not stall the others
 _UNORDERED = "in_order" in inspect.signature(torch.utils.data.DataLoader.__init__).parameters
@@ -382,10 +382,10 @@ class CellDataLoader:
         if num_workers > 0:
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
                      "multiprocessing_context": multiprocessing_context}
-            if _UNORDERED:  # results as they come, put back in order by _ordered
-                extra["in_order"] = False
-                self._requests.feed_limit = (prefetch_factor or 2) * num_workers
             per_worker = (prefetch_factor or 2) + 3 if slots_per_worker is None else int(slots_per_worker)
+            if _UNORDERED:  # results as they come, put back in order by _ordered; early ones
+                extra["in_order"] = False  # held: as many as in flight (more: workers run out of slots)
+                self._requests.feed_limit = (prefetch_factor or 2) * num_workers
             flags = RingFlags(num_workers, per_worker) if per_worker > 0 else None  # 0: a segment per batch
             self._ring = LoaderRing(flags, self.pin_memory) if flags is not None else None
         self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins,

@@ -82,12 +82,23 @@ def flatten(x: Any, leaves: list[torch.Tensor]) -> Any:
         return ("ndarray", _Leaf(len(leaves) - 1))
     if isinstance(x, CSRBatch):
         arrays = [flatten(t, leaves) for t in (x.indptr, x.indices, x.values, x.cell_ids)]
-        return ("csr", x.n_genes, arrays, flatten(x.obs, leaves), flatten(x.stats, leaves))
+        return ("csr", x.n_genes, arrays, _flatten_columns(x._obs, leaves), _flatten_columns(x._stats, leaves))
     if isinstance(x, dict):
         return ("dict", {k: flatten(v, leaves) for k, v in x.items()})
     if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
         return (type(x).__name__, [flatten(v, leaves) for v in x])
     return ("value", x)
+
+
+def _flatten_columns(cols: Any, leaves: list[torch.Tensor]) -> Any:
+    """A CSR batch's obs or stats as stored: a lazy one is built here as ``(names, 2-D
+    block)``, which crosses as one leaf (not one strided column each) and is split into its
+    columns on first access on the other side, as in-process."""
+    if callable(cols):
+        cols = cols()
+    if isinstance(cols, tuple) and len(cols) == 2 and isinstance(cols[1], torch.Tensor):
+        return ("columns", list(cols[0]), flatten(cols[1].contiguous(), leaves))
+    return flatten(cols, leaves)
 
 
 def build(structure: Any, leaves: list[torch.Tensor]) -> Any:
@@ -100,6 +111,8 @@ def build(structure: Any, leaves: list[torch.Tensor]) -> Any:
     if kind == "csr":
         _, n_genes, arrays, obs, stats = structure
         return CSRBatch(*(build(a, leaves) for a in arrays), n_genes, build(obs, leaves), build(stats, leaves))
+    if kind == "columns":
+        return (structure[1], build(structure[2], leaves))
     if kind == "dict":
         return {k: build(v, leaves) for k, v in structure[1].items()}
     if kind in ("list", "tuple"):

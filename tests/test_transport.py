@@ -165,6 +165,10 @@ def test_flatten_build_round_trip(ds: CellDataset) -> None:
     item = {"csr": b, "t": (torch.ones(2), [torch.zeros(1), 5]), "s": "x", "n": None}
     leaves: list[torch.Tensor] = []
     assert _equal(build(flatten(item, leaves), leaves), item)
+    one: list[torch.Tensor] = []
+    flatten(ds[np.array([3, 1, 7])], one)  # obs and stats not read yet: each crosses as one 2-D block
+    assert len(one) == 6
+    assert [tuple(t.shape) for t in one[4:]] == [(3, len(b.obs)), (3, len(b.stats))]
 
 
 # ---- transform ---------------------------------------------------------------------------
