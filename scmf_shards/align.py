@@ -20,8 +20,10 @@ from scmf_loader.errors import ScmfError
 
 __all__ = [
     "GeneAlignment",
+    "HeldRows",
     "StoredAlignment",
     "align_rows",
+    "align_rows_held",
     "align_rows_with_totals",
     "build_alignment",
     "column_map",
@@ -99,11 +101,46 @@ def align_rows_with_totals(
     ``reuse`` puts the result's arrays in per-thread scratch buffers (valid until the next
     reusing call on this thread: for a task that writes the result out before returning);
     otherwise ``allocate(n, dtype)`` may provide them (:func:`scmf_shards.kernels.align_csr`)."""
-    from scmf_shards.kernels import align_csr
     from scmf_shards.scratch import csr_view
 
     n_rows = matrix.shape[0]
     n_cols = int(alignment.vocab_ids[-1]) + 1
+    rows, totals = align_rows_held(matrix, alignment, dtype, row_order=row_order, reuse=reuse, allocate=allocate)
+    out = csr_view(rows.data, rows.indices, rows.indptr, (n_rows, n_cols))  # scratch views stay views
+    out.has_sorted_indices = True
+    out.has_canonical_format = True
+    return out, totals
+
+
+@dataclass(frozen=True)
+class HeldRows:
+    """Aligned CSR rows as a conversion holds them between its stages (no scipy matrix:
+    ``indices`` may be ``uint16``, which scipy would copy into a wider dtype)."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries."""
+        return int(self.indptr[-1]) if self.indptr.size else 0
+
+
+def align_rows_held(
+    matrix: sp.csr_matrix,
+    alignment: GeneAlignment,
+    dtype: np.dtype | str | None = None,
+    index_dtype: np.dtype | str = np.int32,
+    row_order: np.ndarray | None = None,
+    reuse: bool = False,
+    allocate: Any = None,
+) -> tuple[HeldRows, np.ndarray]:
+    """:func:`align_rows_with_totals` as plain arrays (:class:`HeldRows`), the indices in
+    ``index_dtype`` (``uint16`` when the vocabulary has at most 65,536 ids), the values in
+    ``dtype`` (an integer dtype only for values known to be whole counts that fit it)."""
+    from scmf_shards.kernels import align_csr
+
     if not matrix.has_canonical_format:
         matrix = matrix.copy()
         matrix.sum_duplicates()  # duplicates summed, indices sorted
@@ -111,9 +148,6 @@ def align_rows_with_totals(
         matrix.indptr, matrix.indices, matrix.data, column_map(alignment),
         presorted=alignment.is_identity_order,
         out_dtype=None if dtype is None else np.dtype(dtype), row_order=row_order, reuse=reuse,
-        allocate=allocate,
+        allocate=allocate, index_dtype=index_dtype,
     )
-    out = csr_view(data, indices, indptr, (n_rows, n_cols))  # scratch views stay views
-    out.has_sorted_indices = True
-    out.has_canonical_format = True
-    return out, totals
+    return HeldRows(data, indices, indptr), totals

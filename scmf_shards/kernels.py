@@ -20,7 +20,7 @@ from numba import njit
 from scmf_loader.errors import InvalidInputError
 from scmf_shards.scratch import scratch
 
-__all__ = ["align_csr", "block_bounds", "fill_rows", "value_range", "warm_up"]
+__all__ = ["align_csr", "block_bounds", "fill_rows", "value_range", "value_stats", "warm_up"]
 
 _INSERTION_MAX = 32  # rows this short are insertion-sorted
 
@@ -75,7 +75,7 @@ def _align(indptr, indices, data, cmap, order, out_indptr, out_indices, out_data
         m = indptr[r + 1] - indptr[r]
         if m > longest:
             longest = m
-    tmp_i = np.empty(longest, dtype=np.int32)
+    tmp_i = np.empty(longest, dtype=out_indices.dtype)
     tmp_d = np.empty(longest, dtype=out_data.dtype)
     counts = np.empty(257, dtype=np.int64)
     q = 0
@@ -112,11 +112,15 @@ def align_csr(
     row_order: np.ndarray | None = None,
     reuse: bool = False,
     allocate: Callable[[int, np.dtype], np.ndarray | None] | None = None,
+    index_dtype: np.dtype | str = np.int32,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a CSR matrix (canonical: sorted, no duplicates) restricted to the columns with
     ``cmap[col] >= 0`` and renumbered to ``cmap[col]``, explicit zeros dropped.
 
-    Returns ``(indptr int64, indices int32 sorted per row, data, library_size float64)``;
+    Returns ``(indptr int64, indices sorted per row, data, library_size float64)``, the
+    indices in ``index_dtype`` (int32, or uint16 when every kept column maps below 2**16;
+    ``data`` may likewise be given an integer ``out_dtype`` when its values are known to be
+    whole counts that fit, see :func:`scmf_shards.values.check_values`);
     ``presorted`` says the map is increasing over kept columns (no sort needed); ``data`` keeps
     its dtype unless ``out_dtype`` is given. The library size is each row's sum over all its
     columns, kept or not. ``row_order`` (a permutation of the rows) emits output row ``i``
@@ -137,15 +141,18 @@ def align_csr(
             raise InvalidInputError(f"align_csr: row_order has shape {order.shape}, expected ({n},)")
     out_indptr = np.zeros(n + 1, dtype=np.int64)
     out_dtype = np.dtype(out_dtype or data.dtype)
+    index_dtype = np.dtype(index_dtype)
+    if cmap.size and int(cmap.max()) > np.iinfo(index_dtype).max:
+        raise InvalidInputError(f"align_csr: column ids up to {int(cmap.max())} do not fit {index_dtype}")
     if reuse:
-        out_indices = scratch("align.indices", data.size + 1, np.int32)
+        out_indices = scratch(f"align.indices.{index_dtype}", data.size + 1, index_dtype)
         out_data = scratch("align.data", data.size + 1, out_dtype)
     else:
         def owned(n: int, dtype: np.dtype) -> np.ndarray:
             got = allocate(n, dtype) if allocate is not None else None
             return got if got is not None else np.empty(n, dtype=dtype)
 
-        out_indices = owned(data.size + 1, np.dtype(np.int32))
+        out_indices = owned(data.size + 1, index_dtype)
         out_data = owned(data.size + 1, out_dtype)
     library_size = np.empty(n, dtype=np.float64)
     top = int(cmap.max()) if cmap.size else 0
@@ -197,24 +204,34 @@ def _value_range(data):  # pragma: no cover - compiled
     lo = data[0]
     hi = data[0]
     finite = True
+    whole = True
     for i in range(data.size):
         v = data[i]
         finite &= np.isfinite(v)
+        whole &= v == np.trunc(v)
         lo = min(lo, v)
         hi = max(hi, v)
-    return finite, lo, hi
+    return finite, whole, lo, hi
 
 
-def value_range(data: np.ndarray) -> tuple[bool, Any, Any]:
-    """``(every value finite, min, max)`` of a non-empty 1-d array in one pass (the min and
-    max of a float array holding NaN are unspecified: check ``finite`` first)."""
+def value_stats(data: np.ndarray) -> tuple[bool, bool, Any, Any]:
+    """``(every value finite, every value whole, min, max)`` of a non-empty 1-d array in one
+    pass (the min and max of a float array holding NaN are unspecified: check ``finite``
+    first)."""
     if data.size == 0:
         raise InvalidInputError("value_range: empty array")
     data = np.ascontiguousarray(data).ravel()
     if data.dtype.kind != "f":
-        return True, data.min(), data.max()
-    finite, lo, hi = _value_range(data)
-    return bool(finite), lo, hi
+        return True, True, data.min(), data.max()
+    finite, whole, lo, hi = _value_range(data)
+    return bool(finite), bool(whole), lo, hi
+
+
+def value_range(data: np.ndarray) -> tuple[bool, Any, Any]:
+    """``(every value finite, min, max)`` of a non-empty 1-d array in one pass
+    (:func:`value_stats` without the wholeness)."""
+    finite, _, lo, hi = value_stats(data)
+    return finite, lo, hi
 
 
 def warm_up() -> None:
@@ -229,6 +246,10 @@ def warm_up() -> None:
     value_range(data)
     align_csr(indptr, indices, data, np.zeros(1, dtype=np.int32), True, out_dtype=np.float32)
     chunk_histogram(indices, data, 1)
+    chunk_histogram(indices.astype(np.uint16), data.astype(np.uint16), 1)
+    align_csr(indptr, indices, data, np.zeros(1, dtype=np.int32), True, out_dtype=np.uint16,
+              index_dtype=np.uint16)  # the compact held form of counts (scatter.held_dtypes)
     rows = np.zeros(1, dtype=np.int64)
     for values in (data, indices):
         fill_rows([values], [rows], rows, indptr, 0, 1, np.empty(1, values.dtype))
+        fill_rows([values.astype(np.uint16)], [rows], rows, indptr, 0, 1, np.empty(1, values.dtype))

@@ -1,5 +1,5 @@
 """Checks of input values against what a conversion will store (numpy, and one compiled
-pass for the range: :func:`scmf_shards.kernels.value_range`).
+pass for the range: :func:`scmf_shards.kernels.value_stats`).
 
 Nothing is silently coerced: NaN/inf, negative values (unless the user states the data is
 already normalised and asks for no log1p), values a chosen integer ``--dtype`` cannot hold
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from scmf_loader.errors import InvalidInputError
-from scmf_shards.kernels import value_range
+from scmf_shards.kernels import value_stats
 
 __all__ = ["check_values"]
 
@@ -23,14 +23,16 @@ def _exact_integer_limit(dtype: np.dtype) -> int:
     return 2 ** (np.finfo(dtype).nmant + 1)
 
 
-def check_values(data: np.ndarray, target: str | np.dtype, where: str, allow_negative: bool = False) -> None:
+def check_values(data: np.ndarray, target: str | np.dtype, where: str, allow_negative: bool = False) -> bool:
     """Raise :class:`InvalidInputError` (message starting with ``where``) if ``data`` (the
-    stored values of some rows, source dtype) cannot be converted to ``target`` faithfully."""
+    stored values of some rows, source dtype) cannot be converted to ``target`` faithfully.
+    Returns whether every value is a whole count in ``[0, 65535]`` (from the same pass): what
+    a conversion may hold as ``uint16`` between its stages (``scatter.held_dtypes``)."""
     target = np.dtype(target)
     if data.size == 0:
-        return
+        return True
     is_float = data.dtype.kind == "f"
-    finite, lo, hi = value_range(data)  # one compiled pass
+    finite, whole, lo, hi = value_stats(data)  # one compiled pass
     if not finite:
         raise InvalidInputError(f"{where} hold NaN or infinite values")
     lo, hi = data.dtype.type(lo).item(), data.dtype.type(hi).item()  # Python scalars: exact comparisons
@@ -56,6 +58,7 @@ def check_values(data: np.ndarray, target: str | np.dtype, where: str, allow_neg
     elif target.kind == "f":
         largest = max(-lo, hi)
         _check_float_target(data, target, where, largest)
+    return whole and lo >= 0 and hi <= np.iinfo(np.uint16).max
 
 
 def _check_float_target(data: np.ndarray, target: np.dtype, where: str, largest: float | int) -> None:

@@ -78,17 +78,21 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
     return int(shutil.disk_usage(_existing(Path(path))).free)
 
 
-def _cells_and_nnz(source: Any) -> tuple[int, float] | None:
-    """``(n_cells, estimated nnz)`` of one input from its first rows (None when unknown)."""
+def _sample(source: Any) -> tuple[int, float, bool] | None:
+    """``(n_cells, estimated nnz, the sampled values are whole counts below 2**16)`` of one
+    input from its first rows (None when unknown)."""
     n = int(getattr(source, "n_cells", 0) or 0)
     if n == 0 or getattr(source, "layout", "csr") == "csc":
         return None  # a CSC matrix's rows cost a pass over it: estimate from the others
     try:
         m = source.read_rows(0, min(n, SAMPLE_ROWS), ()).matrix
-        nnz = int(m.nnz) if hasattr(m, "nnz") else int(np.count_nonzero(np.asarray(m)))
+        values = np.asarray(m.data if hasattr(m, "nnz") else m)
+        nnz = int(m.nnz) if hasattr(m, "nnz") else int(np.count_nonzero(values))
+        small = bool(values.size == 0 or (np.all(values == np.trunc(values)) and values.min() >= 0
+                                          and values.max() <= np.iinfo(np.uint16).max))
     except Exception:  # noqa: BLE001 -- an estimate only: the conversion reports real errors
         return None
-    return n, nnz / max(m.shape[0], 1) * n
+    return n, nnz / max(m.shape[0], 1) * n, small
 
 
 class Estimate(int):
@@ -96,21 +100,31 @@ class Estimate(int):
     cells it covers (``n_cells``), so that a share of it can be taken per shard."""
 
     n_cells: int
+    #: about how many bytes a one-pass conversion holds between its stages (the compact
+    #: ``uint16`` forms of ``scatter.held_dtypes`` where the sample allows them)
+    held: int
 
-    def __new__(cls, value: int, n_cells: int = 0) -> Estimate:
+    def __new__(cls, value: int, n_cells: int = 0, held: int | None = None) -> Estimate:
         obj = super().__new__(cls, value)
         obj.n_cells = n_cells
+        obj.held = int(value) if held is None else int(held)
         return obj
 
 
-def estimate_bytes(sources: Sequence[Any], dtype: str) -> Estimate:
+def estimate_bytes(sources: Sequence[Any], dtype: str, n_genes: int = 0) -> Estimate:
     """About how many bytes the shards of ``sources`` take: stored values (value + index)
-    per cell, sampled from the first rows of the first inputs, plus per-cell overhead."""
-    sampled = [s for s in (_cells_and_nnz(src) for src in sources[:SAMPLE_SOURCES]) if s is not None]
+    per cell, sampled from the first rows of the first inputs, plus per-cell overhead; and
+    (``Estimate.held``) what a one-pass run holds of them, with the vocabulary's ``n_genes``
+    ids (0: unknown)."""
+    from scmf_shards.convert.scatter import held_dtypes
+
+    sampled = [s for s in (_sample(src) for src in sources[:SAMPLE_SOURCES]) if s is not None]
     n_cells = sum(int(getattr(s, "n_cells", 0) or 0) for s in sources)
-    per_cell = (sum(nnz for _, nnz in sampled) / max(sum(n for n, _ in sampled), 1)) if sampled else 0.0
+    per_cell = (sum(nnz for _, nnz, _ in sampled) / max(sum(n for n, _, _ in sampled), 1)) if sampled else 0.0
     entry = np.dtype(dtype).itemsize + 4
-    return Estimate(int(n_cells * (per_cell * entry + _PER_CELL_BYTES)), n_cells)
+    values, indices = held_dtypes(n_genes, dtype, bool(sampled) and all(small for _, _, small in sampled))
+    held = int(n_cells * (per_cell * (values.itemsize + indices.itemsize) + _PER_CELL_BYTES))
+    return Estimate(int(n_cells * (per_cell * entry + _PER_CELL_BYTES)), n_cells, held)
 
 
 @contextlib.contextmanager

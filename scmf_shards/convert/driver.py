@@ -210,7 +210,7 @@ def convert_sources(
         if not _local_files(sources):  # fsspec's memory:// hands every reader one shared file
             pending.result()          # object, Census reads share contexts: one at a time there
         background.submit(warm_up)
-        estimate = estimate_bytes(sources, options.dtype)
+        estimate = estimate_bytes(sources, options.dtype, len(vocab))
         arena = speculative_arena(out, target is None, sources, estimate, options, runner)
         categories = _categories(sources, names, options.obs_columns)
         fingerprints = pending.result()

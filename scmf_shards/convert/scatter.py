@@ -16,7 +16,7 @@ import numpy as np
 
 from scmf_loader.errors import InvalidInputError
 from scmf_shards import faults
-from scmf_shards.align import StoredAlignment, align_rows_with_totals
+from scmf_shards.align import StoredAlignment, align_rows_held, align_rows_with_totals
 from scmf_shards.medians import chunk_histogram
 from scmf_shards.plan import ReadChunk, chunk_destinations
 from scmf_shards.values import check_values
@@ -57,7 +57,7 @@ class ScatterTask:
 class _Bucket:
     """One chunk's rows in bucket order (grouped by destination shard)."""
 
-    aligned: Any  # scipy CSR (in this thread's scratch buffers)
+    aligned: Any  # HeldRows, or scipy CSR with preprocessing (maybe in this thread's scratch buffers)
     library_size: np.ndarray
     extra_stats: dict[str, np.ndarray]
     cells: np.ndarray
@@ -106,20 +106,41 @@ class MemoryBucket:
         return sum(a.nbytes for a in arrays)
 
 
+def held_dtypes(n_genes: int, dtype: str | np.dtype, small_counts: bool) -> tuple[np.dtype, np.dtype]:
+    """``(values, indices)`` dtypes a chunk's aligned rows are held in between the scatter
+    and the gather (memory or bucket files), when no preprocessing is baked: ``uint16`` ids
+    when the vocabulary has at most 65,536 (every id fits), ``uint16`` values when every
+    value of the chunk is a whole count in ``[0, 65535]`` (``small_counts``) and the shards
+    store float32 or float64 (which hold such counts exactly); otherwise int32 ids and the
+    shards' dtype. The gather widens them back while it copies rows (``kernels.fill_rows``),
+    so the shards' bytes are the same either way; the held bytes of raw counts are halved
+    (less memory to zero and hold in one pass, half the bucket files in two stages)."""
+    target = np.dtype(dtype)
+    compact_values = small_counts and target.kind == "f" and target.itemsize >= 4
+    return (np.dtype(np.uint16) if compact_values else target,
+            np.dtype(np.uint16) if 0 < n_genes <= 1 << 16 else np.dtype(np.int32))
+
+
 def _read_and_align(task: ScatterTask, reuse: bool = True) -> _Bucket:
     """Read the chunk, check its values, align and order its rows by destination shard
-    (``reuse``: the aligned arrays in this thread's scratch buffers, else owned arrays)."""
+    (``reuse``: the aligned arrays in this thread's scratch buffers, else owned arrays);
+    without preprocessing, in the compact dtypes of :func:`held_dtypes`."""
     rows = task.source.read_rows(task.chunk.start, task.chunk.stop, task.obs_columns, reuse=True)
     raw = rows.matrix
-    check_values(raw.data, task.dtype, task.where, allow_negative=task.allow_negative)
+    small_counts = check_values(raw.data, task.dtype, task.where, allow_negative=task.allow_negative)
     alignment = task.alignment.load()
     dest = chunk_destinations(task.counts, task.seed, task.chunk.index, task.shuffle)
     order = np.argsort(dest, kind="stable")  # rows grouped by destination shard
     arena = task.arena if not reuse and task.transform is None else None
-    aligned, library_size = align_rows_with_totals(
-        raw, alignment, dtype=task.dtype if task.transform is None else None, row_order=order,
-        reuse=reuse, allocate=arena.take if arena is not None else None)  # reuse: scratch buffers,
-    if arena is not None:                                                # written out before return
+    allocate = arena.take if arena is not None else None  # else reuse: scratch buffers, written
+    aligned: Any                                           # out before this task returns
+    if task.transform is None:
+        value_dtype, index_dtype = held_dtypes(task.n_genes, task.dtype, small_counts)
+        aligned, library_size = align_rows_held(raw, alignment, value_dtype, index_dtype, row_order=order,
+                                                reuse=reuse, allocate=allocate)
+    else:
+        aligned, library_size = align_rows_with_totals(raw, alignment, row_order=order, reuse=reuse)
+    if arena is not None:
         arena.give_back(aligned.data, aligned.nnz)  # the dropped genes' slack, when last taken
     if rows.library_size is not None:  # the source knows totals over genes it did not return
         library_size = np.asarray(rows.library_size, dtype=np.float64)[order]
@@ -132,18 +153,29 @@ def _read_and_align(task: ScatterTask, reuse: bool = True) -> _Bucket:
     else:
         codes = np.zeros((len(order), 0), dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(task.counts)]).astype(np.int64)
-    stored = np.asarray(aligned.data).astype(task.dtype, copy=False)  # the values shards hold
     if task.histogram_path:  # before the bucket is complete: a reused bucket has its histogram
-        chunk_histogram(aligned.indices, stored, task.n_genes).save(task.histogram_path)
+        chunk_histogram(aligned.indices, _stored(aligned.data, task.dtype), task.n_genes).save(task.histogram_path)
     return _Bucket(aligned, library_size, extra_stats, np.asarray(rows.cell_ids[order], dtype=str),
                    codes, offsets)
 
 
+def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Held values as they are (compact ``uint16`` counts, which equal the stored ones), or
+    cast to the shards' dtype."""
+    values = np.asarray(values)
+    return values if values.dtype == np.uint16 else values.astype(dtype, copy=False)
+
+
+def _held_indices(indices: np.ndarray) -> np.ndarray:
+    indices = np.asarray(indices)
+    return indices if indices.dtype == np.uint16 else indices.astype(np.int32, copy=False)
+
+
 def _save(tmp: Path, bucket: _Bucket, dtype: str) -> None:
     """Write a bucket's files (the fault points name the crash points tests use)."""
-    np.save(tmp / "data.npy", bucket.aligned.data.astype(dtype, copy=False))
+    np.save(tmp / "data.npy", _stored(bucket.aligned.data, dtype))
     faults.fault_point("scatter:partial")
-    np.save(tmp / "indices.npy", bucket.aligned.indices.astype(np.int32, copy=False))
+    np.save(tmp / "indices.npy", _held_indices(bucket.aligned.indices))
     np.save(tmp / "indptr.npy", bucket.aligned.indptr.astype(np.int64, copy=False))
     np.save(tmp / "cells.npy", bucket.cells)
     np.save(tmp / "library_size.npy", bucket.library_size)  # already in bucket order, as are
@@ -159,8 +191,8 @@ def scatter_to_memory(task: ScatterTask) -> MemoryBucket:
     shard, into arrays of its own (no file written)."""
     bucket = _read_and_align(task, reuse=False)
     held = MemoryBucket(
-        data=np.asarray(bucket.aligned.data).astype(task.dtype, copy=False),
-        indices=np.asarray(bucket.aligned.indices).astype(np.int32, copy=False),
+        data=_stored(bucket.aligned.data, task.dtype),
+        indices=_held_indices(bucket.aligned.indices),
         indptr=np.asarray(bucket.aligned.indptr).astype(np.int64, copy=False),
         cells=bucket.cells, library_size=bucket.library_size, extra_stats=bucket.extra_stats,
         codes=bucket.codes, offsets=bucket.offsets,

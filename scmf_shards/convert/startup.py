@@ -24,7 +24,8 @@ __all__ = ["ARENA_SLACK", "ONE_PASS_MARGIN", "gc_frozen", "one_pass", "speculati
 
 #: memory a one-pass conversion may hold beyond its data and per-thread buffers (:func:`one_pass`)
 ONE_PASS_MARGIN = 128 << 20
-#: the arena holds the estimate (sampled from the first rows; a run that holds more takes ordinary
+#: the arena holds the estimate of the held bytes (Estimate.held: sampled from the first rows, compact
+#: uint16 counts and ids where the sample allows; a run that holds more takes ordinary
 #: arrays for the rest), so that it stays inside the one-pass budget
 ARENA_SLACK = 1.0
 
@@ -71,7 +72,7 @@ def speculative_arena(out: Path, local: bool, sources: Sequence[Any], estimate: 
     sizes = shard_sizes(sum(s.n_cells for s in sources), options.shard_size)
     if not one_pass(estimate, sizes, options, runner):
         return None
-    arena = Arena(int(estimate * ARENA_SLACK))
+    arena = Arena(int(getattr(estimate, "held", estimate) * ARENA_SLACK))  # compact counts: ~half
     arena.prefault()
     return arena
 
