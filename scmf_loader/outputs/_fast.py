@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from scmf_loader.outputs._simd import lookup
+from scmf_loader.outputs._simd import AVX512 as SIMD
+from scmf_loader.outputs._simd import WIDTH as SIMD_WIDTH
+from scmf_loader.outputs._simd import compact, count_lookup, lookup
 
 _MAX_ROUNDS = 8
 TABLE = 256  # small whole counts with a per-cell table (log1p, histogram)
@@ -92,26 +94,35 @@ def _tie_end(bits, m, t, ties) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def _compact(genes, src, bits, t, lut, gr, er) -> int:  # noqa: ANN001
+def _compact(genes, src, bits, t, lut, vec, gr, er) -> int:  # noqa: ANN001
     """Entries with ``bits > t`` (``>= t`` for ``t`` one above the threshold) written in order
     into ``gr``/``er`` from 0, branch-free (a dropped entry is overwritten by the next kept
     one): the count written. Indices that start at 0 and only grow: no wraparound checks.
     The value written is ``src[i]``, or ``lut[src[i]]`` when ``lut`` is not empty (``src``
-    then holds whole counts below ``len(lut)``)."""
-    w = 0
+    then holds whole counts below ``len(lut)``). ``vec``: the counts are below 128 (or there
+    is no ``lut``): blocks of 16 go through :func:`_simd.compact` while 16 slots are free."""
+    w, i, n = 0, 0, len(genes)
+    if vec and (len(lut) == 0 or len(lut) >= SIMD_WIDTH):
+        room = min(len(gr), len(er)) - 16
+        while i + 16 <= n and w <= room:
+            r = compact(genes, src, bits, t, lut, gr, er, i, w)
+            if r < 0:
+                break
+            w = r
+            i += 16
     if len(lut):
-        for i in range(len(genes)):
-            gr[w], er[w] = genes[i], lut[np.uint32(np.int32(src[i]))]
-            w += bits[i] > t
+        for j in range(i, n):
+            gr[w], er[w] = genes[j], lut[np.uint32(np.int32(src[j]))]
+            w += bits[j] > t
         return w
-    for i in range(len(genes)):
-        gr[w], er[w] = genes[i], src[i]
-        w += bits[i] > t
+    for j in range(i, n):
+        gr[w], er[w] = genes[j], src[j]
+        w += bits[j] > t
     return w
 
 
 @njit(nogil=True, cache=True)
-def write_kept(indices, s, src, bits, m, t, keep_ties, below, lut, gr, er, w) -> None:  # noqa: ANN001
+def write_kept(indices, s, src, bits, m, t, keep_ties, below, lut, vec, gr, er, w) -> None:  # noqa: ANN001
     """Entries ``i`` of the row (gene ``indices[s + i]``, value ``src[i]`` - or ``lut[src[i]]``,
     see :func:`_compact` - float32 bits ``bits[i]``) that :func:`cutoff` keeps, into
     ``gr``/``er`` from ``w``, in position order. ``below``: how many lie below ``t`` (none:
@@ -119,7 +130,7 @@ def write_kept(indices, s, src, bits, m, t, keep_ties, below, lut, gr, er, w) ->
     genes = indices[s : s + m]
     cut = _tie_end(bits, m, t, keep_ties)
     if below:  # before the last kept tie only values below t go
-        w += _compact(genes[:cut], src[:cut], bits[:cut], t - 1, lut, gr[w:], er[w:])
+        w += _compact(genes[:cut], src[:cut], bits[:cut], t - 1, lut, vec, gr[w:], er[w:])
     else:
         gw, ew = gr[w : w + cut], er[w : w + cut]
         for i in range(cut):
@@ -135,7 +146,7 @@ def write_kept(indices, s, src, bits, m, t, keep_ties, below, lut, gr, er, w) ->
     while end > cut and bits[end - 1] <= t:  # past the last kept entry: nothing to write
         end -= 1
     # every value <= t goes; the last write is a kept entry (in bounds)
-    _compact(genes[cut:end], src[cut:end], bits[cut:end], t, lut, gr[w:], er[w:])
+    _compact(genes[cut:end], src[cut:end], bits[cut:end], t, lut, vec, gr[w:], er[w:])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -259,6 +270,12 @@ def transform_row(values, s, e, d, has_div, log1p, f32, table, tab, ix, out, w) 
     src, dst = values[s:e], out[w : w + e - s]
     m = len(src)
     lut = tab if log1p else table
+    if SIMD and m >= 16 and len(lut) >= SIMD_WIDTH:  # counts below 128: one vectorised check-and-lookup pass
+        if not log1p:
+            for i in range(SIMD_WIDTH):
+                table[i] = _compute(i, d, has_div, log1p, f32)
+        if count_lookup(lut, src, dst):
+            return True
     n = min(len(tab), len(table)) if log1p else len(table)
     if len(ix) >= m:
         top = count_index(src, n, ix)

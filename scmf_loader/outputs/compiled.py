@@ -32,6 +32,7 @@ from scmf_loader.outputs._fast import (
 )
 from scmf_loader.outputs._rankfast import rank_counts
 from scmf_loader.outputs._rankfast import scratch as rank_scratch
+from scmf_loader.outputs._simd import WIDTH as SIMD_WIDTH
 from scmf_loader.outputs._sort import splitmix, stable_sort, threshold, value_keys
 
 BAD_INDPTR, BAD_INDEX = 1, 2
@@ -212,12 +213,13 @@ def _direct_top(indices, values, s, e, n_genes, d, has_div, log1p, f32, memo, st
 
 
 @njit(nogil=True, cache=True)
-def _cut_write(indices, s, src, bits, m, k, lut, gr, er, w) -> bool:  # noqa: ANN001
+def _cut_write(indices, s, src, bits, m, k, lut, vec, gr, er, w) -> bool:  # noqa: ANN001
     """The ``k`` top values of a longer row written from ``w`` (through ``lut``: see
-    :func:`_fast.write_kept`); False: not a case for :func:`cutoff`."""
+    :func:`_fast.write_kept`; ``vec``: its counts are below 128); False: not a case for
+    :func:`cutoff`."""
     t, ties, below, ok = cutoff(bits, m, m - k)
     if ok:
-        write_kept(indices, s, src, bits, m, t, ties, below, lut, gr, er, w)
+        write_kept(indices, s, src, bits, m, t, ties, below, lut, vec, gr, er, w)
     return ok
 
 
@@ -242,14 +244,15 @@ def _padded_fast(indices, values, vbits, s, e, n_genes, k, d, has_div, log1p, pl
         return m
     if not genes_ok(indices, s, e, n_genes):
         return -1
+    top = -1 if plain or not len(vbits) else increasing_lut(values[s:e], d, has_div, log1p, tab, lut)
     if plain:
-        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut[:0], gr, er, w)
-    elif len(vbits) and increasing_lut(values[s:e], d, has_div, log1p, tab, lut) >= 0:
-        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut, gr, er, w)
+        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut[:0], True, gr, er, w)
+    elif top >= 0:
+        ok = _cut_write(indices, s, values[s:e], vbits[s:e], m, k, lut, top < SIMD_WIDTH, gr, er, w)
     elif not transform_row(values, s, e, d, has_div, log1p, True, table, tab, ix, row, 0):
         return -2
     else:
-        ok = _cut_write(indices, s, row[:m], row.view(np.int32)[:m], m, k, lut[:0], gr, er, w)
+        ok = _cut_write(indices, s, row[:m], row.view(np.int32)[:m], m, k, lut[:0], True, gr, er, w)
     return k if ok else -2
 
 
