@@ -136,8 +136,9 @@ def write_kept(indices, s, src, bits, m, t, keep_ties, below, lut, vec, gr, er, 
         for i in range(cut):
             gw[i] = genes[i]
         if len(lut):
-            for i in range(cut):
-                ew[i] = lut[np.uint32(np.int32(src[i]))]
+            if not (vec and count_lookup(lut, src[:cut], ew)):  # counts below 128: vectorised
+                for i in range(cut):
+                    ew[i] = lut[np.uint32(np.int32(src[i]))]
         else:
             for i in range(cut):
                 ew[i] = src[i]
