@@ -47,6 +47,7 @@ from scmf_loader.transport import (
     RingFlags,
     Slotted,
     WorkerRing,
+    direct_context,
     install_arena,
     threaded,
 )
@@ -381,7 +382,7 @@ class CellDataLoader:
         flags = self._ring = None
         if num_workers > 0:
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
-                     "multiprocessing_context": multiprocessing_context}
+                     "multiprocessing_context": direct_context(multiprocessing_context)}
             per_worker = (prefetch_factor or 2) + 3 if slots_per_worker is None else int(slots_per_worker)
             if _UNORDERED:  # results as they come, put back in order by _ordered; early ones
                 extra["in_order"] = False  # held: as many as in flight (more: workers run out of slots)

@@ -4,6 +4,7 @@ scmf_loader.readahead, CellDataLoader)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import threading
@@ -300,6 +301,32 @@ def test_a_stalled_worker_does_not_let_the_others_fill_memory(ds: CellDataset, m
     assert limit == 4
     assert max(n for _, n in seen) <= 2 * limit  # the limit, plus the 2 x 2 requests already out
     assert sum(p is None for p, _ in seen) >= 10  # the free worker waited on holds during the 0.4 s
+
+
+class _Threads:
+    """A picklable transform returning the names of the worker's threads."""
+
+    def __call__(self, b: CSRBatch) -> tuple[torch.Tensor, list[str]]:
+        return b.cell_ids.clone(), sorted(t.name for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("context", [None, "spawn"])
+def test_worker_queues_have_no_feeder_threads(ds: CellDataset, context: str | None) -> None:
+    """Requests and results are written to the pipes by the threads that put them (no
+    queue feeder thread in the loader's process or in a worker); the epoch is intact."""
+    kw: dict[str, Any] = {"batch_size": 32, "seed": 2, "block_size": 8, "drop_last": False}
+    ref = [b.cell_ids.clone() for b in CellDataLoader(ds, num_workers=0, **kw)]
+    loader = CellDataLoader(ds, num_workers=2, transform=_Threads(), multiprocessing_context=context, **kw)
+    assert isinstance(loader._loader.multiprocessing_context, multiprocessing.context.BaseContext)
+    assert loader._loader.multiprocessing_context.get_start_method() == (context or multiprocessing.get_start_method())
+    got = list(loader)
+    assert len(got) == len(ref)
+    assert all(torch.equal(ids, r) for (ids, _), r in zip(got, ref, strict=True))
+    assert not any("QueueFeederThread" in n for _, names in got for n in names)
+    assert not any(t.name == "QueueFeederThread" for t in threading.enumerate())
+    q = transport.direct_context("spawn").Queue()
+    q.put({"x": torch.arange(3)})
+    assert torch.equal(q.get(timeout=5)["x"], torch.arange(3))
 
 
 def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
