@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not outputs.numba_available(), reason="the compi
 CHECKS = textwrap.dedent('''
     import numpy as np
     from numba import njit
-    from scmf_loader.outputs._simd import AVX512, compact, count_lookup, lookup
+    from scmf_loader.outputs._simd import AVX512, compact, count_lookup, hist_small, lookup
 
     @njit
     def do_lookup(table, ix, top, dst):
@@ -44,8 +44,24 @@ CHECKS = textwrap.dedent('''
             w += bits[j] > t
         return w
 
+    @njit
+    def do_hist(src, hist, rest):
+        return hist_small(src, hist, rest)
+
     def check() -> None:
         rng = np.random.default_rng(0)
+        for m in (0, 1, 15, 16, 17, 33, 100, 2062):
+            for scale in (0.3, 3.0, 60.0):
+                src = np.minimum(np.floor(rng.exponential(scale, m)), 255).astype(np.float32)
+                hist = np.zeros(257, np.int64)
+                hist[:4] = 5  # added to
+                assert do_hist(src, hist, np.empty(m + 16, np.int32)) is AVX512
+                if AVX512:
+                    want = np.bincount(src.astype(np.int64), minlength=257)
+                    want[:4] += 5
+                    assert np.array_equal(hist, want), (m, scale)
+                assert not do_hist(src, hist, np.empty(m + 15, np.int32))  # scratch too short
+                assert not do_hist(src.astype(np.float64), hist, np.empty(m + 16, np.int32))
         for m in (0, 1, 15, 16, 17, 31, 32, 33, 100, 2062):
             for top in (0, 1, 31, 32, 63, 64, 127, 128, 255):
                 table = rng.standard_normal(256).astype(np.float32)

@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit
 
 from scmf_loader.outputs._fast import _small_counts, copy_genes, count_value, genes_ok
+from scmf_loader.outputs._simd import hist_small
 
 _CLS, _PAD = 3, 0
 
@@ -102,10 +103,13 @@ def _histogram(src, top, hist) -> None:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def _count_bins(src, top, d, has_div, log1p, tab, qs, hist, xs, bins, edges) -> bool:  # noqa: ANN001
+def _count_bins(src, top, d, has_div, log1p, tab, qs, hist, rest, xs, bins, edges) -> bool:  # noqa: ANN001
     """``bins[i]``: the bin of count ``i`` of the row (0 for 0); False when the preprocessing
-    is not strictly increasing over the counts present (the caller sorts instead)."""
-    _histogram(src, top, hist)
+    is not strictly increasing over the counts present (the caller sorts instead). The
+    histogram: :func:`_simd.hist_small` (``rest``: its scratch), else :func:`_histogram`."""
+    hist[: max(top + 1, 4)] = 0
+    if not hist_small(src, hist, rest):
+        _histogram(src, top, hist)
     last = 0.0
     for i in range(top + 1):
         xs[i] = count_value(i, d, has_div, log1p, True, tab)
@@ -174,13 +178,13 @@ def _write_top(genes, src, bins, t, ties, gw, ew) -> None:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k, cls, hist, xs, bins, edges, gr, er, mr) -> int:  # noqa: ANN001
+def binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k, cls, hist, rest, xs, bins, edges, gr, er, mr) -> int:  # noqa: ANN001
     """One binned row (float32 compute dtype, top truncation) when the row holds small whole
     counts (below ``len(xs)``, and ``len(tab)`` with ``log1p``: :func:`_fast.count_value`):
     the genes written, ``-1`` a bad gene id, ``-2`` not this case."""
     src, m = values[s:e], e - s
     top = _small_counts(src, min(len(xs), len(tab)) if log1p else len(xs))
-    if top < 0 or not _count_bins(src, top, d, has_div, log1p, tab, qs, hist, xs, bins, edges):
+    if top < 0 or not _count_bins(src, top, d, has_div, log1p, tab, qs, hist, rest, xs, bins, edges):
         return -2
     if cls:
         gr[0], er[0] = _CLS, 0

@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["AVX512", "compact", "compact16", "count_lookup", "lookup"]
+__all__ = ["AVX512", "compact", "compact16", "count_lookup", "hist_small", "lookup"]
 
 
 def _host_avx512() -> bool:
@@ -307,5 +307,77 @@ def _count_lookup_impl(table, src, dst):  # noqa: ANN001, ANN202
             return True
     else:
         def impl(table, src, dst):  # noqa: ANN001, ANN202
+            return False
+    return impl
+
+
+@intrinsic
+def _hist4(typingctx, src, n, small, rest):  # noqa: ANN001, ANN202
+    """Over ``src[:n - n % 16]`` (float32 whole counts below 2**31): ``small[c] +=`` how many
+    equal ``c`` for ``c < 4``, and the counts of 4 and above packed in order into ``rest``
+    (int32, ``n + 16`` slots); returns how many were packed (-1 without AVX-512)."""
+    ok = (isinstance(src, types.Array) and src.dtype == types.float32 and isinstance(small, types.Array)
+          and small.dtype == types.int64 and isinstance(rest, types.Array) and rest.dtype == types.int32
+          and isinstance(n, types.Integer))
+    if not ok:
+        return None
+    sig = types.int64(src, n, small, rest)
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        i64, i32, f16, i16 = _vec_types()
+        if not AVX512:
+            return i64(-1)
+        sa = context.make_array(signature.args[0])(context, builder, args[0])
+        sm = context.make_array(signature.args[2])(context, builder, args[2])
+        ra = context.make_array(signature.args[3])(context, builder, args[3])
+        n64 = context.cast(builder, args[1], signature.args[1], types.int64)
+        blocks = builder.sdiv(n64, i64(16))
+        accs = [cgutils.alloca_once_value(builder, i64(0)) for _ in range(4)]
+        pos = cgutils.alloca_once_value(builder, i64(0))
+        with cgutils.for_range(builder, blocks) as loop:
+            off = builder.mul(loop.index, i64(16))
+            idx = builder.fptosi(_load16(builder, sa, off, f16), i16)
+            for c in range(4):
+                eq = builder.icmp_signed("==", idx, ir.Constant(i16, [c] * 16))
+                builder.store(builder.add(builder.load(accs[c]), _popcount(builder, eq)), accs[c])
+            big = builder.icmp_signed(">", idx, ir.Constant(i16, [3] * 16))
+            p = builder.load(pos)
+            _store(builder, _compress(builder, idx, big), ra, p)
+            builder.store(builder.add(p, _popcount(builder, big)), pos)
+        for c in range(4):
+            ptr = builder.gep(sm.data, [i64(c)])
+            builder.store(builder.add(builder.load(ptr), builder.load(accs[c])), ptr)
+        return builder.load(pos)
+
+    return sig, codegen
+
+
+def hist_small(src, hist, rest) -> int:  # noqa: ANN001
+    """Add the float32 whole counts of ``src`` (each at most ``len(hist) - 1``; ``hist`` int64
+    with at least 4 slots) to ``hist`` with AVX-512 and return True (compiled code only):
+    counts of 0..3 - nine in ten entries of count data - by vectorised compares, the others
+    one by one (``rest``: int32 scratch of ``len(src) + 16``). False, ``hist`` untouched,
+    without AVX-512 or for other dtypes: the caller counts."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(hist_small, jit_options={"nogil": True})
+def _hist_small_impl(src, hist, rest):  # noqa: ANN001, ANN202
+    vector = (isinstance(src, types.Array) and src.dtype == types.float32 and src.layout == "C"
+              and isinstance(hist, types.Array) and hist.dtype == types.int64 and hist.layout == "C")
+
+    if vector:
+        def impl(src, hist, rest):  # noqa: ANN001, ANN202
+            n = len(src)
+            if not AVX512 or len(rest) < n + 16 or len(hist) < 4:
+                return False
+            packed = _hist4(src, n, hist, rest)
+            for j in range(packed):
+                hist[rest[j]] += 1
+            for j in range(n - n % 16, n):
+                hist[np.int32(src[j])] += 1
+            return True
+    else:
+        def impl(src, hist, rest):  # noqa: ANN001, ANN202
             return False
     return impl
