@@ -17,7 +17,6 @@ per-batch bookkeeping.
 from __future__ import annotations
 
 import inspect
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -54,11 +53,6 @@ from scmf_loader.transport import (
 
 __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 
-#: the GIL switch interval of worker processes (seconds; Python's default is 0.005). A
-#: worker's result leaves through its queue's feeder thread, which needs the GIL while the
-#: worker already runs the next batch: with the default a pure-Python transform kept each
-#: result waiting ~3 ms in the worker (measured: docs/benchmarks.md, issue 11)
-WORKER_SWITCH_INTERVAL = 0.0002
 #: how long a worker process waits before answering a hold (see :class:`_Feed`)
 _HOLD_SECONDS = 0.0005
 #: the DataLoader can hand results over as they come (torch >= 2.6); the loader restores
@@ -177,7 +171,6 @@ class _Fetcher(torch.utils.data.Dataset):
         self.flags = flags
         self.tagged = False  # worker processes answer (position, result): results come as they are done
         self._ring: WorkerRing | None = None  # made in the worker process
-        self._worker_ready = False
         self.output = output
         self.n_bins = n_bins
         self.max_genes = max_genes
@@ -218,9 +211,6 @@ class _Fetcher(torch.utils.data.Dataset):
         info = torch.utils.data.get_worker_info()
         if info is None:
             return self.read(request)
-        if not self._worker_ready:
-            self._worker_ready = True
-            sys.setswitchinterval(WORKER_SWITCH_INTERVAL)  # results leave through a feeder thread
         if isinstance(request, _Hold):
             time.sleep(_HOLD_SECONDS)
             return None, None
