@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not outputs.numba_available(), reason="the compi
 CHECKS = textwrap.dedent('''
     import numpy as np
     from numba import njit
-    from scmf_loader.outputs._simd import AVX512, compact, count_lookup, hist_small, lookup
+    from scmf_loader.outputs._simd import AVX512, bin_compact, bin_lookup, compact, count_lookup, hist_small, lookup
 
     @njit
     def do_lookup(table, ix, top, dst):
@@ -48,8 +48,37 @@ CHECKS = textwrap.dedent('''
     def do_hist(src, hist, rest):
         return hist_small(src, hist, rest)
 
+    @njit
+    def do_bins(table, src, dst):
+        return bin_lookup(table, src, dst)
+
+    @njit
+    def do_bin_compact(genes, src, lo, table, gw, ew):
+        start, w = bin_compact(genes, src, lo, table, gw, ew)
+        for j in range(start, len(genes)):
+            i = np.int32(src[j])
+            gw[w], ew[w] = genes[j], table[i]
+            w += i >= lo
+        return w
+
     def check() -> None:
         rng = np.random.default_rng(0)
+        for m in (0, 1, 15, 16, 17, 33, 100, 2062):
+            table = rng.integers(0, 51, 128).astype(np.int32)
+            src = rng.integers(0, 128, m).astype(np.float32)
+            dst = np.full(m, -9, np.int64)
+            assert do_bins(table, src, dst) is AVX512
+            if AVX512:
+                assert np.array_equal(dst, table[src.astype(np.int64)])
+            genes = rng.integers(0, 20000, m).astype(np.int32)
+            for lo in (0, 2, 60, 128):
+                for room in (0, 5, 40):
+                    gw, ew = np.full(m + room, -7, np.int64), np.full(m + room, -7, np.int64)
+                    w = do_bin_compact(genes, src, lo, table, gw, ew)
+                    keep = src >= lo
+                    assert w == keep.sum()
+                    assert np.array_equal(gw[:w], genes[keep]), (m, lo, room)
+                    assert np.array_equal(ew[:w], table[src[keep].astype(np.int64)]), (m, lo, room)
         for m in (0, 1, 15, 16, 17, 33, 100, 2062):
             for scale in (0.3, 3.0, 60.0):
                 src = np.minimum(np.floor(rng.exponential(scale, m)), 255).astype(np.float32)

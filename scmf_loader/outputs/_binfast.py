@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit
 
 from scmf_loader.outputs._fast import _small_counts, copy_genes, count_value, genes_ok
-from scmf_loader.outputs._simd import hist_small
+from scmf_loader.outputs._simd import WIDTH as SIMD_WIDTH
+from scmf_loader.outputs._simd import bin_compact, bin_lookup, hist_small
 
 _CLS, _PAD = 3, 0
 
@@ -153,11 +154,12 @@ def _tie_end(src, t, ties) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def _keep_write(genes, src, bins, lo, gw, ew) -> int:  # noqa: ANN001
+def _keep_write(genes, src, bins, bins32, lo, gw, ew) -> int:  # noqa: ANN001
     """Entries whose count is ``>= lo`` written in order from 0, branch-free (a dropped entry
-    is overwritten by the next kept one; the last entry must be kept): the count written."""
-    w = 0
-    for j in range(len(genes)):
+    is overwritten by the next kept one; the last entry must be kept): the count written.
+    ``bins32``: ``bins`` as int32 for :func:`_simd.bin_compact` (counts below 128), or empty."""
+    start, w = bin_compact(genes, src, lo, bins32, gw, ew) if len(bins32) else (0, 0)
+    for j in range(start, len(genes)):
         i = np.int32(src[j])
         gw[w], ew[w] = genes[j], bins[np.uint32(i)]
         w += i >= lo
@@ -165,20 +167,21 @@ def _keep_write(genes, src, bins, lo, gw, ew) -> int:  # noqa: ANN001
 
 
 @njit(nogil=True, cache=True)
-def _write_top(genes, src, bins, t, ties, gw, ew) -> None:  # noqa: ANN001
+def _write_top(genes, src, bins, bins32, t, ties, gw, ew) -> None:  # noqa: ANN001
     """The ``len(gw)`` kept entries of a truncated count row (counts above ``t``, and the first
     ``ties`` equal to ``t``) in position order: two branch-free compactions."""
     cut = _tie_end(src, t, ties)
-    w = _keep_write(genes[:cut], src[:cut], bins, t, gw, ew) if cut else 0
+    w = _keep_write(genes[:cut], src[:cut], bins, bins32, t, gw, ew) if cut else 0
     end = len(src)
     while end > cut and np.int32(src[end - 1]) <= t:  # past the last kept entry: nothing to write
         end -= 1
     if end > cut:
-        _keep_write(genes[cut:end], src[cut:end], bins, t + 1, gw[w:], ew[w:])
+        _keep_write(genes[cut:end], src[cut:end], bins, bins32, t + 1, gw[w:], ew[w:])
 
 
 @njit(nogil=True, cache=True)
-def binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k, cls, hist, rest, xs, bins, edges, gr, er, mr) -> int:  # noqa: ANN001
+def binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k, cls, hist, rest, xs, bins, bins32, edges, gr, er,
+                  mr) -> int:  # noqa: ANN001
     """One binned row (float32 compute dtype, top truncation) when the row holds small whole
     counts (below ``len(xs)``, and ``len(tab)`` with ``log1p``: :func:`_fast.count_value`):
     the genes written, ``-1`` a bad gene id, ``-2`` not this case."""
@@ -188,12 +191,18 @@ def binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k,
         return -2
     if cls:
         gr[0], er[0] = _CLS, 0
+    b32 = bins32[:0]
+    if top < SIMD_WIDTH <= len(bins32):  # the int32 bins for the vectorised lookups
+        for i in range(top + 1):
+            bins32[i] = bins[i]
+        b32 = bins32
     if m <= k:
         if not copy_genes(indices, s, e, n_genes, gr, cls):
             return -1
         out = er[cls : cls + m]
-        for j in range(m):
-            out[j] = bins[np.uint32(np.int32(src[j]))]
+        if not (len(b32) and bin_lookup(b32, src, out)):
+            for j in range(m):
+                out[j] = bins[np.uint32(np.int32(src[j]))]
         n = m
     else:
         if not genes_ok(indices, s, e, n_genes):
@@ -203,7 +212,7 @@ def binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k,
             below += hist[t]
             t += 1
         ties = hist[t] - (drop - below)  # of count t, the first `ties` stay
-        _write_top(indices[s:e], src, bins, t, ties, gr[cls : cls + k], er[cls : cls + k])
+        _write_top(indices[s:e], src, bins, b32, t, ties, gr[cls : cls + k], er[cls : cls + k])
         n = k
     mr[: cls + n] = True
     gr[cls + n :] = _PAD

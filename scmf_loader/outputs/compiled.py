@@ -454,7 +454,7 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, qs, 
     asc, dig, keep = np.empty(longest, np.float64), np.empty(longest, np.int64), np.empty(longest, np.bool_)
     edges = np.empty(len(qs), np.float64)
     hist, xs, bins = np.empty(4 * (TABLE + 1), np.int64), np.empty(TABLE, np.float64), np.empty(TABLE, np.int64)
-    rest = np.empty(longest + 16, np.int32)
+    rest, bins32 = np.empty(longest + 16, np.int32), np.empty(TABLE, np.int32)
     fast = f32 and len(colmap) == 0 and not random
     has_div = len(div) > 0
     for c in range(len(indptr) - 1):
@@ -462,7 +462,7 @@ def binned(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, qs, 
             s, e = indptr[c], indptr[c + 1]
             d = div[c] if has_div else 1.0
             tab = ltab[c] if len(ltab) > 1 else ltab[0]
-            n = binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k, cls, hist, rest, xs, bins, edges,
+            n = binned_counts(indices, values, s, e, n_genes, d, has_div, log1p, tab, qs, k, cls, hist, rest, xs, bins, bins32, edges,
                               gene[c], expr[c], mask[c])
             if n == -1:
                 return BAD_INDEX, _first_bad(indices, s, e, n_genes)
