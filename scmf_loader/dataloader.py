@@ -53,6 +53,11 @@ from scmf_loader.transport import (
 
 __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 
+#: ``prefetch_factor`` of worker processes running a ``transform`` (torch's default, 2,
+#: otherwise). A 3 ms pure-Python transform, 2 processes on 2 cores: 2 -> 3 took the epoch
+#: from 1.63x to 1.71x the speed of no workers (torch ops: 1.68x -> 1.69x), fewer idle
+#: wake-ups (tree CPU 1.45 -> 1.41 s); 4 gained nothing more (docs/benchmarks.md, issue 11)
+TRANSFORM_PREFETCH = 3
 #: how long a worker process waits before answering a hold (see :class:`_Feed`)
 _HOLD_SECONDS = 0.0005
 #: the DataLoader can hand results over as they come (torch >= 2.6); the loader restores
@@ -313,7 +318,10 @@ class CellDataLoader:
     values. Workers hand batches over through ``slots_per_worker`` reused shared-memory
     slots each (default ``prefetch_factor + 3``; 0: a fresh segment per batch), see
     :mod:`scmf_loader.transport`: the output kernels write straight into a slot, and a slot
-    is reused once nothing views its batch any more. With CUDA and ``pin_memory`` the slots
+    is reused once nothing views its batch any more. ``prefetch_factor``: batches requested
+    ahead per worker process (default 2; with a ``transform`` :data:`TRANSFORM_PREFETCH`);
+    results come back as they are done and are put back in order here (at most
+    ``prefetch_factor * num_workers`` held early; torch >= 2.6). With CUDA and ``pin_memory`` the slots
     are page-locked, so ``batch.to("cuda", non_blocking=True)`` copies from them directly.
     ``worker_type="thread"`` runs the ``num_workers`` workers as threads of this process
     (no hand-over at all; the output kernels and torch ops release the GIL, pure-Python
@@ -371,12 +379,14 @@ class CellDataLoader:
         extra: dict[str, Any] = {}
         flags = self._ring = None
         if num_workers > 0:
+            if prefetch_factor is None:  # a transform: one more batch ahead per worker (measured, see
+                prefetch_factor = TRANSFORM_PREFETCH if transform is not None else 2  # TRANSFORM_PREFETCH)
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
                      "multiprocessing_context": direct_context(multiprocessing_context)}
-            per_worker = (prefetch_factor or 2) + 3 if slots_per_worker is None else int(slots_per_worker)
+            per_worker = prefetch_factor + 3 if slots_per_worker is None else int(slots_per_worker)
             if _UNORDERED:  # results as they come, put back in order by _ordered; early ones
                 extra["in_order"] = False  # held: as many as in flight (more: workers run out of slots)
-                self._requests.feed_limit = (prefetch_factor or 2) * num_workers
+                self._requests.feed_limit = prefetch_factor * num_workers
             flags = RingFlags(num_workers, per_worker) if per_worker > 0 else None  # 0: a segment per batch
             self._ring = LoaderRing(flags, self.pin_memory) if flags is not None else None
         self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins,

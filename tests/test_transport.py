@@ -292,6 +292,11 @@ def test_a_stalled_worker_does_not_let_the_others_fill_memory(ds: CellDataset, m
     kw: dict[str, Any] = {"batch_size": 4, "seed": 3, "block_size": 2, "drop_last": False}
     ref = [b.cell_ids.clone() for b in CellDataLoader(ds, num_workers=0, **kw)]
     assert len(ref) > 40
+    default = CellDataLoader(ds, num_workers=2, transform=_Uneven(), **kw)
+    assert default._loader.prefetch_factor == dataloader.TRANSFORM_PREFETCH == 3
+    assert default._requests.feed_limit == 6
+    assert default._ring.flags.per_worker == 6  # slots: prefetch + 3
+    assert CellDataLoader(ds, num_workers=2, worker_type="process", **kw)._loader.prefetch_factor == 2
     loader = CellDataLoader(ds, num_workers=2, prefetch_factor=2, transform=_Uneven(stall=int(ref[1][0])), **kw)
     got = [ids for ids, _ in loader]
     assert len(got) == len(ref)
