@@ -118,6 +118,13 @@ def tasks_for(batches: list[Any], slow: int, max_genes: int, med: np.ndarray, pi
     return tasks
 
 
+def _avx512() -> bool:
+    """Whether the compiled kernels use their AVX-512 paths here (scmf_loader.outputs._simd)."""
+    from scmf_loader.outputs._simd import AVX512
+
+    return bool(AVX512)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON result path")
@@ -178,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     load_end = os.getloadavg()
     res = {"cells": args.cells, "genes": args.genes, "batch_size": args.batch, "max_genes": args.max_genes,
            "reps": args.reps, "nnz_per_cell": ds.store.manifest.nnz / len(ds), "load_average_start": load_start,
-           "load_average_end": load_end, "pipeline": repr(pipe),
+           "load_average_end": load_end, "pipeline": repr(pipe), "avx512_kernels": _avx512(),
            "cells_per_s_cpu_time": rate, "cells_per_s_wall_time": rate_wall, "ratio_to_csr_epoch_cpu": ratio,
            "ratio_to_csr_epoch_wall": ratio_wall,
            "raw_seconds": {"cpu": cpu, "wall": wall, "cells": cells}}
     print(f"\n{len(ds):,} cells x {ds.n_genes:,} genes, {res['nnz_per_cell']:.0f} nnz/cell, batch {args.batch}, "
-          f"median of {args.reps}, load average {load_start} -> {load_end}")
+          f"median of {args.reps}, load average {load_start} -> {load_end}, AVX-512 kernels: {res['avx512_kernels']}")
     print(f"{'measure (one process)':44s} {'cells/s cpu':>12s} {'vs CSR':>7s} {'cells/s wall':>13s} {'vs CSR':>7s}")
     for k in tasks:
         print(f"{k:44s} {rate[k]:12,.0f} {ratio[k]:7.2f} {rate_wall[k]:13,.0f} {ratio_wall[k]:7.2f}")
