@@ -349,3 +349,24 @@ def test_fused_log1p_rows_the_table_does_not_cover_take_numpys_numbers(monkeypat
         _equal(call("numba"), call("numpy"), f"{name} threads={threads}")
     ref = transform_values(v, ip, div, True)
     np.testing.assert_array_equal(outputs.preprocess(ip, v, div, True, threads=threads), ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.uint16, np.int64])
+def test_fused_log1p_on_other_value_dtypes_equals_the_numpy_backend(dtype: type) -> None:
+    """Every output compiles and matches the numpy backend with fused log1p on float64 values
+    (float64 log tables) and integer values (float32 ones)."""
+    ip, idx, v = _counts(24, n=30)
+    v = v.astype(dtype)
+    div = np.random.default_rng(25).uniform(0.3, 3, len(ip) - 1)
+    med = np.random.default_rng(26).choice([1.0, 2.0, 3.0], G).astype(np.float32)
+    calls = {
+        "padded": lambda b: outputs.padded(ip, idx, v, G, max_genes=100, divisors=div, log1p=True, backend=b),
+        "padded_random": lambda b: outputs.padded(ip, idx, v, G, max_genes=100, truncation="random", divisors=div,
+                                                  log1p=True, backend=b),
+        "binned": lambda b: outputs.binned(ip, idx, v, G, max_genes=100, divisors=div, log1p=True, backend=b),
+        "rank": lambda b: outputs.rank(ip, idx, v, G, med, max_genes=100, divisors=div, log1p=True, backend=b),
+        "dense": lambda b: {"x": outputs.dense(ip, idx, v, G, divisors=div, log1p=True, backend=b)},
+        "preprocess": lambda b: {"x": outputs.preprocess(ip, v, div, True, backend=b)},
+    }
+    for name, call in calls.items():
+        _equal(call("numba"), call("numpy"), f"{name} {np.dtype(dtype)}")

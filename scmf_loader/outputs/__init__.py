@@ -179,7 +179,7 @@ class _Batch:
         if not self.log1p or not flag.any():
             return
         runs = _runs(flag)
-        exact = np.empty(len(self.values), dt)  # only the flagged rows' entries are written and read
+        exact = buffers.empty(len(self.values), dt)  # only the flagged rows' entries are written and read
         _exact_values(self.indptr, self.values, self.divisors, self.f32, runs, exact)
         args = args_for(exact)
         for c0, c1 in runs:

@@ -269,7 +269,7 @@ def padded(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, vbit
         return BAD_INDPTR, bad
     sg, sv, sp, keys, order, skeys, counts, memo, stamp = _scratch(longest)
     keep = np.empty(longest, np.bool_)
-    table, ix, row = np.empty(TABLE, np.float32), np.empty(longest, np.int32), np.empty(longest, np.float32)
+    table, ix, row = np.empty(TABLE, ltab.dtype), np.empty(longest, np.int32), np.empty(longest, np.float32)
     plain = len(vbits) > 0 and not (len(div) > 0 or log1p)
     lut = np.empty(TABLE, np.float32)
     has_div, direct = len(div) > 0, len(colmap) == 0
@@ -388,7 +388,7 @@ def rank(indptr, indices, values, n_genes, div, log1p, f32, colmap, ltab, median
     rat, k32, sk32 = np.empty(longest, np.float32), np.empty(longest, np.uint32), np.empty(longest, np.uint32)
     pay, spay = np.empty(longest, np.int32), np.empty(longest, np.int32)
     ucounts = np.empty(COUNTS, np.uint64)
-    table, ix = np.empty(TABLE, np.float32), np.empty(longest, np.int32)
+    table, ix = np.empty(TABLE, ltab.dtype), np.empty(longest, np.int32)
     med_ok = True
     for g in range(len(medians)):
         med_ok &= (medians[g] > 0) & (medians[g] < np.inf)
