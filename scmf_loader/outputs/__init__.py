@@ -45,7 +45,8 @@ and are never read out of bounds.
 **Threads** (compiled backend): ``threads`` (every function; default: :func:`set_threads`,
 ``$SCMF_OUTPUT_THREADS``, else 2 in the main thread of the main process when a core is
 spare, 1 in loader workers, other threads, or on a busy machine) cuts a batch's cells into
-parts of about equal non-zeros that the ``nogil`` kernels run at once, each writing its own
+parts of about equal non-zeros (the caller's a tenth larger) that the ``nogil`` kernels run
+at once, each writing its own
 rows: the same arrays as one thread, bit for bit (random truncation hashes the batch's cell
 index). See :mod:`scmf_loader.outputs._threads`.
 """

@@ -1,5 +1,6 @@
 """Threads for the compiled output kernels: a batch's cells cut into parts of about equal
-non-zeros, each part run by the same ``nogil`` kernel on its own thread, writing its own rows.
+non-zeros (the calling thread's a tenth larger: :data:`CALLER_EXTRA`), each part run by the
+same ``nogil`` kernel on its own thread, writing its own rows.
 
 How many threads (``threads`` of every output function, else :func:`set_threads`, else
 ``$SCMF_OUTPUT_THREADS``, else the default): by default 2 in the main thread of the main
