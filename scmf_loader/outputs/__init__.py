@@ -34,7 +34,9 @@ returns their columns in that order, the token outputs keep token ids) are appli
 the values are read, so each value is read and written once. The arithmetic is
 :class:`~scmf_loader.preprocess.PreprocessingPipeline`'s: the compute dtype is float64 for
 float64 values, else float32; ``value / divisor``, then ``log1p``. Truncation, ranks and
-bins use the preprocessed values.
+bins use the preprocessed values. ``log1p`` is numpy's own (the compiled one differs from
+it in the last bit for some inputs): the compiled kernels look whole counts up in numpy's
+:func:`log_tables` and hand any other row back to be redone from numpy's values.
 
 **Backends**: ``"numba"`` (compiled, ``nogil``; used when numba imports, the faster one:
 ``scripts/bench_outputs.py``) and ``"numpy"`` (vectorised); ``backend=None`` picks (or
@@ -46,8 +48,7 @@ and are never read out of bounds.
 ``$SCMF_OUTPUT_THREADS``, else 2 in the main thread of the main process when a core is
 spare, 1 in loader workers, other threads, or on a busy machine) cuts a batch's cells into
 parts of about equal non-zeros (the caller's a tenth larger) that the ``nogil`` kernels run
-at once, each writing its own
-rows: the same arrays as one thread, bit for bit (random truncation hashes the batch's cell
+at once, each writing its own rows: the same arrays as one thread, bit for bit (random truncation hashes the batch's cell
 index). See :mod:`scmf_loader.outputs._threads`.
 """
 
