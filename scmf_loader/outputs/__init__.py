@@ -65,7 +65,8 @@ from scmf_loader.outputs import _threads, vectorised
 from scmf_loader.outputs._common import BACKENDS, numba_available, resolve_backend
 from scmf_loader.outputs._threads import set_threads
 
-__all__ = ["BACKENDS", "binned", "dense", "numba_available", "padded", "preprocess", "rank", "resolve_backend",
+__all__ = ["BACKENDS", "LOG_TABLE", "binned", "dense", "log_tables", "numba_available", "padded", "preprocess", "rank",
+           "resolve_backend",
            "set_threads"]
 
 _EMPTY_F64 = np.zeros(0, np.float64)
