@@ -382,7 +382,8 @@ class CellDataLoader:
             if prefetch_factor is None:  # a transform: one more batch ahead per worker (measured, see
                 prefetch_factor = TRANSFORM_PREFETCH if transform is not None else 2  # TRANSFORM_PREFETCH)
             extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
-                     "multiprocessing_context": direct_context(multiprocessing_context)}
+                     # requests in flight per worker, plus a resume and a stop sentinel
+                     "multiprocessing_context": direct_context(multiprocessing_context, prefetch_factor + 2)}
             per_worker = prefetch_factor + 3 if slots_per_worker is None else int(slots_per_worker)
             if _UNORDERED:  # results as they come, put back in order by _ordered; early ones
                 extra["in_order"] = False  # held: as many as in flight (more: workers run out of slots)

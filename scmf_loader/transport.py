@@ -340,23 +340,60 @@ class WorkerRing:
 
 
 # ---- queues without feeder threads --------------------------------------------------------
-class DirectQueue(multiprocessing.queues.Queue):
-    """A ``multiprocessing.Queue`` whose ``put`` pickles and writes to the pipe in the
-    calling thread, instead of handing the object to a feeder thread that does it later.
+#: a pipe's buffer on Linux: what :class:`DirectQueue` writers may have in flight on one queue
+_PIPE_BYTES = 64 << 10
 
-    The DataLoader's queues carry small messages (a request; a slot number and layout),
-    at most ``prefetch_factor`` per worker in flight, so a write never waits on a full pipe
-    for long. The feeder thread cost two thread switches per message on each side (measured
-    on this 2-core VM: ~15% of the loader process's samples, in the scheduler), and in a
-    worker it needs the GIL, which a pure-Python transform holds for the next batch."""
+
+def _loads(data: bytes) -> Any:
+    return multiprocessing.reduction.ForkingPickler.loads(data)
+
+
+class _Pickled:
+    """Bytes :class:`DirectQueue` already pickled, handed to the feeder thread as they are
+    (the reader gets the original object back, pickled once)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _loads, (self.data,)
+
+
+class DirectQueue(multiprocessing.queues.Queue):
+    """A ``multiprocessing.Queue`` whose ``put`` pickles and writes a message to the pipe in
+    the calling thread, instead of handing the object to a feeder thread that does it later.
+
+    The feeder thread cost two thread switches per message on each side (measured on this
+    2-core VM: ~15% of the loader process's samples, in the scheduler), and in a worker it
+    needs the GIL, which a pure-Python transform holds for the next batch. A direct write
+    waits while the pipe is full, so only messages of at most ``max_direct`` bytes are
+    written directly: with at most ``prefetch_factor`` requests (and a sentinel or two) in
+    flight per worker, :func:`direct_context` sizes it so that a worker's request pipe never
+    fills, and the loader's process never waits on a worker that waits on it. A larger
+    message, and every message after it (the order is kept), goes through the feeder."""
+
+    max_direct = 4096
+
+    def __getstate__(self) -> Any:
+        return (super().__getstate__(), self.max_direct)
+
+    def __setstate__(self, state: Any) -> None:
+        super().__setstate__(state[0])
+        self.max_direct = state[1]
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        if self._thread is not None:  # type: ignore[attr-defined]  # the feeder runs: keep the order
+            super().put(obj, block, timeout)
+            return
         if self._closed:  # type: ignore[attr-defined]
             raise ValueError(f"Queue {self!r} is closed")
+        data = multiprocessing.reduction.ForkingPickler.dumps(obj)
+        if len(data) > self.max_direct:
+            super().put(_Pickled(bytes(data)), block, timeout)
+            return
         if not self._sem.acquire(block, timeout):  # type: ignore[attr-defined]
             raise queue.Full
         try:
-            data = multiprocessing.reduction.ForkingPickler.dumps(obj)
             if self._wlock is None:  # type: ignore[attr-defined]
                 self._send_bytes(data)  # type: ignore[attr-defined]
             else:
@@ -367,9 +404,15 @@ class DirectQueue(multiprocessing.queues.Queue):
             raise
 
 
+def _direct_queue(context: Any, maxsize: int = 0) -> DirectQueue:
+    q = DirectQueue(maxsize, ctx=context)
+    q.max_direct = context.max_direct
+    return q
+
+
 def _direct_class(base: type) -> type:
     return type(f"Direct{base.__name__}", (base,), {
-        "Queue": lambda self, maxsize=0: DirectQueue(maxsize, ctx=self),
+        "Queue": _direct_queue, "max_direct": 4096,
         "__doc__": f"{base.__name__} whose queues are :class:`DirectQueue` s.",
     })
 
@@ -378,15 +421,19 @@ _DIRECT = {c: _direct_class(c) for c in (getattr(multiprocessing.context, n, Non
                                          ("ForkContext", "SpawnContext", "ForkServerContext")) if c is not None}
 
 
-def direct_context(context: Any = None) -> Any:
+def direct_context(context: Any = None, in_flight: int = 4) -> Any:
     """The multiprocessing context (default: Python's default; a start method name; or a
-    context) with :class:`DirectQueue` queues; a context of another kind as it is."""
+    context) with :class:`DirectQueue` queues, writing directly messages of up to a pipe's
+    buffer over ``in_flight`` (the most messages a reader may leave unread); a context of
+    another kind as it is."""
     if context is None or isinstance(context, str):
         context = multiprocessing.get_context(context)
-    if type(context) in _DIRECT.values():
-        return context
     cls = _DIRECT.get(type(context))
-    return context if cls is None else cls()
+    if cls is None and type(context) not in _DIRECT.values():
+        return context
+    out = cls() if cls is not None else context
+    out.max_direct = _PIPE_BYTES // max(1, in_flight)
+    return out
 
 
 # ---- threads ----------------------------------------------------------------------------

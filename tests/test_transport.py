@@ -320,6 +320,7 @@ def test_worker_queues_have_no_feeder_threads(ds: CellDataset, context: str | No
     queue feeder thread in the loader's process or in a worker); the epoch is intact."""
     kw: dict[str, Any] = {"batch_size": 32, "seed": 2, "block_size": 8, "drop_last": False}
     ref = [b.cell_ids.clone() for b in CellDataLoader(ds, num_workers=0, **kw)]
+    feeders = {t.ident for t in threading.enumerate() if t.name == "QueueFeederThread"}  # other tests' loaders
     loader = CellDataLoader(ds, num_workers=2, transform=_Threads(), multiprocessing_context=context, **kw)
     assert isinstance(loader._loader.multiprocessing_context, multiprocessing.context.BaseContext)
     assert loader._loader.multiprocessing_context.get_start_method() == (context or multiprocessing.get_start_method())
@@ -327,10 +328,47 @@ def test_worker_queues_have_no_feeder_threads(ds: CellDataset, context: str | No
     assert len(got) == len(ref)
     assert all(torch.equal(ids, r) for (ids, _), r in zip(got, ref, strict=True))
     assert not any("QueueFeederThread" in n for _, names in got for n in names)
-    assert not any(t.name == "QueueFeederThread" for t in threading.enumerate())
+    assert {t.ident for t in threading.enumerate() if t.name == "QueueFeederThread"} <= feeders
     q = transport.direct_context("spawn").Queue()
     q.put({"x": torch.arange(3)})
     assert torch.equal(q.get(timeout=5)["x"], torch.arange(3))
+
+
+def test_direct_queue_large_messages_go_through_the_feeder_in_order() -> None:
+    ctx = transport.direct_context("fork", in_flight=4)
+    q = ctx.Queue()
+    assert q.max_direct == 16384
+    q.put(("small", 1))
+    assert q._thread is None  # written directly
+    big = "x" * 100_000
+    q.put(("big", big))
+    assert q._thread is not None  # a message over max_direct: the feeder, from now on
+    q.put(("small", 2))
+    assert [q.get(timeout=5) for _ in range(3)] == [("small", 1), ("big", big), ("small", 2)]
+
+
+class _Big:
+    """A picklable transform returning 200 kB of plain Python per batch (pickled, not slotted)."""
+
+    def __call__(self, b: CSRBatch) -> tuple[torch.Tensor, str]:
+        return b.cell_ids.clone(), "y" * 200_000
+
+
+def test_large_requests_and_results_do_not_deadlock(ds: CellDataset) -> None:
+    """Gathered batches of 500 cells (4 kB of ids per request, over max_direct with 14 in
+    flight: they go through the feeder) and 200 kB results (over it too): the epoch
+    completes, in order, twice."""
+    kw: dict[str, Any] = {"batch_size": 500, "seed": 9, "block_size": 1, "drop_last": False}
+    one = CellDataLoader(ds, num_workers=0, **kw)
+    refs = [[b.cell_ids.clone() for b in one] for _ in range(2)]
+    loader = CellDataLoader(ds, num_workers=2, prefetch_factor=14, transform=_Big(), timeout=60, **kw)
+    assert loader._loader.multiprocessing_context.max_direct == 4096
+    for ref in refs:
+        got = list(loader)
+        assert len(got) == len(ref)
+        assert all(torch.equal(ids, r) and len(text) == 200_000 for (ids, text), r in zip(got, ref, strict=True))
+    assert len(ref) == 3
+    assert any(t.name == "QueueFeederThread" for t in threading.enumerate())  # the requests took the feeder
 
 
 def test_auto_worker_type(loader_dataset: Path, ds: CellDataset) -> None:
