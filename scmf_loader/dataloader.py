@@ -95,24 +95,35 @@ _HOLD = _Hold()
 class _Feed:
     """The requests of one iteration as the DataLoader takes them (worker processes, results
     as they come): it records the order they went out in, so that :meth:`CellDataLoader._ordered`
-    can restore it, and sends holds instead while ``pending`` (results that came early) is at
-    ``limit``, so that a stalled worker does not let the others fill memory."""
+    can restore it, and sends holds instead while some worker has ``limit`` results waiting in
+    ``pending`` (they came before the one awaited), so that a stalled worker does not make
+    the others run out of ring slots or fill memory."""
 
     def __init__(self, requests: Iterator[_Request], limit: int) -> None:
         self.requests = requests
         self.limit = limit
         self.sent: deque[int] = deque()  # positions sent to workers and not yet handed out, in order
-        self.pending: dict[int, Any] = {}  # results that came before the one awaited
+        self.pending: dict[int, tuple[int, Any]] = {}  # position: (worker, result) came early
+        self.early: dict[int, int] = {}  # worker: its results in pending
 
     def __iter__(self) -> _Feed:
         return self
 
     def __next__(self) -> _Request | _Hold:
-        if len(self.pending) >= self.limit and self.sent:
+        if self.sent and self.early and max(self.early.values()) >= self.limit:
             return _HOLD
         request = next(self.requests)
         self.sent.append(request.position)
         return request
+
+
+def _feed_limit(prefetch: int, slots: int) -> int:
+    """Results of one worker that may wait for an earlier one before the feed sends holds.
+    A worker's slots hold its waiting results, the one the caller has, and the one it
+    builds; up to ``prefetch`` more of its requests may still come after holds begin: so
+    ``slots - prefetch - 1`` keeps it within its slots (2 by default). Without slots
+    (``slots_per_worker=0``), ``prefetch``."""
+    return max(1, slots - prefetch - 1) if slots > 0 else prefetch
 
 
 def _identity(x: Any) -> Any:
@@ -174,7 +185,7 @@ class _Fetcher(torch.utils.data.Dataset):
         self.raw, self.pipeline = fusable(dataset)
         self.transform = transform
         self.flags = flags
-        self.tagged = False  # worker processes answer (position, result): results come as they are done
+        self.tagged = False  # worker processes answer (position, worker, result): results come as they are done
         self._ring: WorkerRing | None = None  # made in the worker process
         self.output = output
         self.n_bins = n_bins
@@ -218,9 +229,9 @@ class _Fetcher(torch.utils.data.Dataset):
             return self.read(request)
         if isinstance(request, _Hold):
             time.sleep(_HOLD_SECONDS)
-            return None, None
+            return None, None, None
         out = self._produce(request, info.id)
-        return (request.position, out) if self.tagged else out
+        return (request.position, info.id, out) if self.tagged else out
 
     def _produce(self, request: _Request, worker: int) -> Any:
         if self._zero_copy(request.ids):
@@ -320,8 +331,8 @@ class CellDataLoader:
     :mod:`scmf_loader.transport`: the output kernels write straight into a slot, and a slot
     is reused once nothing views its batch any more. ``prefetch_factor``: batches requested
     ahead per worker process (default 2; with a ``transform`` :data:`TRANSFORM_PREFETCH`);
-    results come back as they are done and are put back in order here (at most
-    ``prefetch_factor * num_workers`` held early; torch >= 2.6). With CUDA and ``pin_memory`` the slots
+    results come back as they are done and are put back in order here (torch >= 2.6; a
+    worker's results held early are bounded so that they fit its slots). With CUDA and ``pin_memory`` the slots
     are page-locked, so ``batch.to("cuda", non_blocking=True)`` copies from them directly.
     ``worker_type="thread"`` runs the ``num_workers`` workers as threads of this process
     (no hand-over at all; the output kernels and torch ops release the GIL, pure-Python
@@ -385,9 +396,9 @@ class CellDataLoader:
                      # requests in flight per worker, plus a resume and a stop sentinel
                      "multiprocessing_context": direct_context(multiprocessing_context, prefetch_factor + 2)}
             per_worker = prefetch_factor + 3 if slots_per_worker is None else int(slots_per_worker)
-            if _UNORDERED:  # results as they come, put back in order by _ordered; early ones
-                extra["in_order"] = False  # held: as many as in flight (more: workers run out of slots)
-                self._requests.feed_limit = prefetch_factor * num_workers
+            if _UNORDERED:  # results as they come, put back in order by _ordered; a worker's
+                extra["in_order"] = False  # early ones held while its slots last (see _feed_limit)
+                self._requests.feed_limit = _feed_limit(prefetch_factor, per_worker)
             flags = RingFlags(num_workers, per_worker) if per_worker > 0 else None  # 0: a segment per batch
             self._ring = LoaderRing(flags, self.pin_memory) if flags is not None else None
         self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins,
@@ -470,20 +481,24 @@ class CellDataLoader:
 
     @staticmethod
     def _ordered(results: Iterator[Any], feed: _Feed) -> Iterator[Any]:
-        """Worker results, which come as they are done as ``(position, result)``, in the
-        order the requests went out (``feed.sent``); holds are dropped. A result that comes
-        early waits in ``feed.pending`` (at most ``feed.limit``: then the feed sends holds)."""
-        sent, pending = feed.sent, feed.pending
-        for position, item in results:
+        """Worker results, which come as they are done as ``(position, worker, result)``, in
+        the order the requests went out (``feed.sent``); holds are dropped. A result that
+        comes early waits in ``feed.pending`` (while a worker has ``feed.limit`` waiting, the
+        feed sends holds)."""
+        sent, pending, early = feed.sent, feed.pending, feed.early
+        for position, worker, item in results:
             if position is None:
                 continue
             if position != sent[0]:
-                pending[position] = item
+                pending[position] = (worker, item)
+                early[worker] = early.get(worker, 0) + 1
                 continue
             sent.popleft()
             yield item
             while sent and sent[0] in pending:
-                yield pending.pop(sent.popleft())
+                worker, item = pending.pop(sent.popleft())
+                early[worker] -= 1
+                yield item
 
     def _read_ahead(self, epoch: int, start: int, tag: int) -> ReadAhead | None:
         """Read-ahead threads for this iteration (:mod:`scmf_loader.readahead`), or None."""

@@ -241,16 +241,16 @@ class _Uneven:
 
 
 def _arrivals(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Records the positions worker results arrive with (None: a hold) and the number of
-    early results the loader holds at each arrival."""
+    """Records the positions worker results arrive with (None: a hold) and the most early
+    results of one worker the loader holds at each arrival."""
     seen: list[Any] = []
     ordered = CellDataLoader._ordered
 
     def spy(results: Any, feed: Any) -> Any:
         def tap() -> Any:
-            for position, item in results:
-                seen.append((position, len(feed.pending)))
-                yield position, item
+            for position, worker, item in results:
+                seen.append((position, max(feed.early.values(), default=0)))
+                yield position, worker, item
         return ordered(tap(), feed)
 
     monkeypatch.setattr(CellDataLoader, "_ordered", staticmethod(spy))
@@ -287,23 +287,25 @@ def test_worker_results_come_as_done_and_are_handed_out_in_order(ds: CellDataset
 @pytest.mark.skipif(not dataloader._UNORDERED, reason="torch without DataLoader(in_order=)")
 def test_a_stalled_worker_does_not_let_the_others_fill_memory(ds: CellDataset, monkeypatch: pytest.MonkeyPatch) -> None:
     """While one worker is stuck on a batch, the others run ahead by at most the feed's
-    limit (plus the requests already out), then get holds; the order is kept."""
+    limit (plus their requests already out), then get holds, within their slots; the order
+    is kept."""
     seen = _arrivals(monkeypatch)
     kw: dict[str, Any] = {"batch_size": 4, "seed": 3, "block_size": 2, "drop_last": False}
     ref = [b.cell_ids.clone() for b in CellDataLoader(ds, num_workers=0, **kw)]
     assert len(ref) > 40
     default = CellDataLoader(ds, num_workers=2, transform=_Uneven(), **kw)
     assert default._loader.prefetch_factor == dataloader.TRANSFORM_PREFETCH == 3
-    assert default._requests.feed_limit == 6
+    assert default._requests.feed_limit == 2  # 6 slots - 3 prefetch - 1
     assert default._ring.flags.per_worker == 6  # slots: prefetch + 3
     assert CellDataLoader(ds, num_workers=2, worker_type="process", **kw)._loader.prefetch_factor == 2
-    loader = CellDataLoader(ds, num_workers=2, prefetch_factor=2, transform=_Uneven(stall=int(ref[1][0])), **kw)
-    got = [ids for ids, _ in loader]
+    loader = _Counting(ds, num_workers=2, prefetch_factor=2, transform=_Uneven(stall=int(ref[1][0])), **kw)
+    got = [ids.clone() for ids, _ in loader]  # (keeping the views would hold every slot)
     assert len(got) == len(ref)
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
     limit = loader._requests.feed_limit
-    assert limit == 4
-    assert max(n for _, n in seen) <= 2 * limit  # the limit, plus the 2 x 2 requests already out
+    assert limit == 2  # 5 slots - 2 prefetch - 1
+    assert max(n for _, n in seen) <= limit + 2  # the limit, plus the worker's 2 requests already out
+    assert loader.counts["Packed"] == 0  # and so every batch went through the worker's slots
     assert sum(p is None for p, _ in seen) >= 10  # the free worker waited on holds during the 0.4 s
 
 
