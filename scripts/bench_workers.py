@@ -426,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         res["transform"] = {}
         for name, fn in (("torch ops", BurnTorch()), ("pure Python", BurnPython())):
             r = bench_workers(a.raw, a.reps, ["csr"], transform=fn)
-            res["transform"][name] = {"transform": r["csr"], "iterations": fn.n}
+            t = time.process_time()
+            for _ in range(20):
+                fn(None)
+            res["transform"][name] = {"transform": r["csr"], "iterations": fn.n,
+                                      "cpu_ms_per_call": (time.process_time() - t) / 20 * 1e3}
             save()
     if "memory" in phases:
         res["memory"] = bench_memory(a.raw, ["padded", "dense"])
