@@ -168,10 +168,12 @@ def test_threads_give_the_same_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
     from scmf_loader.outputs import _threads
 
     monkeypatch.setattr(_threads, "MIN_PART_ENTRIES", 64)
+    monkeypatch.setattr(outputs, "PREPROCESS_MIN_PART", 64)
     ip, idx, v = _counts(11, n=60)
     div = np.random.default_rng(12).uniform(0.3, 3, len(ip) - 1).astype(np.float32)
     med = np.random.default_rng(13).choice([1.0, 2.0, 0.0, 3.0], G).astype(np.float32)
     assert len(_threads.parts(ip, 3)) == 3
+    assert len(_threads.parts(ip, 3, outputs.PREPROCESS_MIN_PART)) == 3  # preprocess is split too
     calls = {
         "padded": lambda t: outputs.padded(ip, idx, v, G, max_genes=100, threads=t),
         "padded_random": lambda t: outputs.padded(ip, idx, v, G, max_genes=100, truncation="random", seed=4, threads=t),
@@ -195,6 +197,17 @@ def test_threads_give_the_same_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
         outputs.padded(bad_ip, idx, v, G, max_genes=100, threads=3)
     with pytest.raises(ConfigurationError, match="threads"):
         outputs.padded(ip, idx, v, G, threads=0)
+
+
+def test_preprocess_keeps_a_typical_batch_in_one_thread() -> None:
+    """The fused preprocessing kernel is too cheap to split a 256-cell batch (~530k entries):
+    it runs in the calling thread; only batches past 2 x PREPROCESS_MIN_PART are split."""
+    from scmf_loader.outputs import _threads
+
+    ip = np.arange(0, 257 * 2_062, 2_062, dtype=np.int64)
+    assert _threads.parts(ip, 2, outputs.PREPROCESS_MIN_PART) == [(0, 256)]
+    big = np.arange(0, 4_097 * 2_062, 2_062, dtype=np.int64)
+    assert len(_threads.parts(big, 2, outputs.PREPROCESS_MIN_PART)) == 2
 
 
 def test_threads_default_to_one_off_the_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,6 +280,7 @@ def test_threads_work_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -> None
     from scmf_loader.outputs import _threads
 
     monkeypatch.setattr(_threads, "MIN_PART_ENTRIES", 64)
+    monkeypatch.setattr(outputs, "PREPROCESS_MIN_PART", 64)
     ip, idx, v = _counts(18, n=60)
     ref = {k: a.copy() for k, a in outputs.padded(ip, idx, v, G, max_genes=100, threads=1).items()}
     outputs.padded(ip, idx, v, G, max_genes=100, threads=2)  # the parent's pool exists
@@ -316,6 +330,7 @@ def test_fused_log1p_rows_the_table_does_not_cover_take_numpys_numbers(monkeypat
     from scmf_loader.outputs import _threads
 
     monkeypatch.setattr(_threads, "MIN_PART_ENTRIES", 64)
+    monkeypatch.setattr(outputs, "PREPROCESS_MIN_PART", 64)
     ip, idx, v = _counts(21, n=50)
     v = v.copy()
     lim = outputs.LOG_TABLE

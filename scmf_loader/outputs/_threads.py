@@ -115,14 +115,16 @@ def _busy(cpus: int) -> bool:
         return False
 
 
-def parts(indptr: np.ndarray, threads: int) -> list[tuple[int, int]]:
+def parts(indptr: np.ndarray, threads: int, min_entries: int | None = None) -> list[tuple[int, int]]:
     """Cell ranges ``[c0, c1)`` of about equal non-zeros, at most ``threads`` of them and each
-    with at least :data:`MIN_PART_ENTRIES` non-zeros (one range when that leaves one). The
+    with at least ``min_entries`` (default :data:`MIN_PART_ENTRIES`) non-zeros (one range
+    when that leaves one). The
     first range, which the calling thread runs while the pool's threads wake up, is
     :data:`CALLER_EXTRA` larger than the others."""
     n = len(indptr) - 1
     nnz = int(indptr[-1] - indptr[0]) if n > 0 else 0
-    k = max(1, min(threads, n, nnz // MIN_PART_ENTRIES))
+    least = MIN_PART_ENTRIES if min_entries is None else int(min_entries)
+    k = max(1, min(threads, n, nnz // max(1, least)))
     if k == 1:
         return [(0, n)]
     first = nnz * (1 + CALLER_EXTRA) / k
