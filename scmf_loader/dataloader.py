@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +36,8 @@ from scmf_loader._loader_options import (
 from scmf_loader.batch import CSRBatch
 from scmf_loader.dataset import CellDataset, range_of
 from scmf_loader.errors import ConfigurationError
+from scmf_loader.loader_requests import Feed, Hold, Ref, Request, Requests, feed_limit
+from scmf_loader.queues import direct_context, threaded
 from scmf_loader.readahead import DEFAULT_DEPTH, ReadAhead
 from scmf_loader.samplers import BatchSampler, BlockShuffleSampler, SequentialSampler
 from scmf_loader.transport import (
@@ -46,9 +46,7 @@ from scmf_loader.transport import (
     RingFlags,
     Slotted,
     WorkerRing,
-    direct_context,
     install_arena,
-    threaded,
 )
 
 __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
@@ -58,72 +56,11 @@ __all__ = ["OUTPUTS", "WORKER_TYPES", "CellDataLoader"]
 #: from 1.63x to 1.71x the speed of no workers (torch ops: 1.68x -> 1.69x), fewer idle
 #: wake-ups (tree CPU 1.45 -> 1.41 s); 4 gained nothing more (docs/benchmarks.md, issue 11)
 TRANSFORM_PREFETCH = 3
-#: how long a worker process waits before answering a hold (see :class:`_Feed`)
+#: how long a worker process waits before answering a hold (see :class:`Feed`)
 _HOLD_SECONDS = 0.0005
 #: the DataLoader can hand results over as they come (torch >= 2.6); the loader restores
 #: the order itself, so a worker that got less CPU does not stall the others
 _UNORDERED = "in_order" in inspect.signature(torch.utils.data.DataLoader.__init__).parameters
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One batch to read: its epoch, its position in this rank's share, and its cell ids
-    (or ``(start, stop)`` for a range, see ``BatchSampler.batch_or_range``)."""
-
-    epoch: int
-    position: int
-    ids: np.ndarray | tuple[int, int]
-    tag: int = 1  # the loader's iteration (worker slots are claimed under it)
-
-
-@dataclass(frozen=True)
-class _Ref:
-    """A worker's answer for a zero-copy batch: the main process builds the views."""
-
-    request: _Request
-
-
-@dataclass(frozen=True)
-class _Hold:
-    """What the DataLoader sends a worker while the loader holds too many results that
-    arrived ahead of the one it waits for: the worker answers after :data:`_HOLD_SECONDS`."""
-
-
-_HOLD = _Hold()
-
-
-class _Feed:
-    """The requests of one iteration as the DataLoader takes them (worker processes, results
-    as they come): it records the order they went out in, so that :meth:`CellDataLoader._ordered`
-    can restore it, and sends holds instead while some worker has ``limit`` results waiting in
-    ``pending`` (they came before the one awaited), so that a stalled worker does not make
-    the others run out of ring slots or fill memory."""
-
-    def __init__(self, requests: Iterator[_Request], limit: int) -> None:
-        self.requests = requests
-        self.limit = limit
-        self.sent: deque[int] = deque()  # positions sent to workers and not yet handed out, in order
-        self.pending: dict[int, tuple[int, Any]] = {}  # position: (worker, result) came early
-        self.early: dict[int, int] = {}  # worker: its results in pending
-
-    def __iter__(self) -> _Feed:
-        return self
-
-    def __next__(self) -> _Request | _Hold:
-        if self.sent and self.early and max(self.early.values()) >= self.limit:
-            return _HOLD
-        request = next(self.requests)
-        self.sent.append(request.position)
-        return request
-
-
-def _feed_limit(prefetch: int, slots: int) -> int:
-    """Results of one worker that may wait for an earlier one before the feed sends holds.
-    A worker's slots hold its waiting results, the one the caller has, and the one it
-    builds; up to ``prefetch`` more of its requests may still come after holds begin: so
-    ``slots - prefetch - 1`` keeps it within its slots (2 by default). Without slots
-    (``slots_per_worker=0``), ``prefetch``."""
-    return max(1, slots - prefetch - 1) if slots > 0 else prefetch
 
 
 def _identity(x: Any) -> Any:
@@ -139,40 +76,6 @@ def _pin(item: Any) -> Any:
     if isinstance(item, (list, tuple)) and type(item) in (list, tuple):
         return type(item)(_pin(v) for v in item)
     return item
-
-
-class _Requests(torch.utils.data.Sampler[_Request]):
-    """Tags the wrapped sampler's batches of one epoch, from a start position on; what the
-    workers see leaves out the batches ``skip`` says the loader's process reads itself."""
-
-    def __init__(self, sampler: BatchSampler) -> None:
-        self.sampler = sampler
-        self.epoch = 0
-        self.start = 0
-        self.tag = 1
-        self.skip: Callable[[Any], bool] | None = None
-        self.feed_limit = 0  # > 0: iterate as a _Feed holding at most this many early results
-        self.feed: _Feed | None = None
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self.start
-
-    def all(self, epoch: int | None = None, start: int | None = None, tag: int | None = None) -> Iterator[_Request]:
-        """Every request of the epoch from the start position, skipped ones included (of
-        the given epoch, start and tag, default the current ones)."""
-        epoch = self.epoch if epoch is None else epoch
-        start = self.start if start is None else start
-        tag = self.tag if tag is None else tag
-        for i, ids in enumerate(self.sampler.batches_or_ranges(epoch, start), start=start):
-            yield _Request(epoch, i, ids, tag)
-
-    def __iter__(self) -> Iterator[Any]:
-        skip = self.skip
-        requests = self.all() if skip is None else (r for r in self.all() if not skip(r.ids))
-        if self.feed_limit:
-            self.feed = _Feed(requests, self.feed_limit)
-            return self.feed
-        return requests
 
 
 class _Fetcher(torch.utils.data.Dataset):
@@ -211,7 +114,7 @@ class _Fetcher(torch.utils.data.Dataset):
         as_range = ids if isinstance(ids, tuple) else range_of(ids)
         return as_range is not None and ds.shard_of_range(*as_range) >= 0
 
-    def read(self, request: _Request) -> Any:
+    def read(self, request: Request) -> Any:
         """The requested batch in the loader's output form, read in this process."""
         set_epoch = getattr(self.dataset, "set_epoch", None)
         if set_epoch is not None:  # datasets with per-epoch draws (matched controls) follow it
@@ -223,19 +126,19 @@ class _Fetcher(torch.utils.data.Dataset):
         out = self.convert(batch, request, self.pipeline)
         return out if self.transform is None else self.transform(out)
 
-    def __getitem__(self, request: _Request | _Hold) -> Any:
+    def __getitem__(self, request: Request | Hold) -> Any:
         info = torch.utils.data.get_worker_info()
         if info is None:
             return self.read(request)
-        if isinstance(request, _Hold):
+        if isinstance(request, Hold):
             time.sleep(_HOLD_SECONDS)
             return None, None, None
         out = self._produce(request, info.id)
         return (request.position, info.id, out) if self.tagged else out
 
-    def _produce(self, request: _Request, worker: int) -> Any:
+    def _produce(self, request: Request, worker: int) -> Any:
         if self._zero_copy(request.ids):
-            return _Ref(request)
+            return Ref(request)
         if self.flags is None:
             return Packed(self.read(request))
         if self._ring is None:
@@ -256,7 +159,7 @@ class _Fetcher(torch.utils.data.Dataset):
         state["_ring"] = None
         return state
 
-    def convert(self, batch: CSRBatch, request: _Request, preprocessing: Any = None) -> Any:
+    def convert(self, batch: CSRBatch, request: Request, preprocessing: Any = None) -> Any:
         """The batch in the loader's output form. ``preprocessing`` (a pipeline not yet
         applied to ``batch``) is fused into the output kernel (:mod:`scmf_loader.outputs`)."""
         if self.output == "csr":
@@ -386,21 +289,12 @@ class CellDataLoader:
         num_workers = 0 if chosen == "thread" else num_workers
         self._epoch, self._done = 0, 0
         self._resume: int | None = None
-        self._requests = _Requests(sampler)
+        self._requests = Requests(sampler)
         extra: dict[str, Any] = {}
         flags = self._ring = None
         if num_workers > 0:
-            if prefetch_factor is None:  # a transform: one more batch ahead per worker (measured, see
-                prefetch_factor = TRANSFORM_PREFETCH if transform is not None else 2  # TRANSFORM_PREFETCH)
-            extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
-                     # requests in flight per worker, plus a resume and a stop sentinel
-                     "multiprocessing_context": direct_context(multiprocessing_context, prefetch_factor + 2)}
-            per_worker = prefetch_factor + 3 if slots_per_worker is None else int(slots_per_worker)
-            if _UNORDERED:  # results as they come, put back in order by _ordered; a worker's
-                extra["in_order"] = False  # early ones held while its slots last (see _feed_limit)
-                self._requests.feed_limit = _feed_limit(prefetch_factor, per_worker)
-            flags = RingFlags(num_workers, per_worker) if per_worker > 0 else None  # 0: a segment per batch
-            self._ring = LoaderRing(flags, self.pin_memory) if flags is not None else None
+            extra, flags = self._worker_processes(num_workers, transform, persistent_workers, prefetch_factor,
+                                                  multiprocessing_context, slots_per_worker)
         self._fetcher = _Fetcher(dataset, output, max_genes, add_cls, truncation, sampler.seed, sampler.rank, n_bins,
                                  transform=transform, flags=flags)
         self._fetcher.tagged = bool(self._requests.feed_limit)
@@ -410,6 +304,24 @@ class CellDataLoader:
             self._fetcher, sampler=self._requests, batch_size=None, collate_fn=_identity,
             num_workers=num_workers, pin_memory=False, timeout=timeout, **extra,
         )
+
+    def _worker_processes(self, num_workers: int, transform: Any, persistent_workers: bool,
+                          prefetch_factor: int | None, context: Any,
+                          slots_per_worker: int | None) -> tuple[dict[str, Any], RingFlags | None]:
+        """The DataLoader's options for worker processes, and the ring's flags (None: a
+        fresh segment per batch); sets up the loader's side of the ring and the feed."""
+        if prefetch_factor is None:  # a transform: one more batch ahead per worker (measured,
+            prefetch_factor = TRANSFORM_PREFETCH if transform is not None else 2  # see TRANSFORM_PREFETCH)
+        extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
+                 # requests in flight per worker, plus a resume and a stop sentinel
+                 "multiprocessing_context": direct_context(context, prefetch_factor + 2)}
+        per_worker = prefetch_factor + 3 if slots_per_worker is None else int(slots_per_worker)
+        if _UNORDERED:  # results as they come, put back in order by _ordered; a worker's
+            extra["in_order"] = False  # early ones held while its slots last (see feed_limit)
+            self._requests.feed_limit = feed_limit(prefetch_factor, per_worker)
+        flags = RingFlags(num_workers, per_worker) if per_worker > 0 else None  # 0: a segment per batch
+        self._ring = LoaderRing(flags, self.pin_memory) if flags is not None else None
+        return extra, flags
 
     @property
     def epoch(self) -> int:
@@ -480,7 +392,7 @@ class CellDataLoader:
         return self._merged(items) if direct else items
 
     @staticmethod
-    def _ordered(results: Iterator[Any], feed: _Feed) -> Iterator[Any]:
+    def _ordered(results: Iterator[Any], feed: Feed) -> Iterator[Any]:
         """Worker results, which come as they are done as ``(position, worker, result)``, in
         the order the requests went out (``feed.sent``); holds are dropped. A result that
         comes early waits in ``feed.pending`` (while a worker has ``feed.limit`` waiting, the
@@ -517,7 +429,7 @@ class CellDataLoader:
         f = self._fetcher
         try:
             batch = (f.raw if f.pipeline is not None else self.dataset).__getitems__(np.zeros(1, np.int64))
-            f.convert(batch, _Request(0, 0, (0, 1)), f.pipeline)
+            f.convert(batch, Request(0, 0, (0, 1)), f.pipeline)
         except Exception:  # noqa: BLE001 -- best effort: the workers meet and report any error
             pass
 
@@ -525,7 +437,7 @@ class CellDataLoader:
         """The epoch in order: zero-copy batches as references read here, the rest from the
         workers (which were given exactly those, in the same order)."""
         for request in self._requests.all():
-            yield _Ref(request) if self._fetcher._zero_copy(request.ids) else next(from_workers)
+            yield Ref(request) if self._fetcher._zero_copy(request.ids) else next(from_workers)
 
     def _receive(self, item: Any) -> Any:
         """A worker's answer as the batch: views of its ring slot (page-locked already when
@@ -534,7 +446,7 @@ class CellDataLoader:
             self._ring.reclaim()
             item = self._ring.unpack(item, self._fetcher.resolve)
             return _pin(item) if self.pin_memory and not self._ring.pin else item
-        if isinstance(item, _Ref):
+        if isinstance(item, Ref):
             item = self._fetcher.read(item.request)
         elif isinstance(item, Packed):
             item = item.unpack()

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not outputs.numba_available(), reason="the compi
 CHECKS = textwrap.dedent('''
     import numpy as np
     from numba import njit
-    from scmf_loader.outputs._simd import AVX512, bin_compact, bin_lookup, compact, count_lookup, hist_small, lookup
+    from scmf_loader.outputs._simd import AVX512, compact, count_lookup, lookup
+    from scmf_loader.outputs._simd_bins import bin_compact, bin_lookup, hist_small
 
     @njit
     def do_lookup(table, ix, top, dst):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from scmf_loader import CellDataLoader, CellDataset, CSRBatch, dataloader, transport
+from scmf_loader import CellDataLoader, CellDataset, CSRBatch, dataloader, queues, transport
 from scmf_loader._loader_options import resolve_worker_type
 from scmf_loader.errors import ConfigurationError
 from scmf_loader.readahead import ReadAhead, runs_of
@@ -331,13 +331,13 @@ def test_worker_queues_have_no_feeder_threads(ds: CellDataset, context: str | No
     assert all(torch.equal(ids, r) for (ids, _), r in zip(got, ref, strict=True))
     assert not any("QueueFeederThread" in n for _, names in got for n in names)
     assert {t.ident for t in threading.enumerate() if t.name == "QueueFeederThread"} <= feeders
-    q = transport.direct_context("spawn").Queue()
+    q = queues.direct_context("spawn").Queue()
     q.put({"x": torch.arange(3)})
     assert torch.equal(q.get(timeout=5)["x"], torch.arange(3))
 
 
 def test_direct_queue_large_messages_go_through_the_feeder_in_order() -> None:
-    ctx = transport.direct_context("fork", in_flight=4)
+    ctx = queues.direct_context("fork", in_flight=4)
     q = ctx.Queue()
     assert q.max_direct == 16384
     q.put(("small", 1))

@@ -15,7 +15,7 @@ from numba import njit
 
 from scmf_loader.outputs._fast import _small_counts, copy_genes, count_value, genes_ok
 from scmf_loader.outputs._simd import WIDTH as SIMD_WIDTH
-from scmf_loader.outputs._simd import bin_compact, bin_lookup, hist_small
+from scmf_loader.outputs._simd_bins import bin_compact, bin_lookup, hist_small
 
 _CLS, _PAD = 3, 0
 
@@ -107,7 +107,7 @@ def _histogram(src, top, hist) -> None:  # noqa: ANN001
 def _count_bins(src, top, d, has_div, log1p, tab, qs, hist, rest, xs, bins, edges) -> bool:  # noqa: ANN001
     """``bins[i]``: the bin of count ``i`` of the row (0 for 0); False when the preprocessing
     is not strictly increasing over the counts present (the caller sorts instead). The
-    histogram: :func:`_simd.hist_small` (``rest``: its scratch), else :func:`_histogram`."""
+    histogram: :func:`_simd_bins.hist_small` (``rest``: its scratch), else :func:`_histogram`."""
     hist[: max(top + 1, 4)] = 0
     if not hist_small(src, hist, rest):
         _histogram(src, top, hist)
@@ -157,7 +157,7 @@ def _tie_end(src, t, ties) -> int:  # noqa: ANN001
 def _keep_write(genes, src, bins, bins32, lo, gw, ew) -> int:  # noqa: ANN001
     """Entries whose count is ``>= lo`` written in order from 0, branch-free (a dropped entry
     is overwritten by the next kept one; the last entry must be kept): the count written.
-    ``bins32``: ``bins`` as int32 for :func:`_simd.bin_compact` (counts below 128), or empty."""
+    ``bins32``: ``bins`` as int32 for :func:`_simd_bins.bin_compact` (counts below 128), or empty."""
     start, w = bin_compact(genes, src, lo, bins32, gw, ew) if len(bins32) else (0, 0)
     for j in range(start, len(genes)):
         i = np.int32(src[j])

@@ -13,6 +13,8 @@ write position that LLVM does not vectorise either (~1.5 cycles an entry). :func
 does 16 entries with AVX-512's ``vpcompressd``/``vpcompressq`` (register form) and full
 unaligned stores past the write position (the next block overwrites what lies past the
 kept ones), so the caller keeps 16 free slots after ``w``; without AVX-512 it returns -1.
+The binned output's blocks are in :mod:`scmf_loader.outputs._simd_bins`, built on the
+helpers here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["AVX512", "bin_compact", "bin_lookup", "compact", "compact16", "count_lookup", "hist_small", "lookup"]
+__all__ = ["AVX512", "compact", "compact16", "count_lookup", "lookup"]
 
 
 def _host_avx512() -> bool:
@@ -175,18 +177,7 @@ def compact16(typingctx, genes, src, bits, t, lut, gr, er, i, w):  # noqa: ANN00
         has_lut = builder.icmp_signed(">", n_lut, i64(0))
         with builder.if_else(has_lut) as (then, otherwise):
             with then:
-                bb_then = builder.block
-                idx = builder.fptosi(x, i16)
-                tp = builder.bitcast(la.data, f16.as_pointer())
-                regs = [builder.load(builder.gep(tp, [i64(r)]), align=4) for r in range(8)]
-                perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f16, [f16, i16, f16]),
-                                                      "llvm.x86.avx512.vpermi2var.ps.512")
-                parts = [builder.call(perm, [regs[2 * q], idx, regs[2 * q + 1]]) for q in range(4)]
-                zero = ir.Constant(i16, [0] * 16)
-                hi32 = builder.icmp_signed("!=", builder.and_(idx, ir.Constant(i16, [32] * 16)), zero)
-                hi64 = builder.icmp_signed("!=", builder.and_(idx, ir.Constant(i16, [64] * 16)), zero)
-                looked = builder.select(hi64, builder.select(hi32, parts[3], parts[2]),
-                                        builder.select(hi32, parts[1], parts[0]))
+                looked = _perm128(builder, _table_regs(builder, la), builder.fptosi(x, i16))
                 bb_then = builder.block
             with otherwise:
                 bb_else = builder.block
@@ -194,12 +185,7 @@ def compact16(typingctx, genes, src, bits, t, lut, gr, er, i, w):  # noqa: ANN00
         vals.add_incoming(looked, bb_then)
         vals.add_incoming(x, bb_else)
         _store(builder, _compress(builder, vals, mask), era, ww)
-        i8 = ir.VectorType(i64, 8)
-        lo_idx, hi_idx = ir.Constant(ir.VectorType(i32, 8), list(range(8))), ir.Constant(ir.VectorType(i32, 8), list(range(8, 16)))
-        glo = builder.sext(builder.shuffle_vector(g, g, lo_idx), i8)
-        ghi = builder.sext(builder.shuffle_vector(g, g, hi_idx), i8)
-        mlo = builder.shuffle_vector(mask, mask, lo_idx)
-        mhi = builder.shuffle_vector(mask, mask, hi_idx)
+        (glo, ghi), (mlo, mhi) = _widen(builder, g), _halves(builder, mask)
         _store(builder, _compress(builder, glo, mlo), gra, ww)
         w2 = builder.add(ww, _popcount(builder, mlo))
         _store(builder, _compress(builder, ghi, mhi), gra, w2)
@@ -311,78 +297,6 @@ def _count_lookup_impl(table, src, dst):  # noqa: ANN001, ANN202
     return impl
 
 
-@intrinsic
-def _hist4(typingctx, src, n, small, rest):  # noqa: ANN001, ANN202
-    """Over ``src[:n - n % 16]`` (float32 whole counts below 2**31): ``small[c] +=`` how many
-    equal ``c`` for ``c < 4``, and the counts of 4 and above packed in order into ``rest``
-    (int32, ``n + 16`` slots); returns how many were packed (-1 without AVX-512)."""
-    ok = (isinstance(src, types.Array) and src.dtype == types.float32 and isinstance(small, types.Array)
-          and small.dtype == types.int64 and isinstance(rest, types.Array) and rest.dtype == types.int32
-          and isinstance(n, types.Integer))
-    if not ok:
-        return None
-    sig = types.int64(src, n, small, rest)
-
-    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        i64, i32, f16, i16 = _vec_types()
-        if not AVX512:
-            return i64(-1)
-        sa = context.make_array(signature.args[0])(context, builder, args[0])
-        sm = context.make_array(signature.args[2])(context, builder, args[2])
-        ra = context.make_array(signature.args[3])(context, builder, args[3])
-        n64 = context.cast(builder, args[1], signature.args[1], types.int64)
-        blocks = builder.sdiv(n64, i64(16))
-        accs = [cgutils.alloca_once_value(builder, i64(0)) for _ in range(4)]
-        pos = cgutils.alloca_once_value(builder, i64(0))
-        with cgutils.for_range(builder, blocks) as loop:
-            off = builder.mul(loop.index, i64(16))
-            idx = builder.fptosi(_load16(builder, sa, off, f16), i16)
-            for c in range(4):
-                eq = builder.icmp_signed("==", idx, ir.Constant(i16, [c] * 16))
-                builder.store(builder.add(builder.load(accs[c]), _popcount(builder, eq)), accs[c])
-            big = builder.icmp_signed(">", idx, ir.Constant(i16, [3] * 16))
-            p = builder.load(pos)
-            _store(builder, _compress(builder, idx, big), ra, p)
-            builder.store(builder.add(p, _popcount(builder, big)), pos)
-        for c in range(4):
-            ptr = builder.gep(sm.data, [i64(c)])
-            builder.store(builder.add(builder.load(ptr), builder.load(accs[c])), ptr)
-        return builder.load(pos)
-
-    return sig, codegen
-
-
-def hist_small(src, hist, rest) -> int:  # noqa: ANN001
-    """Add the float32 whole counts of ``src`` (each at most ``len(hist) - 1``; ``hist`` int64
-    with at least 4 slots) to ``hist`` with AVX-512 and return True (compiled code only):
-    counts of 0..3 - nine in ten entries of count data - by vectorised compares, the others
-    one by one (``rest``: int32 scratch of ``len(src) + 16``). False, ``hist`` untouched,
-    without AVX-512 or for other dtypes: the caller counts."""
-    raise NotImplementedError("compiled code only")
-
-
-@overload(hist_small, jit_options={"nogil": True})
-def _hist_small_impl(src, hist, rest):  # noqa: ANN001, ANN202
-    vector = (isinstance(src, types.Array) and src.dtype == types.float32 and src.layout == "C"
-              and isinstance(hist, types.Array) and hist.dtype == types.int64 and hist.layout == "C")
-
-    if vector:
-        def impl(src, hist, rest):  # noqa: ANN001, ANN202
-            n = len(src)
-            if not AVX512 or len(rest) < n + 16 or len(hist) < 4:
-                return False
-            packed = _hist4(src, n, hist, rest)
-            for j in range(packed):
-                hist[rest[j]] += 1
-            for j in range(n - n % 16, n):
-                hist[np.int32(src[j])] += 1
-            return True
-    else:
-        def impl(src, hist, rest):  # noqa: ANN001, ANN202
-            return False
-    return impl
-
-
 def _table_regs(builder, ary):  # noqa: ANN001, ANN202
     """The first 128 numbers of a 32-bit ``ary`` as eight float vectors (int32 bits kept)."""
     i64, _, f16, _ = _vec_types()
@@ -409,119 +323,3 @@ def _halves(builder, mask):  # noqa: ANN001, ANN202
 def _bins_of(builder, regs, idx):  # noqa: ANN001, ANN202
     _, _, _, i16 = _vec_types()
     return builder.bitcast(_perm128(builder, regs, idx), i16)
-
-
-def _bin_types_ok(src, table, *out) -> bool:  # noqa: ANN001
-    return (isinstance(src, types.Array) and src.dtype == types.float32 and src.layout == "C"
-            and isinstance(table, types.Array) and table.dtype == types.int32 and table.layout == "C"
-            and all(isinstance(o, types.Array) and o.dtype == types.int64 and o.layout == "C" for o in out))
-
-
-@intrinsic
-def _bin_lookup16(typingctx, table, src, dst, n):  # noqa: ANN001, ANN202
-    """``dst[j] = table[int(src[j])]`` (int32 ``table`` of 128 readable numbers, float32 whole
-    counts below 128, int64 ``dst``) for ``j < n - n % 16``: how many (-1 without AVX-512)."""
-    if not _bin_types_ok(src, table, dst) or not isinstance(n, types.Integer):
-        return None
-    sig = types.int64(table, src, dst, n)
-
-    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        i64, _, f16, i16 = _vec_types()
-        if not AVX512:
-            return i64(-1)
-        ta, sa, da = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
-        blocks = builder.sdiv(context.cast(builder, args[3], signature.args[3], types.int64), i64(16))
-        regs = _table_regs(builder, ta)
-        with cgutils.for_range(builder, blocks) as loop:
-            off = builder.mul(loop.index, i64(16))
-            lo, hi = _widen(builder, _bins_of(builder, regs, builder.fptosi(_load16(builder, sa, off, f16), i16)))
-            _store(builder, lo, da, off)
-            _store(builder, hi, da, builder.add(off, i64(8)))
-        return builder.mul(blocks, i64(16))
-
-    return sig, codegen
-
-
-@intrinsic
-def _bin_compact16(typingctx, genes, src, lo, table, gw, ew, i, w):  # noqa: ANN001, ANN202
-    """Entries ``i .. i+15`` whose count (float32 ``src``, whole, below 128) is at least
-    ``lo``: gene (int32 ``genes`` widened) and ``table[count]`` (int32 table, widened) written
-    in order into int64 ``gw``/``ew`` from ``w`` (16 slots written); the new ``w``."""
-    ok = (_bin_types_ok(src, table, gw, ew) and isinstance(genes, types.Array) and genes.dtype == types.int32
-          and genes.layout == "C")
-    if not ok:
-        return None
-    sig = types.int64(genes, src, lo, table, gw, ew, i, w)
-
-    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-        i64, i32, f16, i16 = _vec_types()
-        ga, sa, ta, gwa, ewa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 3, 4, 5))
-        low = context.cast(builder, args[2], signature.args[2], types.int32)
-        ii = context.cast(builder, args[6], signature.args[6], types.int64)
-        ww = context.cast(builder, args[7], signature.args[7], types.int64)
-        idx = builder.fptosi(_load16(builder, sa, ii, f16), i16)
-        lov = builder.shuffle_vector(builder.insert_element(ir.Constant(i16, None), low, i32(0)), ir.Constant(i16, None),
-                                     ir.Constant(i16, [0] * 16))
-        mask = builder.icmp_signed(">=", idx, lov)
-        mlo, mhi = _halves(builder, mask)
-        nlo = _popcount(builder, mlo)
-        for values, out in ((_load16(builder, ga, ii, i16), gwa), (_bins_of(builder, _table_regs(builder, ta), idx), ewa)):
-            vlo, vhi = _widen(builder, values)
-            _store(builder, _compress(builder, vlo, mlo), out, ww)
-            _store(builder, _compress(builder, vhi, mhi), out, builder.add(ww, nlo))
-        return builder.add(builder.add(ww, nlo), _popcount(builder, mhi))
-
-    return sig, codegen
-
-
-def bin_lookup(table, src, dst) -> bool:  # noqa: ANN001
-    """``dst[j] = table[int(src[j])]`` for every ``j`` (``src``: float32 whole counts below 128,
-    ``table``: int32 with 128 numbers, ``dst`` int64) 16 at a time with AVX-512: True; False,
-    nothing done, elsewhere (compiled code only)."""
-    raise NotImplementedError("compiled code only")
-
-
-@overload(bin_lookup, jit_options={"nogil": True})
-def _bin_lookup_impl(table, src, dst):  # noqa: ANN001, ANN202
-    if _bin_types_ok(src, table, dst):
-        def impl(table, src, dst):  # noqa: ANN001, ANN202
-            m = len(dst)
-            if not AVX512 or len(table) < WIDTH or len(src) < m:
-                return False
-            done = _bin_lookup16(table, src, dst, m)
-            for j in range(done, m):
-                dst[j] = table[np.int32(src[j])]
-            return True
-    else:
-        def impl(table, src, dst):  # noqa: ANN001, ANN202
-            return False
-    return impl
-
-
-def bin_compact(genes, src, lo, table, gw, ew) -> int:  # noqa: ANN001
-    """Entries whose count (float32 ``src``, whole, below 128) is at least ``lo``: gene and
-    ``table[count]`` (int32 table of 128) written in order into int64 ``gw``/``ew`` from 0,
-    16 at a time with AVX-512 while 16 slots are free; returns ``(entries consumed, entries
-    written)`` for the caller to finish one by one - ``(0, 0)`` without AVX-512 or for other
-    dtypes (compiled code only)."""
-    raise NotImplementedError("compiled code only")
-
-
-@overload(bin_compact, jit_options={"nogil": True})
-def _bin_compact_impl(genes, src, lo, table, gw, ew):  # noqa: ANN001, ANN202
-    ok = (_bin_types_ok(src, table, gw, ew) and isinstance(genes, types.Array) and genes.dtype == types.int32
-          and genes.layout == "C")
-    if ok:
-        def impl(genes, src, lo, table, gw, ew):  # noqa: ANN001, ANN202
-            i, w, n = 0, 0, len(genes)
-            if not AVX512 or len(table) < WIDTH or len(src) < n:
-                return 0, 0
-            room = min(len(gw), len(ew)) - 16
-            while i + 16 <= n and w <= room:
-                w = _bin_compact16(genes, src, lo, table, gw, ew, i, w)
-                i += 16
-            return i, w
-    else:
-        def impl(genes, src, lo, table, gw, ew):  # noqa: ANN001, ANN202
-            return 0, 0
-    return impl

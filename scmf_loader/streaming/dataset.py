@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from scmf_loader.dataloader import OUTPUTS, _Fetcher, _Request
+from scmf_loader.dataloader import OUTPUTS, _Fetcher
 from scmf_loader.dataset import CellDataset
 from scmf_loader.errors import ConfigurationError
+from scmf_loader.loader_requests import Request
 from scmf_loader.streaming.plan import (
     Range,
     RankPlan,
@@ -259,7 +260,7 @@ class StreamingCellDataset(torch.utils.data.IterableDataset):
         else:
             ids = np.concatenate([np.arange(int(offsets[s]) + lo, int(offsets[s]) + hi) for s, lo, hi in runs])
             batch = self.dataset.__getitems__(ids)
-        return self._fetcher.convert(batch, _Request(epoch, position, ids))
+        return self._fetcher.convert(batch, Request(epoch, position, ids))
 
     # ---- resume ---------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
