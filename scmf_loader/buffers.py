@@ -10,6 +10,7 @@ at most :data:`MAX_RETAINED_BYTES` are retained.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -26,7 +27,8 @@ _lock = threading.Lock()
 def empty(shape: int | tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     """An uninitialised array like ``np.empty``, backed by a retained buffer when one is free."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    count = shape if isinstance(shape, (int, np.integer)) else math.prod(shape)  # np.prod: ~2.5 us a call
+    nbytes = int(count) * dtype.itemsize
     if nbytes < _MIN_BUFFER // 4:
         return np.empty(shape, dtype)
     with _lock:
