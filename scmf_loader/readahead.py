@@ -29,8 +29,10 @@ Read-ahead is best effort: any error there is dropped (the reader meets and repo
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -64,6 +66,29 @@ def runs_of(ids: np.ndarray | tuple[int, int], offsets: np.ndarray) -> list[tupl
     return out
 
 
+#: read-aheads whose threads may still run (see :func:`_stop_all`)
+_LIVE: weakref.WeakSet[ReadAhead] = weakref.WeakSet()
+#: seconds :func:`_stop_all` waits for each thread at interpreter exit
+_EXIT_JOIN_SECONDS = 10.0
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, stop every read-ahead that still runs and wait for its threads.
+
+    They are daemon threads, so that an iterator the caller abandons (``next(iter(loader))``)
+    never holds up the exit. But a daemon thread that is still inside a C or C++ call (a
+    numpy pass over a shard, ``madvise``) when the interpreter finalizes is ended with
+    ``pthread_exit`` as it takes the GIL back; with C++ frames on its stack that aborts the
+    whole process ("terminate called without an active exception", exit status 134; seen
+    once at the end of examples/quickstart.py). Atexit callbacks run before that point."""
+    live = list(_LIVE)
+    for ahead in live:
+        ahead.stop()
+    for ahead in live:
+        ahead.join(_EXIT_JOIN_SECONDS)
+
+
 class ReadAhead:
     """Background read-ahead over ``requests()`` (a fresh iterator of the epoch's requests,
     each with an ``ids`` attribute, on every call) of ``store``. Call :meth:`consumed` once
@@ -86,6 +111,7 @@ class ReadAhead:
             threading.Thread(target=self._quietly, args=(self._advise, requests), daemon=True, name="scmf-advise"),
             threading.Thread(target=self._quietly, args=(self._prepare, requests), daemon=True, name="scmf-shards"),
         ]
+        _LIVE.add(self)
         for t in self._threads:
             t.start()
 
@@ -105,7 +131,7 @@ class ReadAhead:
             self._moved.notify_all()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for both threads to end (tests)."""
+        """Wait for both threads to end (tests, and :func:`_stop_all` at interpreter exit)."""
         for t in self._threads:
             t.join(timeout)
 

@@ -527,6 +527,51 @@ def test_read_ahead_skips_cached_shards_and_stops() -> None:
     assert not any(t.is_alive() for t in ahead._threads)
 
 
+def test_read_aheads_still_running_are_stopped_and_joined_at_exit() -> None:
+    """An abandoned iterator's read-ahead threads (daemons) must not still be inside a C/C++
+    call when the interpreter finalizes (that aborted the quick start once: status 134):
+    the exit hook stops every live read-ahead and waits for its threads."""
+    from scmf_loader import readahead
+
+    release = threading.Event()
+
+    class Slow(_Recorder):
+        def prepare(self, shard: int) -> None:  # busy in "native code" until released
+            release.wait(5)
+            super().prepare(shard)
+
+    store = Slow(cached=False)
+    ahead = ReadAhead(store, np.array([0, 100, 200]), lambda: iter([_Req((i, i + 10)) for i in range(0, 200, 10)]),
+                      depth=4)
+    assert ahead in readahead._LIVE
+    threading.Event().wait(0.05)
+    assert any(t.is_alive() for t in ahead._threads)  # the shard thread waits inside prepare
+    threading.Timer(0.2, release.set).start()  # the call returns a little later, as C code would
+    readahead._stop_all()  # what atexit runs
+    assert not any(t.is_alive() for t in ahead._threads)
+    assert store.prepared == [0]  # it finished the call it was in, then stopped
+
+
+def test_a_script_abandoning_a_loader_iterator_exits_cleanly(loader_dataset: Path, tmp_path: Path) -> None:
+    script = tmp_path / "abandon.py"
+    script.write_text(
+        "import sys\n"
+        "from scmf_loader import CellDataLoader, CellDataset\n"
+        "from scmf_loader import readahead\n"
+        f"ds = CellDataset({str(loader_dataset)!r})\n"
+        "it = iter(CellDataLoader(ds, batch_size=16, num_workers=0, output='padded', max_genes=64))\n"
+        "next(it)\n"
+        "assert len(readahead._LIVE) >= 1\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "ok"
+
+
 def test_loader_with_read_ahead_on_a_real_store(ds: CellDataset) -> None:
     ref = [b.cell_ids.clone() for b in CellDataLoader(ds, batch_size=16, num_workers=0, seed=8, read_ahead=0)]
     got = [b.cell_ids.clone() for b in CellDataLoader(ds, batch_size=16, num_workers=0, seed=8, read_ahead=4)]
