@@ -32,7 +32,6 @@ from __future__ import annotations
 import atexit
 import bisect
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -67,26 +66,33 @@ def runs_of(ids: np.ndarray | tuple[int, int], offsets: np.ndarray) -> list[tupl
 
 
 #: read-aheads whose threads may still run (see :func:`_stop_all`)
-_LIVE: weakref.WeakSet[ReadAhead] = weakref.WeakSet()
+_LIVE: set[ReadAhead] = set()
+_LIVE_LOCK = threading.Lock()
 #: seconds :func:`_stop_all` waits for each thread at interpreter exit
 _EXIT_JOIN_SECONDS = 10.0
 
 
-@atexit.register
 def _stop_all() -> None:
     """At interpreter exit, stop every read-ahead that still runs and wait for its threads.
 
-    They are daemon threads, so that an iterator the caller abandons (``next(iter(loader))``)
-    never holds up the exit. But a daemon thread that is still inside a C or C++ call (a
-    numpy pass over a shard, ``madvise``) when the interpreter finalizes is ended with
-    ``pthread_exit`` as it takes the GIL back; with C++ frames on its stack that aborts the
-    whole process ("terminate called without an active exception", exit status 134; seen
-    once at the end of examples/quickstart.py). Atexit callbacks run before that point."""
-    live = list(_LIVE)
+    They must end before the interpreter finalizes: a thread still running then is ended with
+    ``pthread_exit`` as it takes the GIL back, and with C++ frames on its stack that aborts the
+    whole process ("terminate called without an active exception", status 134). A core dump
+    of the quick start showed exactly that: the shard thread, in ``threading.Thread.run``'s
+    final ``del self._target``, freeing the last reference to the loader and so a torch
+    tensor, whose deallocation released and retook the GIL. So the threads are not daemons,
+    and this runs from ``threading``'s own exit hook, before it joins them (an iterator the
+    caller abandoned, ``next(iter(loader))``, still lets the program end)."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
     for ahead in live:
         ahead.stop()
     for ahead in live:
         ahead.join(_EXIT_JOIN_SECONDS)
+
+
+_register_exit = getattr(threading, "_register_atexit", atexit.register)  # runs before non-daemon joins
+_register_exit(_stop_all)
 
 
 class ReadAhead:
@@ -108,10 +114,12 @@ class ReadAhead:
         self._cached: dict[int, bool] = {}  # shard -> wholly in the page cache (shard thread)
         self._moved = threading.Condition()
         self._threads = [
-            threading.Thread(target=self._quietly, args=(self._advise, requests), daemon=True, name="scmf-advise"),
-            threading.Thread(target=self._quietly, args=(self._prepare, requests), daemon=True, name="scmf-shards"),
+            threading.Thread(target=self._quietly, args=(self._advise, requests), name="scmf-advise"),
+            threading.Thread(target=self._quietly, args=(self._prepare, requests), name="scmf-shards"),
         ]
-        _LIVE.add(self)
+        self._running = len(self._threads)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
         for t in self._threads:
             t.start()
 
@@ -140,6 +148,11 @@ class ReadAhead:
             fn(iter(requests()))
         except Exception:  # noqa: BLE001 -- best effort: the reader meets and reports any error
             self._stopped.set()
+        finally:
+            with _LIVE_LOCK:
+                self._running -= 1
+                if self._running == 0:
+                    _LIVE.discard(self)
 
     def _first_shard(self, ids: np.ndarray | tuple[int, int]) -> int:
         first = ids[0] if isinstance(ids, tuple) else (int(ids[0]) if len(ids) else 0)
